@@ -1,0 +1,17 @@
+# routerlib: the two commands users need, plus helpers.
+.PHONY: test report gpu lint env
+
+test:            ## run the test suite (CPU: kernels under TRITON_INTERPRET=1, notebooks executed)
+	bash scripts/test.sh
+
+report:          ## execute the notebooks in order and write the report under build/report/
+	bash scripts/report.sh
+
+gpu:             ## on a GPU machine: GPU tests, correctness sweep and benchmarks into $$OUT
+	bash scripts/gpu_run.sh
+
+lint:
+	bash -c 'source scripts/env.sh && $$PY -m ruff check routerlib tests'
+
+env:
+	bash -c 'source scripts/env.sh'

@@ -1,0 +1,48 @@
+"""Backend switch: every routing op runs either the PyTorch reference ("torch") or the Triton
+kernels ("triton"); both compute the same function, the reference being the contract."""
+
+from __future__ import annotations
+
+import torch
+
+from routerlib import reference as ref
+from routerlib.config import Backend, RouterConfig
+from routerlib.types import RoutingPlan, Selection
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend={backend!r}: must be 'torch' or 'triton'")
+
+
+def route(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None,
+          priority: torch.Tensor | None = None, backend: Backend = "torch"
+          ) -> tuple[Selection, RoutingPlan]:
+    """Scores, selection and plan for [T, E] logits. priority: [T, S] random keys for
+    drop_policy='random'."""
+    _check_backend(backend)
+    if backend == "triton":
+        from routerlib.kernels import route as triton_route
+
+        return triton_route(logits, cfg, bias=bias, priority=priority)
+    sel = ref.select(logits, cfg, bias)
+    return sel, ref.build_plan(sel, cfg, priority)
+
+
+def dispatch(x: torch.Tensor, plan: RoutingPlan, backend: Backend = "torch") -> torch.Tensor:
+    _check_backend(backend)
+    if backend == "triton":
+        from routerlib.kernels import dispatch as triton_dispatch
+
+        return triton_dispatch(x, plan)
+    return ref.dispatch(x, plan)
+
+
+def combine(expert_out: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor,
+            backend: Backend = "torch") -> torch.Tensor:
+    _check_backend(backend)
+    if backend == "triton":
+        from routerlib.kernels import combine as triton_combine
+
+        return triton_combine(expert_out, plan, weights)
+    return ref.combine(expert_out, plan, weights)

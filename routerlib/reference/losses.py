@@ -1,0 +1,61 @@
+"""Load-balancing losses and the aux-loss-free bias update, in readable PyTorch."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _probs(scores: torch.Tensor, score_func: str) -> torch.Tensor:
+    """Per-token distribution over experts: softmax scores as they are, sigmoid scores normalised."""
+    if score_func == "softmax":
+        return scores
+    return scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+
+
+def expert_load(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64: slots routed to each expert (before capacity)."""
+    return torch.bincount(topk_ids.reshape(-1).long(), minlength=num_experts)
+
+
+def load_balancing_loss(scores: torch.Tensor, topk_ids: torch.Tensor, score_func: str = "softmax"
+                        ) -> torch.Tensor:
+    """Switch/GShard loss E * sum_e f_e * P_e; equals 1 when routing is perfectly uniform.
+
+    f_e: fraction of the T*K slots routed to e (no gradient); P_e: mean probability of e.
+    scores: [T, E] fp32; topk_ids: [T, K].
+    """
+    T, E = scores.shape
+    K = topk_ids.shape[1]
+    f = expert_load(topk_ids, E).float() / max(T * K, 1)
+    P = _probs(scores, score_func).mean(dim=0)
+    return E * (f * P).sum()
+
+
+def sequence_load_balancing_loss(scores: torch.Tensor, topk_ids: torch.Tensor, seq_len: int,
+                                 score_func: str = "softmax") -> torch.Tensor:
+    """The loss above computed within each sequence and averaged (DeepSeek-V3's sequence-wise
+    balance loss). Tokens are laid out [B, seq_len] flattened: T must be a multiple of seq_len."""
+    T, E = scores.shape
+    if seq_len < 1 or T % seq_len:
+        raise ValueError(f"seq_len={seq_len} must be >= 1 and divide the token count T={T}")
+    B, K = T // seq_len, topk_ids.shape[1]
+    ids = topk_ids.long().view(B, seq_len * K)
+    counts = torch.zeros(B, E, device=scores.device).scatter_add_(
+        1, ids, torch.ones_like(ids, dtype=torch.float32))  # [B, E]
+    f = counts / (seq_len * K)
+    P = _probs(scores, score_func).view(B, seq_len, E).mean(dim=1)  # [B, E]
+    return (E * (f * P).sum(dim=1)).mean()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2; keeps logits small."""
+    if logits.shape[0] == 0:
+        return logits.new_zeros((), dtype=torch.float32)
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+def update_expert_bias(bias: torch.Tensor, load: torch.Tensor, rate: float) -> torch.Tensor:
+    """DeepSeek-V3 aux-loss-free balancing: b_e += rate * sign(mean_load - load_e).
+    Overloaded experts become less attractive, underloaded ones more. Returns the new bias."""
+    load = load.float()
+    return bias + rate * torch.sign(load.mean() - load).to(bias.dtype)

@@ -1,0 +1,84 @@
+"""The Router module: gate projection, training-time noise, scoring, selection, plan, losses."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from routerlib import ops
+from routerlib import reference as ref
+from routerlib.config import Backend, RouterConfig
+from routerlib.types import RouterOutput
+
+
+def check_tokens(x: torch.Tensor, hidden_size: int, weight: torch.Tensor) -> None:
+    """x must be [T, D] with D = hidden_size, on the weight's device and in its dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[1] != hidden_size:
+        raise ValueError(f"x must have shape [T, {hidden_size}], got {tuple(x.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but the router weight is on {weight.device}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but the router weight has {weight.dtype}")
+
+
+class Router(nn.Module):
+    """x [T, D] -> RouterOutput (logits, selection, plan, losses).
+
+    The gate is a bias-free linear map D -> E. With cfg.expert_bias the module holds the
+    aux-loss-free bias as a buffer; call update_bias(load) after each step to move it.
+    """
+
+    def __init__(self, hidden_size: int, cfg: RouterConfig, backend: Backend = "torch",
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.hidden_size = hidden_size
+        self.backend = backend
+        self.gate = nn.Linear(hidden_size, cfg.num_experts, bias=False, device=device, dtype=dtype)
+        bias = torch.zeros(cfg.num_experts, device=device, dtype=torch.float32)
+        self.register_buffer("expert_bias", bias if cfg.expert_bias else None)
+
+    def forward(self, x: torch.Tensor, seq_len: int | None = None,
+                generator: torch.Generator | None = None) -> RouterOutput:
+        check_tokens(x, self.hidden_size, self.gate.weight)
+        cfg = self.cfg
+        if self.training:
+            x = ref.input_jitter(x, cfg.jitter_eps, generator)
+        logits = self.gate(x)  # [T, E]
+        if self.training:
+            logits = ref.logit_noise(logits, cfg.noise_std, generator)
+        priority = None
+        if cfg.drop_policy == "random" and cfg.capacity_factor is not None:
+            priority = torch.rand(logits.shape[0], cfg.slots_per_token, generator=generator,
+                                  device=logits.device)
+        sel, plan = ops.route(logits, cfg, self.expert_bias, priority, self.backend)
+        aux, z = self.losses(logits, sel.scores, sel.topk_ids, seq_len)
+        return RouterOutput(logits=logits, selection=sel, plan=plan, aux_loss=aux, z_loss=z)
+
+    def losses(self, logits: torch.Tensor, scores: torch.Tensor, topk_ids: torch.Tensor,
+               seq_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        aux = logits.new_zeros((), dtype=torch.float32)
+        if cfg.routing == "token_choice":  # expert choice is balanced by construction
+            if cfg.aux_loss_coef > 0:
+                aux = aux + cfg.aux_loss_coef * ref.load_balancing_loss(scores, topk_ids,
+                                                                        cfg.score_func)
+            if cfg.seq_aux_loss_coef > 0:
+                if seq_len is None:
+                    raise ValueError("RouterConfig.seq_aux_loss_coef > 0 needs seq_len")
+                aux = aux + cfg.seq_aux_loss_coef * ref.sequence_load_balancing_loss(
+                    scores, topk_ids, seq_len, cfg.score_func)
+        z = logits.new_zeros((), dtype=torch.float32)
+        if cfg.z_loss_coef > 0:
+            z = cfg.z_loss_coef * ref.z_loss(logits)
+        return aux, z
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor) -> None:
+        """Aux-loss-free balancing step (DeepSeek-V3) from this step's per-expert load [E]."""
+        if self.expert_bias is None:
+            raise RuntimeError("update_bias needs RouterConfig.expert_bias=True")
+        self.expert_bias.copy_(ref.update_expert_bias(self.expert_bias, load,
+                                                      self.cfg.bias_update_rate))

@@ -1,0 +1,95 @@
+"""Result dataclasses shared by the reference and the kernels: the contract between them.
+
+A *slot* is one (token, choice) pair, flattened as s = t*S + j (S = K for token choice, S = E
+for expert choice). A *row* is one line of the expert-major buffer that the experts read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Selection:
+    """What the scoring + selection stage produces.
+
+    scores:       [T, E] fp32  scores used for the losses (softmax or sigmoid of the logits, no bias)
+    topk_ids:     [T, S] int32 expert of each slot
+    topk_weights: [T, S] fp32  combine weight of each slot (after renormalisation and scaling)
+    expert_rank:  [T, S] int32 or None; expert choice only: the slot's rank in its expert's pick
+                  list (-1 if the expert did not pick the token)
+    """
+
+    scores: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    expert_rank: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        assert self.topk_ids.dtype == torch.int32, self.topk_ids.dtype
+        assert self.topk_weights.shape == self.topk_ids.shape
+        assert self.scores.dtype == torch.float32, self.scores.dtype
+
+
+@dataclass
+class RoutingPlan:
+    """Routing metadata: where every slot goes in the expert-major buffer. Computed without a sort.
+
+    expert_counts:  [E]    int32  slots routed to each expert, before capacity
+    kept_counts:    [E]    int32  slots each expert keeps (= expert_counts when dropless)
+    expert_offsets: [E+1]  int32  first row of each expert's segment; segments are padded to
+                                  pad_to_multiple (ragged) or are exactly C long (capacity);
+                                  expert_offsets[E] = rows in use
+    slot_to_row:    [T, S] int32  buffer row of each slot, -1 if the slot is dropped / not picked
+    row_to_slot:    [R]    int32  slot that fills each row (token = slot // S), -1 for empty rows
+    capacity:       C, or None for the dropless ragged layout
+    num_rows:       R, a static bound that depends on shapes only (never on the data):
+                    E*C (capacity) or T*S + E*(pad_to_multiple-1) (ragged)
+    """
+
+    expert_counts: torch.Tensor
+    kept_counts: torch.Tensor
+    expert_offsets: torch.Tensor
+    slot_to_row: torch.Tensor
+    row_to_slot: torch.Tensor
+    capacity: int | None
+    num_rows: int
+
+    def __post_init__(self) -> None:
+        for name in ("expert_counts", "kept_counts", "expert_offsets", "slot_to_row", "row_to_slot"):
+            t = getattr(self, name)
+            assert t.dtype == torch.int32, f"{name} must be int32, got {t.dtype}"
+        assert self.row_to_slot.shape == (self.num_rows,)
+
+    @property
+    def num_experts(self) -> int:
+        return self.expert_counts.shape[0]
+
+    @property
+    def slots_per_token(self) -> int:
+        return self.slot_to_row.shape[1]
+
+    def num_dropped(self) -> torch.Tensor:
+        """Token-slots routed to an expert but not kept (a 0-d int tensor; no host sync)."""
+        return (self.expert_counts.sum() - self.kept_counts.sum()).to(torch.int64)
+
+
+@dataclass
+class RouterOutput:
+    """Everything the router returns for one forward pass."""
+
+    logits: torch.Tensor  # [T, E] the gate logits (fp32)
+    selection: Selection
+    plan: RoutingPlan
+    aux_loss: torch.Tensor  # 0-d fp32, already multiplied by its coefficient (0 if off)
+    z_loss: torch.Tensor  # 0-d fp32, already multiplied by its coefficient (0 if off)
+
+    @property
+    def topk_ids(self) -> torch.Tensor:
+        return self.selection.topk_ids
+
+    @property
+    def topk_weights(self) -> torch.Tensor:
+        return self.selection.topk_weights
