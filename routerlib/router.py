@@ -8,7 +8,7 @@ from torch import nn
 from routerlib import ops
 from routerlib import reference as ref
 from routerlib.config import Backend, RouterConfig
-from routerlib.types import RouterOutput
+from routerlib.types import RouterOutput, RoutingPlan, Selection
 
 
 def check_tokens(x: torch.Tensor, hidden_size: int, weight: torch.Tensor) -> None:
@@ -54,25 +54,30 @@ class Router(nn.Module):
             priority = torch.rand(logits.shape[0], cfg.slots_per_token, generator=generator,
                                   device=logits.device)
         sel, plan = ops.route(logits, cfg, self.expert_bias, priority, self.backend)
-        aux, z = self.losses(logits, sel.scores, sel.topk_ids, seq_len)
+        aux, z = self.losses(logits, sel, plan, seq_len)
         return RouterOutput(logits=logits, selection=sel, plan=plan, aux_loss=aux, z_loss=z)
 
-    def losses(self, logits: torch.Tensor, scores: torch.Tensor, topk_ids: torch.Tensor,
+    def losses(self, logits: torch.Tensor, sel: Selection, plan: RoutingPlan,
                seq_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(aux, z), each already scaled by its coefficient. The batch-level balance loss and the
+        z-loss use the fused sums of the selection stage (no [T, E] pass in torch)."""
         cfg = self.cfg
+        T = logits.shape[0]
         aux = logits.new_zeros((), dtype=torch.float32)
         if cfg.routing == "token_choice":  # expert choice is balanced by construction
             if cfg.aux_loss_coef > 0:
-                aux = aux + cfg.aux_loss_coef * ref.load_balancing_loss(scores, topk_ids,
-                                                                        cfg.score_func)
+                aux = aux + cfg.aux_loss_coef * ref.load_balancing_loss_from_stats(
+                    sel.prob_sum, plan.expert_counts, T, cfg.top_k)
             if cfg.seq_aux_loss_coef > 0:
                 if seq_len is None:
-                    raise ValueError("RouterConfig.seq_aux_loss_coef > 0 needs seq_len")
+                    raise ValueError("RouterConfig.seq_aux_loss_coef > 0 needs seq_len "
+                                     "(pass x as [B, S, D] or seq_len=...)")
+                scores = sel.scores if sel.scores is not None else ref.score(logits, cfg)
                 aux = aux + cfg.seq_aux_loss_coef * ref.sequence_load_balancing_loss(
-                    scores, topk_ids, seq_len, cfg.score_func)
+                    scores, sel.topk_ids, seq_len, cfg.score_func)
         z = logits.new_zeros((), dtype=torch.float32)
         if cfg.z_loss_coef > 0:
-            z = cfg.z_loss_coef * ref.z_loss(logits)
+            z = cfg.z_loss_coef * sel.zsq_sum / max(T, 1)
         return aux, z
 
     @torch.no_grad()

@@ -15,22 +15,30 @@ import torch
 class Selection:
     """What the scoring + selection stage produces.
 
-    scores:       [T, E] fp32  scores used for the losses (softmax or sigmoid of the logits, no bias)
     topk_ids:     [T, S] int32 expert of each slot
     topk_weights: [T, S] fp32  combine weight of each slot (after renormalisation and scaling)
+    scores:       [T, E] fp32  softmax/sigmoid of the logits (no bias), or None where a fast path
+                  did not materialise them
+    prob_sum:     [E] fp32     sum over tokens of each token's distribution over experts (softmax
+                  scores, or sigmoid scores normalised per token): the P_e of the balance loss
+                  is prob_sum / T. Differentiable.
+    zsq_sum:      [] fp32      sum over tokens of logsumexp(logits)^2 (z-loss = zsq_sum / T).
     expert_rank:  [T, S] int32 or None; expert choice only: the slot's rank in its expert's pick
                   list (-1 if the expert did not pick the token)
     """
 
-    scores: torch.Tensor
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
+    scores: torch.Tensor | None = None
+    prob_sum: torch.Tensor | None = None
+    zsq_sum: torch.Tensor | None = None
     expert_rank: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         assert self.topk_ids.dtype == torch.int32, self.topk_ids.dtype
         assert self.topk_weights.shape == self.topk_ids.shape
-        assert self.scores.dtype == torch.float32, self.scores.dtype
+        assert self.topk_weights.dtype == torch.float32, self.topk_weights.dtype
+        assert self.scores is None or self.scores.dtype == torch.float32, self.scores.dtype
 
 
 @dataclass

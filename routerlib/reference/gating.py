@@ -85,6 +85,23 @@ def score(logits: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
     return logits.softmax(dim=-1) if cfg.score_func == "softmax" else logits.sigmoid()
 
 
+def token_distribution(scores: torch.Tensor, score_func: str) -> torch.Tensor:
+    """Each token's distribution over experts: softmax scores as they are, sigmoid scores
+    normalised to sum to one (DeepSeek-V3's balance loss)."""
+    if score_func == "softmax":
+        return scores
+    return scores / (scores.sum(dim=-1, keepdim=True) + RENORM_EPS)
+
+
+def loss_stats(logits: torch.Tensor, scores: torch.Tensor, cfg: RouterConfig
+               ) -> dict[str, torch.Tensor]:
+    """The two sums the losses need, over tokens: prob_sum [E] and zsq_sum []."""
+    return {
+        "prob_sum": token_distribution(scores, cfg.score_func).sum(dim=0),
+        "zsq_sum": torch.logsumexp(logits.float(), dim=-1).square().sum(),
+    }
+
+
 def selection_key(logits: torch.Tensor, scores: torch.Tensor, cfg: RouterConfig,
                   bias: torch.Tensor | None) -> torch.Tensor:
     """[T, E] fp32 key that top-K ranks. Softmax and sigmoid are monotone, so without a bias or
@@ -112,7 +129,8 @@ def select_token_choice(logits: torch.Tensor, cfg: RouterConfig,
         if cfg.renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
     weights = weights * cfg.routed_scaling_factor
-    return Selection(scores=scores, topk_ids=ids.to(torch.int32), topk_weights=weights)
+    return Selection(topk_ids=ids.to(torch.int32), topk_weights=weights, scores=scores,
+                     **loss_stats(logits, scores, cfg))
 
 
 def select_expert_choice(logits: torch.Tensor, cfg: RouterConfig,
@@ -130,7 +148,8 @@ def select_expert_choice(logits: torch.Tensor, cfg: RouterConfig,
     rank[picked, experts] = ranks
     ids = torch.arange(E, dtype=torch.int32, device=logits.device).expand(T, E).contiguous()
     weights = scores * cfg.routed_scaling_factor
-    return Selection(scores=scores, topk_ids=ids, topk_weights=weights, expert_rank=rank)
+    return Selection(topk_ids=ids, topk_weights=weights, scores=scores, expert_rank=rank,
+                     **loss_stats(logits, scores, cfg))
 
 
 def select(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None) -> Selection:

@@ -5,11 +5,7 @@ from __future__ import annotations
 import torch
 
 
-def _probs(scores: torch.Tensor, score_func: str) -> torch.Tensor:
-    """Per-token distribution over experts: softmax scores as they are, sigmoid scores normalised."""
-    if score_func == "softmax":
-        return scores
-    return scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+from routerlib.reference.gating import token_distribution as _probs
 
 
 def expert_load(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -29,6 +25,14 @@ def load_balancing_loss(scores: torch.Tensor, topk_ids: torch.Tensor, score_func
     f = expert_load(topk_ids, E).float() / max(T * K, 1)
     P = _probs(scores, score_func).mean(dim=0)
     return E * (f * P).sum()
+
+
+def load_balancing_loss_from_stats(prob_sum: torch.Tensor, load: torch.Tensor, num_tokens: int,
+                                   top_k: int) -> torch.Tensor:
+    """The same loss from the fused statistics: prob_sum [E] (Selection.prob_sum) and load [E]."""
+    E = prob_sum.shape[0]
+    denom = max(num_tokens, 1)
+    return E * ((load.float() / (denom * top_k)) * (prob_sum / denom)).sum()
 
 
 def sequence_load_balancing_loss(scores: torch.Tensor, topk_ids: torch.Tensor, seq_len: int,

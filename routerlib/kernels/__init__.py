@@ -1,0 +1,47 @@
+"""Triton kernels for MoE routing, one module per op (kernel + launcher + autograd + custom op):
+
+  topk.py      fused score + (group-limited) top-K + weights + loss statistics, and its backward
+  plan.py      sort-free routing plan: histogram, offsets, ranks, capacity dropping, padding
+  dispatch.py  gather tokens into expert-major rows (backward: a deterministic gather-sum)
+  combine.py   weighted K-way sum back to tokens in fp32 (backward: scatter dual + weight grads)
+
+Every op computes exactly what routerlib.reference computes; tests compare them.
+On a machine without a GPU they run under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from routerlib import reference as ref
+from routerlib.config import RouterConfig
+from routerlib.types import RoutingPlan, Selection
+
+
+def route(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None,
+          priority: torch.Tensor | None = None) -> tuple[Selection, RoutingPlan]:
+    """Triton route: fused top-K then the sort-free plan. Expert choice selects with the reference
+    (a column top-C over tokens) and plans with it too."""
+    ref.check_logits(logits, cfg)
+    ref.gating.check_bias(bias, logits, cfg)
+    if cfg.routing == "expert_choice":
+        sel = ref.select(logits, cfg, bias)
+        return sel, ref.build_plan(sel, cfg, priority)
+    from routerlib.kernels.plan import build_plan
+    from routerlib.kernels.topk import fused_topk
+
+    sel = fused_topk(logits, cfg, bias)
+    plan = build_plan(sel.topk_ids, sel.topk_weights, cfg, priority)
+    return sel, plan
+
+
+def dispatch(x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    from routerlib.kernels.dispatch import dispatch as _dispatch
+
+    return _dispatch(x, plan)
+
+
+def combine(expert_out: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor) -> torch.Tensor:
+    from routerlib.kernels.combine import combine as _combine
+
+    return _combine(expert_out, plan, weights)
