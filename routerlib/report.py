@@ -1,0 +1,84 @@
+"""Execute the notebooks in order and write the report (executed notebooks + HTML + index).
+
+    python -m routerlib.report [--notebooks notebooks] [--out build/report] [--timeout 1800]
+
+Each notebook picks its sizes itself: full sizes on a GPU, small ones on a CPU (where results
+measured on a GPU are read from results/ and rendered instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def notebook_paths(folder: Path) -> list[Path]:
+    """The numbered notebooks (NN_name.ipynb) in order."""
+    paths = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+    if not paths:
+        raise FileNotFoundError(f"no numbered notebooks (NN_name.ipynb) in {folder}")
+    return paths
+
+
+def execute_notebook(path: Path, out_dir: Path | None = None, timeout: int = 1800):
+    """Run every cell of `path` top to bottom in a fresh kernel (cwd = the notebook's folder).
+    Returns the executed NotebookNode; raises nbclient's CellExecutionError on the first failure."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    env_root = str(ROOT)
+    os.environ["PYTHONPATH"] = env_root + os.pathsep + os.environ.get("PYTHONPATH", "")
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
+    client.execute()
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, out_dir / path.name)
+    return nb
+
+
+def write_html(nb, dest: Path) -> None:
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nb)
+    dest.write_text(body, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--notebooks", type=Path, default=ROOT / "notebooks")
+    ap.add_argument("--out", type=Path, default=ROOT / "build" / "report")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    ap.add_argument("--only", default=None, help="run only notebooks whose name contains this")
+    args = ap.parse_args(argv)
+
+    paths = notebook_paths(args.notebooks)
+    if args.only:
+        paths = [p for p in paths if args.only in p.name]
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for path in paths:
+        t0 = time.perf_counter()
+        print(f"[report] executing {path.name} ...", flush=True)
+        nb = execute_notebook(path, args.out, args.timeout)
+        write_html(nb, args.out / (path.stem + ".html"))
+        dt = time.perf_counter() - t0
+        print(f"[report]   done in {dt:.0f} s -> {args.out / path.name}", flush=True)
+        rows.append((path.stem, dt))
+    items = "\n".join(f'<li><a href="{html.escape(s)}.html">{html.escape(s)}</a> '
+                      f"({dt:.0f} s)</li>" for s, dt in rows)
+    (args.out / "index.html").write_text(
+        f"<html><body><h1>routerlib report</h1><ol>{items}</ol></body></html>\n", encoding="utf-8")
+    print(f"[report] wrote {args.out / 'index.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: environment, GPU tests, sanitizer, benchmarks. Everything lands in $OUT
+# (default build/gpu). Steps are chosen with GPU_STEPS (default: all), e.g. GPU_STEPS="env tests".
+#   env        card, driver, versions
+#   tests      pytest on the GPU (full-size kernel checks included)
+#   sanitize   compute-sanitizer memcheck + racecheck over every kernel
+#   baseline   the standard configurations, reference backends (torch, torch.compile)
+#   kernels    the same sweep with the Triton backend, plus the targets benchmark and peers
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-$ROOT/build/gpu}"
+mkdir -p "$OUT"
+STEPS="${GPU_STEPS:-env tests sanitize baseline kernels}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# NVLink multicast stays off on shared hosts.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+PY="${PY:-python3}"
+# Peer wheels (torchtitan, DeepSpeed) travel in .whl when carried.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl >"$OUT/peers_install.log" 2>&1 \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+rc=0
+
+if has env; then
+  { nvidia-smi; "$PY" -m routerlib.bench.envinfo; } >"$OUT/env.txt" 2>&1
+  head -n 20 "$OUT/env.txt"
+fi
+if has tests; then
+  HYPOTHESIS_PROFILE=gpu timeout 420 "$PY" -m pytest tests -q -x -m "not notebook" \
+    -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
+  rc=$((rc | ${PIPESTATUS[0]}))
+fi
+if has sanitize; then
+  for tool in memcheck racecheck; do
+    timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+      "$PY" scripts/sanitize_kernels.py >"$OUT/sanitizer_$tool.log" 2>&1
+    echo "compute-sanitizer $tool: exit $? ($(tail -n 1 "$OUT/sanitizer_$tool.log"))"
+  done
+fi
+if has baseline; then
+  timeout 600 "$PY" -m routerlib.bench --configs all --tokens decode,prefill \
+    --backends torch,compile --stages all --out "$OUT/baseline" 2>&1 | tail -n 40
+fi
+if has kernels; then
+  timeout 600 "$PY" -m routerlib.bench --configs all --tokens decode,prefill \
+    --backends triton --stages all --out "$OUT/kernels" 2>&1 | tail -n 40
+  timeout 600 "$PY" -m routerlib.bench.targets --out "$OUT/targets" 2>&1 | tail -n 40
+fi
+exit $rc

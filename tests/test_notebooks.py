@@ -1,0 +1,24 @@
+"""Every numbered notebook runs top to bottom (CPU sizes here; full sizes on a GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from routerlib.report import ROOT, execute_notebook, notebook_paths
+
+pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+NOTEBOOKS = notebook_paths(ROOT / "notebooks")
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs(path: Path, tmp_path: Path):
+    nb = execute_notebook(path, tmp_path, timeout=900)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert not errors, errors
+    assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), "no cell printed"
