@@ -61,7 +61,9 @@ class SwiGLUExperts(nn.Module):
             x = rows.view(E, plan.capacity, -1)  # [E, C, D]
             gate, up = torch.bmm(x, self.w_gate_up).chunk(2, dim=-1)
             return torch.bmm(F.silu(gate) * up, self.w_down).view_as(rows)
-        if _grouped_mm_ok(rows, self.w_gate_up) and _grouped_mm_ok(rows, self.w_down):
+        # the second GEMM reads the [R, F] activations: F needs the same 16-byte alignment
+        if (_grouped_mm_ok(rows, self.w_gate_up) and _grouped_mm_ok(rows, self.w_down)
+                and _grouped_mm_ok(self.w_down[0].t(), self.w_down)):
             ends = plan.expert_offsets[1:]  # [E] int32 cumulative row ends
             h = torch._grouped_mm(rows, self.w_gate_up, offs=ends)  # [R, 2F]
             gate, up = h.chunk(2, dim=-1)

@@ -50,7 +50,7 @@ class Router(nn.Module):
         if self.training:
             logits = ref.logit_noise(logits, cfg.noise_std, generator)
         priority = None
-        if cfg.drop_policy == "random" and cfg.capacity_factor is not None:
+        if cfg.drop_policy == "random":  # dropless too: rows inside an expert follow the keys
             priority = torch.rand(logits.shape[0], cfg.slots_per_token, generator=generator,
                                   device=logits.device)
         sel, plan = ops.route(logits, cfg, self.expert_bias, priority, self.backend)
