@@ -28,6 +28,12 @@ def _as_plan(plan: RoutingPlan | RouterOutput) -> RoutingPlan:
     return plan
 
 
+def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().long().numpy()
+    return np.array(x, dtype=np.int64)
+
+
 def _load_stats(load: np.ndarray) -> tuple[float, float, float]:
     """(imbalance max/mean, coefficient of variation std/mean, normalised entropy) of a load [E].
 
@@ -119,9 +125,8 @@ class RoutingStats:
     def from_load(cls, load: np.ndarray | torch.Tensor | list[int], kept=None,
                   capacity: int | None = None, num_tokens: int | None = None) -> RoutingStats:
         """Stats from per-expert counts (e.g. a tracker row). kept defaults to load."""
-        load = np.asarray(torch.as_tensor(load).cpu(), dtype=np.int64)
-        kept = load.copy() if kept is None else np.asarray(torch.as_tensor(kept).cpu(),
-                                                           dtype=np.int64)
+        load = _to_numpy(load)
+        kept = load.copy() if kept is None else _to_numpy(kept)
         return cls._build(load, kept, -1 if num_tokens is None else num_tokens, capacity, None)
 
     @classmethod

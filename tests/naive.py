@@ -251,6 +251,7 @@ def combine(expert_out: torch.Tensor, slot_to_row: list[list[int]], weights: tor
     """[R, D] -> [T, D]: float64 weighted sum over the kept slots of each token."""
     T = len(slot_to_row)
     y = torch.zeros(T, expert_out.shape[1], dtype=torch.float64)
+    expert_out, weights = expert_out.detach(), weights.detach()
     for t in range(T):
         for j, row in enumerate(slot_to_row[t]):
             if row >= 0:
@@ -311,6 +312,7 @@ def moe(x: torch.Tensor, slot_to_row: list[list[int]], ids: list[list[int]],
         weights: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     """The MoE output token by token: y[t] = sum over kept slots of w * expert_e(x[t])."""
     y = torch.zeros(x.shape, dtype=torch.float64)
+    weights = weights.detach()
     for t in range(x.shape[0]):
         for j, row in enumerate(slot_to_row[t]):
             if row >= 0:

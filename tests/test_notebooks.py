@@ -22,3 +22,20 @@ def test_notebook_runs(path: Path, tmp_path: Path):
               if o.get("output_type") == "error"]
     assert not errors, errors
     assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), "no cell printed"
+
+
+def test_notebooks_match_their_sources():
+    """notebooks/NN_*.ipynb are built from notebooks/src/NN_*.py; a stale one fails here."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_notebooks.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_notebooks_import_only_routerlib():
+    """Notebooks stay thin: no kernel, no @triton.jit, no class definitions in a notebook."""
+    for src in sorted((ROOT / "notebooks" / "src").glob("[0-9][0-9]_*.py")):
+        text = src.read_text()
+        assert "triton.jit" not in text and "\nclass " not in text, src.name

@@ -15,6 +15,11 @@ import torch
 
 from routerlib import reference as ref
 from routerlib.config import RouterConfig
+
+# Re-exported eagerly: importing a submodule binds the package attribute of its name (dispatch,
+# combine) to the module, which would shadow a lazily importing wrapper after its first call.
+from routerlib.kernels.combine import combine as combine
+from routerlib.kernels.dispatch import dispatch as dispatch
 from routerlib.types import RoutingPlan, Selection
 
 
@@ -34,14 +39,3 @@ def route(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = N
     plan = build_plan(sel.topk_ids, sel.topk_weights, cfg, priority)
     return sel, plan
 
-
-def dispatch(x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-    from routerlib.kernels.dispatch import dispatch as _dispatch
-
-    return _dispatch(x, plan)
-
-
-def combine(expert_out: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor) -> torch.Tensor:
-    from routerlib.kernels.combine import combine as _combine
-
-    return _combine(expert_out, plan, weights)

@@ -35,6 +35,9 @@ def combine(expert_out: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor) 
     if weights.shape != plan.slot_to_row.shape:
         raise ValueError(f"weights must have shape {tuple(plan.slot_to_row.shape)}, got "
                          f"{tuple(weights.shape)}")
+    if weights.device != plan.slot_to_row.device:
+        raise ValueError(f"weights is on {weights.device} but the plan is on "
+                         f"{plan.slot_to_row.device}")
     T, S = plan.slot_to_row.shape
     R, D = expert_out.shape
     rows = plan.slot_to_row.long()

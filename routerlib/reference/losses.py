@@ -23,7 +23,7 @@ def load_balancing_loss(scores: torch.Tensor, topk_ids: torch.Tensor, score_func
     T, E = scores.shape
     K = topk_ids.shape[1]
     f = expert_load(topk_ids, E).float() / max(T * K, 1)
-    P = _probs(scores, score_func).mean(dim=0)
+    P = _probs(scores, score_func).sum(dim=0) / max(T, 1)  # T=0: a zero loss, not NaN
     return E * (f * P).sum()
 
 
@@ -43,12 +43,12 @@ def sequence_load_balancing_loss(scores: torch.Tensor, topk_ids: torch.Tensor, s
     if seq_len < 1 or T % seq_len:
         raise ValueError(f"seq_len={seq_len} must be >= 1 and divide the token count T={T}")
     B, K = T // seq_len, topk_ids.shape[1]
-    ids = topk_ids.long().view(B, seq_len * K)
+    ids = topk_ids.long().reshape(B, seq_len * K)
     counts = torch.zeros(B, E, device=scores.device).scatter_add_(
         1, ids, torch.ones_like(ids, dtype=torch.float32))  # [B, E]
     f = counts / (seq_len * K)
-    P = _probs(scores, score_func).view(B, seq_len, E).mean(dim=1)  # [B, E]
-    return (E * (f * P).sum(dim=1)).mean()
+    P = _probs(scores, score_func).reshape(B, seq_len, E).mean(dim=1)  # [B, E]
+    return (E * (f * P).sum(dim=1)).sum() / max(B, 1)  # B=0: a zero loss, not NaN
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,361 @@
+"""The two row-map kernels behind dispatch and combine (each op's backward is the other's kernel).
+
+Both walk the tokens (token-major), so every HBM byte moves exactly once:
+
+  scatter_rows   per token t: read src[t] once, write w[t, j] * src[t] (or src[t] itself) to the
+                 row of each kept slot j; optionally also dot(src[t], dot_src[row]) per slot.
+                 Extra programs write zeros to the empty rows (row_to_slot == -1).
+                 Used by dispatch forward (x -> rows: reads T*D, writes R*D: the floor) and by
+                 combine backward (grad_y -> grad_expert_out and grad_weights, one read of grad_y).
+  gather_reduce  per token t: y[t] = sum_j w[t, j] * src[slot_to_row[t, j]] in fp32 registers.
+                 Used by combine forward (reads T*K*D, writes T*D: the floor) and by dispatch
+                 backward (w = 1: the dual of the gather, written as a gather so no atomics).
+
+Every output row or token is written by exactly one program: no atomics, deterministic results.
+
+Launch configs: on a GPU, triton.autotune over `_hopper_configs()` keyed on (D, S, flags, dtypes).
+Pin one with ROUTERLIB_SCATTER_CONFIG / ROUTERLIB_GATHER_CONFIG set to "default" (the heuristic
+below) or "BLOCK_T=4,BLOCK_D=1024,num_warps=8". Under TRITON_INTERPRET=1 there is no autotune.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Slot loops up to this S are unrolled (all K row loads in flight at once); beyond it (expert
+# choice, S = E) they run as a runtime loop.
+MAX_UNROLL = 16
+# A zeroing program of scatter_rows covers ZERO_GROUPS * BLOCK_T rows (most of them full rows
+# it only glances at: one int32 read each).
+ZERO_GROUPS = 8
+# Set by tests: outputs are allocated filled with NaN, so any element a kernel forgets to write
+# shows up. Never set in production (it costs one extra write of every output).
+POISON_OUTPUTS = False
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configs
+# ----------------------------------------------------------------------------------------------
+
+def default_config(D: int) -> dict[str, int]:
+    """Heuristic config (interpreter, pinned runs): a ~4K-element tile, several tokens per program
+    when D is small so each program still moves enough bytes."""
+    block_d = min(next_pow2(max(D, 1)), 2048)
+    block_t = max(1, min(64, 4096 // block_d))
+    tile = block_t * block_d
+    num_warps = 8 if tile >= 4096 else 4 if tile >= 1024 else 2 if tile >= 256 else 1
+    return {"BLOCK_T": block_t, "BLOCK_D": block_d, "num_warps": num_warps}
+
+
+def _parse_pin(env: str, D: int) -> dict[str, int] | None:
+    """Config pinned by the environment variable `env`, or None to autotune."""
+    value = os.environ.get(env, "").strip()
+    if not value:
+        return None
+    if value == "default":
+        return default_config(D)
+    try:
+        cfg = {k.strip(): int(v) for k, v in (kv.split("=") for kv in value.split(","))}
+    except ValueError as e:
+        raise ValueError(f"{env}={value!r}: expected 'default' or "
+                         "'BLOCK_T=<int>,BLOCK_D=<int>,num_warps=<int>'") from e
+    missing = {"BLOCK_T", "BLOCK_D"} - cfg.keys()
+    if missing:
+        raise ValueError(f"{env}={value!r}: missing {sorted(missing)}")
+    return cfg
+
+
+def _hopper_configs() -> list[triton.Config]:
+    """H100/H200: 16-byte vectors need BLOCK_D >= 8 (bf16) per thread-chunk; tiles of 2K-8K
+    elements keep 8-32 elements per thread in flight with 4-8 warps."""
+    configs = []
+    for block_d in (512, 1024, 2048):
+        for tile, num_warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8)):
+            configs.append(triton.Config({"BLOCK_T": max(1, tile // block_d), "BLOCK_D": block_d},
+                                         num_warps=num_warps))
+    return configs
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Small D: clamp BLOCK_D to D's next power of two and spend the tile on more tokens."""
+    cap = max(16, next_pow2(named_args["D"]))
+    seen: set[tuple[int, int, int]] = set()
+    out = []
+    for c in configs:
+        tile = c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_D"]
+        block_d = min(c.kwargs["BLOCK_D"], cap)
+        block_t = max(1, min(128, tile // block_d))
+        key = (block_t, block_d, c.num_warps)
+        if key not in seen:
+            seen.add(key)
+            out.append(triton.Config({"BLOCK_T": block_t, "BLOCK_D": block_d},
+                                     num_warps=c.num_warps))
+    return out
+
+
+_EVEN_D = {"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0}
+
+
+# ----------------------------------------------------------------------------------------------
+# scatter_rows: dispatch forward, combine backward
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _scatter_slot(j, src, dots, toks64, tmask, d, m, slot_cols, S, D,
+                  slot_to_row_ptr, w_ptr, dot_src_ptr, dst_ptr,
+                  HAS_WEIGHTS: tl.constexpr, COMPUTE_DOT: tl.constexpr):
+    """Write slot j of each token in the block; return the dot accumulator with column j added."""
+    row = tl.load(slot_to_row_ptr + toks64 * S + j, mask=tmask, other=-1)  # [BLOCK_T]
+    kept = row >= 0
+    offs = row.to(tl.int64)[:, None] * D + d[None, :]  # [BLOCK_T, BLOCK_D]; int64: R*D > 2^31
+    mk = m & kept[:, None]
+    if HAS_WEIGHTS:
+        w = tl.load(w_ptr + toks64 * S + j, mask=kept, other=0.0)  # [BLOCK_T] fp32
+        val = (src.to(tl.float32) * w[:, None]).to(dst_ptr.dtype.element_ty)
+    else:
+        val = src  # an exact copy, no rounding
+    tl.store(dst_ptr + offs, val, mask=mk)
+    if COMPUTE_DOT:
+        other = tl.load(dot_src_ptr + offs, mask=mk, other=0.0)
+        part = tl.sum(src.to(tl.float32) * other.to(tl.float32), axis=1)  # [BLOCK_T]
+        dots = tl.where(slot_cols[None, :] == j, dots + part[:, None], dots)
+    return dots
+
+
+@triton.jit
+def _scatter_rows_kernel(
+    src_ptr,          # [T, D]  x (dispatch) or grad_y (combine backward)
+    slot_to_row_ptr,  # [T, S]  int32, -1 = dropped slot
+    row_to_slot_ptr,  # [R]     int32, -1 = empty row
+    w_ptr,            # [T, S]  fp32 slot weights (read only if HAS_WEIGHTS)
+    dot_src_ptr,      # [R, D]  expert_out (read only if COMPUTE_DOT)
+    dot_out_ptr,      # [T, S]  fp32 dot(src[t], dot_src[row]) per slot (if COMPUTE_DOT)
+    dst_ptr,          # [R, D]  rows
+    T, R, D, S,
+    S_UNROLL: tl.constexpr,   # S when S <= MAX_UNROLL (slot loop unrolled), else 0
+    S_PAD: tl.constexpr,      # next power of two >= S (dot accumulator width)
+    HAS_WEIGHTS: tl.constexpr,
+    COMPUTE_DOT: tl.constexpr,
+    ZERO_GROUPS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,     # D % BLOCK_D == 0: no column mask
+):
+    pid = tl.program_id(0)
+    num_token_blocks = tl.cdiv(T, BLOCK_T)
+    cols = tl.arange(0, BLOCK_D)
+    if pid < num_token_blocks:
+        toks = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        tmask = toks < T
+        toks64 = toks.to(tl.int64)
+        slot_cols = tl.arange(0, S_PAD)
+        dots = tl.zeros([BLOCK_T, S_PAD], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + cols
+            if EVEN_D:
+                m = tmask[:, None]
+            else:
+                m = tmask[:, None] & (d < D)[None, :]
+            src = tl.load(src_ptr + toks64[:, None] * D + d[None, :], mask=m, other=0.0)
+            if S_UNROLL > 0:
+                for j in tl.static_range(S_UNROLL):
+                    dots = _scatter_slot(j, src, dots, toks64, tmask, d, m, slot_cols, S, D,
+                                         slot_to_row_ptr, w_ptr, dot_src_ptr, dst_ptr,
+                                         HAS_WEIGHTS, COMPUTE_DOT)
+            else:
+                for j in range(S):
+                    dots = _scatter_slot(j, src, dots, toks64, tmask, d, m, slot_cols, S, D,
+                                         slot_to_row_ptr, w_ptr, dot_src_ptr, dst_ptr,
+                                         HAS_WEIGHTS, COMPUTE_DOT)
+        if COMPUTE_DOT:
+            dmask = tmask[:, None] & (slot_cols < S)[None, :]
+            tl.store(dot_out_ptr + toks64[:, None] * S + slot_cols[None, :], dots, mask=dmask)
+    else:
+        # Zero the empty rows (padding, capacity left unfilled): no slot writes them.
+        zero = tl.zeros([BLOCK_T, BLOCK_D], dtype=dst_ptr.dtype.element_ty)
+        for g in tl.static_range(ZERO_GROUPS):
+            rows = ((pid - num_token_blocks) * ZERO_GROUPS + g) * BLOCK_T + tl.arange(0, BLOCK_T)
+            in_range = rows < R
+            slot = tl.load(row_to_slot_ptr + rows, mask=in_range, other=0)
+            is_empty = in_range & (slot < 0)
+            if tl.sum(is_empty.to(tl.int32), axis=0) > 0:  # most groups are full: skip them
+                base = rows.to(tl.int64)[:, None] * D
+                for d0 in range(0, D, BLOCK_D):
+                    d = d0 + cols
+                    if EVEN_D:
+                        zm = is_empty[:, None]
+                    else:
+                        zm = is_empty[:, None] & (d < D)[None, :]
+                    tl.store(dst_ptr + base + d[None, :], zero, mask=zm)
+
+
+_scatter_rows_plain = triton.heuristics(_EVEN_D)(_scatter_rows_kernel)
+_scatter_rows_tuned = triton.autotune(
+    configs=_hopper_configs(), key=["D", "S", "HAS_WEIGHTS", "COMPUTE_DOT"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_scatter_rows_plain)
+
+
+def scatter_rows(src: torch.Tensor, slot_to_row: torch.Tensor, row_to_slot: torch.Tensor,
+                 weights: torch.Tensor | None = None, dot_src: torch.Tensor | None = None,
+                 out_dtype: torch.dtype | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dst[row] = weights[t, j] * src[t] (or src[t]) for each kept slot (t, j) -> row; empty rows
+    are zero. With dot_src, also dots[t, j] = <src[t], dot_src[row]> in fp32 (0 if dropped).
+
+    src: [T, D]; slot_to_row: [T, S] int32; row_to_slot: [R] int32; weights: [T, S] fp32 or None;
+    dot_src: [R, D] or None. Returns (dst [R, D] in out_dtype or src.dtype, dots [T, S] or None).
+    """
+    src = src.contiguous()
+    slot_to_row = slot_to_row.contiguous()
+    row_to_slot = row_to_slot.contiguous()
+    T, D = src.shape
+    S = slot_to_row.shape[1]
+    R = row_to_slot.shape[0]
+    dst = empty((R, D), out_dtype or src.dtype, src.device)
+    dots = None
+    if dot_src is not None:
+        dot_src = dot_src.contiguous()
+        dots = empty((T, S), torch.float32, src.device)
+    if weights is not None:
+        weights = weights.contiguous()
+    if D == 0 or R == 0:  # nothing to move; the dot over an empty row is 0
+        if dots is not None:
+            dots.zero_()
+        return dst, dots
+    args = (src, slot_to_row, row_to_slot, src if weights is None else weights,
+            src if dot_src is None else dot_src, dst if dots is None else dots, dst, T, R, D, S)
+    # The dot accumulator is [BLOCK_T, S_PAD]; without dots keep it one column wide.
+    flags = dict(S_UNROLL=S if S <= MAX_UNROLL else 0,
+                 S_PAD=next_pow2(S) if dot_src is not None else 1,
+                 HAS_WEIGHTS=weights is not None, COMPUTE_DOT=dot_src is not None,
+                 ZERO_GROUPS=ZERO_GROUPS)
+
+    def grid(meta: dict) -> tuple[int]:
+        bt = meta["BLOCK_T"]
+        return (triton.cdiv(T, bt) + triton.cdiv(R, bt * ZERO_GROUPS),)
+
+    pin = _parse_pin("ROUTERLIB_SCATTER_CONFIG", D)
+    if pin is None and interpreting():
+        pin = default_config(D)
+    if pin is None:
+        _scatter_rows_tuned[grid](*args, **flags)
+    else:
+        _scatter_rows_plain[grid](*args, **flags, **pin)
+    return dst, dots
+
+
+# ----------------------------------------------------------------------------------------------
+# gather_reduce: combine forward, dispatch backward
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _gather_slot(j, acc, toks64, tmask, d, m, S, D, src_ptr, slot_to_row_ptr, w_ptr,
+                 HAS_WEIGHTS: tl.constexpr):
+    """acc += w[t, j] * src[slot_to_row[t, j]] (fp32) for each token of the block."""
+    row = tl.load(slot_to_row_ptr + toks64 * S + j, mask=tmask, other=-1)  # [BLOCK_T]
+    kept = row >= 0
+    vals = tl.load(src_ptr + row.to(tl.int64)[:, None] * D + d[None, :], mask=m & kept[:, None],
+                   other=0.0).to(tl.float32)
+    if HAS_WEIGHTS:
+        w = tl.load(w_ptr + toks64 * S + j, mask=kept, other=0.0)  # dropped slots add nothing
+        acc += vals * w[:, None]
+    else:
+        acc += vals
+    return acc
+
+
+@triton.jit
+def _gather_reduce_kernel(
+    src_ptr,          # [R, D]  expert_out (combine) or grad of the dispatched rows
+    slot_to_row_ptr,  # [T, S]  int32, -1 = dropped slot
+    w_ptr,            # [T, S]  fp32 slot weights (read only if HAS_WEIGHTS)
+    out_ptr,          # [T, D]
+    T, D, S,
+    S_UNROLL: tl.constexpr,   # S when S <= MAX_UNROLL (slot loop unrolled), else 0
+    HAS_WEIGHTS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,     # D % BLOCK_D == 0: no column mask
+):
+    pid = tl.program_id(0)
+    toks = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = toks < T
+    toks64 = toks.to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + cols
+        if EVEN_D:
+            m = tmask[:, None]
+        else:
+            m = tmask[:, None] & (d < D)[None, :]
+        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        if S_UNROLL > 0:
+            for j in tl.static_range(S_UNROLL):
+                acc = _gather_slot(j, acc, toks64, tmask, d, m, S, D, src_ptr, slot_to_row_ptr,
+                                   w_ptr, HAS_WEIGHTS)
+        else:
+            for j in range(S):
+                acc = _gather_slot(j, acc, toks64, tmask, d, m, S, D, src_ptr, slot_to_row_ptr,
+                                   w_ptr, HAS_WEIGHTS)
+        tl.store(out_ptr + toks64[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=m)
+
+
+_gather_reduce_plain = triton.heuristics(_EVEN_D)(_gather_reduce_kernel)
+_gather_reduce_tuned = triton.autotune(
+    configs=_hopper_configs(), key=["D", "S", "HAS_WEIGHTS"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_gather_reduce_plain)
+
+
+def gather_reduce(src: torch.Tensor, slot_to_row: torch.Tensor,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """out[t] = sum_j weights[t, j] * src[slot_to_row[t, j]] over kept slots (weights = 1 if None),
+    accumulated in fp32, written in src's dtype.
+
+    src: [R, D]; slot_to_row: [T, S] int32 (-1 = dropped); weights: [T, S] fp32. Returns [T, D].
+    """
+    src = src.contiguous()
+    slot_to_row = slot_to_row.contiguous()
+    T, S = slot_to_row.shape
+    D = src.shape[1]
+    out = empty((T, D), src.dtype, src.device)
+    if T == 0 or D == 0:
+        return out
+    if weights is not None:
+        weights = weights.contiguous()
+    args = (src, slot_to_row, src if weights is None else weights, out, T, D, S)
+    flags = dict(S_UNROLL=S if S <= MAX_UNROLL else 0, HAS_WEIGHTS=weights is not None)
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(T, meta["BLOCK_T"]),)
+
+    pin = _parse_pin("ROUTERLIB_GATHER_CONFIG", D)
+    if pin is None and interpreting():
+        pin = default_config(D)
+    if pin is None:
+        _gather_reduce_tuned[grid](*args, **flags)
+    else:
+        _gather_reduce_plain[grid](*args, **flags, **pin)
+    return out

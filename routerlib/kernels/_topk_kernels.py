@@ -1,0 +1,307 @@
+"""Triton kernels of the fused score + top-K op (private: the launchers live in topk.py).
+
+Forward, one launch: each program walks token tiles of [BLOCK_T, BLOCK_E] (BLOCK_E = next power
+of two >= E, padding masked), computes the scores in registers, picks the K best experts with K
+max-reductions over a packed int64 key, writes the K ids and weights, and accumulates the loss
+statistics of its tokens into one row of a [P, E] buffer (summed by the host, deterministically).
+Bytes: reads T*E*s (s = bytes per logit), writes T*K*8 + P*(E+1)*4.
+
+Backward: recomputes the scores from the logits and writes grad_logits [T, E] in the logits dtype.
+Reads T*E*s + T*K*8, writes T*E*s.
+
+Packed key: order-preserving int32 of the fp32 key in the high half, (E-1-expert) in the low half,
+so one tl.max returns the best key and, among equal keys, the lowest expert index (the reference's
+stable sort). -0.0 is folded into +0.0 first because torch.sort ranks them as equal.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# Below every packed key of a non-NaN float (the packed -inf is about -2^63 + 2^55): marks padding
+# experts and experts already taken.
+_TAKEN = tl.constexpr(-(2**63) + 1)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def topk_config(num_experts: int) -> tuple[int, int, int]:
+    """(BLOCK_T, num_warps, programs_per_sm) for E experts: about 2048 tile elements per program,
+    so fewer tokens per program when E is large; the persistent grid is capped at programs_per_sm
+    programs per SM (fewer programs: a smaller [P, E] partial-sum buffer). The environment
+    variable ROUTERLIB_TOPK_CONFIG="BLOCK_T,num_warps[,programs_per_sm]" pins one. No runtime
+    autotuning: a first call must not benchmark (CUDA graph capture, torch.compile) and the
+    interpreter would gain nothing from it."""
+    block_e = max(2, next_pow2(num_experts))
+    block_t = max(1, min(128, 2048 // block_e))
+    num_warps = 4 if block_e <= 256 else 8
+    programs_per_sm = 8
+    pinned = os.environ.get("ROUTERLIB_TOPK_CONFIG")
+    if pinned:
+        try:
+            values = [int(v) for v in pinned.split(",")]
+            block_t, num_warps = values[:2]
+            programs_per_sm = values[2] if len(values) > 2 else programs_per_sm
+        except ValueError:
+            raise ValueError(f"ROUTERLIB_TOPK_CONFIG={pinned!r}: expected "
+                             "'BLOCK_T,num_warps[,programs_per_sm]'") from None
+        if (block_t < 1 or block_t & (block_t - 1) or num_warps not in (1, 2, 4, 8, 16)
+                or programs_per_sm < 1):
+            raise ValueError(f"ROUTERLIB_TOPK_CONFIG={pinned!r}: BLOCK_T must be a power of two, "
+                             "num_warps one of 1, 2, 4, 8, 16, programs_per_sm >= 1")
+    return block_t, num_warps, programs_per_sm
+
+
+@triton.jit
+def _packed_key(key, rev):
+    """int64 key whose max is the largest fp32 `key`, ties to the largest `rev` (= E-1-index)."""
+    key = tl.where(key == 0.0, 0.0, key)  # -0.0 -> +0.0: both zeros tie, as in torch.sort
+    bits = key.to(tl.int32, bitcast=True)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their order
+    return (bits.to(tl.int64) << 32) | rev.to(tl.int64)
+
+
+@triton.jit
+def _unpack_key(packed):
+    """The fp32 key held in the high half of a packed key (inverse of _packed_key)."""
+    bits = (packed >> 32).to(tl.int32)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _group_limit(key, cols, BLOCK_T: tl.constexpr, N_GROUPS: tl.constexpr,
+                 GROUP_SIZE: tl.constexpr, TOPK_GROUPS: tl.constexpr, TOP2_SUM: tl.constexpr,
+                 BLOCK_G: tl.constexpr):
+    """Set to -inf the keys outside the TOPK_GROUPS best of N_GROUPS contiguous expert groups.
+    key: [BLOCK_T, BLOCK_E] fp32; a group scores its max, or the sum of its two best keys."""
+    grp = cols // GROUP_SIZE  # [BLOCK_E] group of each expert (>= N_GROUPS on padding)
+    gcols = tl.arange(0, BLOCK_G)
+    gscore = tl.full([BLOCK_T, BLOCK_G], float("-inf"), tl.float32)
+    for g in tl.static_range(N_GROUPS):
+        kg = tl.where((grp == g)[None, :], key, float("-inf"))
+        best = tl.max(kg, axis=1)
+        if TOP2_SUM:
+            # second best counts a repeated maximum once more, as a sort would
+            n_best = tl.sum((kg == best[:, None]).to(tl.int32), axis=1)
+            rest = tl.max(tl.where(kg < best[:, None], kg, float("-inf")), axis=1)
+            best = best + tl.where(n_best > 1, best, rest)
+        gscore = tl.where(gcols[None, :] == g, best[:, None], gscore)
+    gpacked = _packed_key(gscore, (N_GROUPS - 1 - gcols)[None, :])
+    gpacked = tl.where((gcols < N_GROUPS)[None, :], gpacked, _TAKEN)
+    keep = tl.zeros(key.shape, tl.int32)
+    for _ in tl.static_range(TOPK_GROUPS):
+        gbest = tl.max(gpacked, axis=1)
+        gpacked = tl.where(gpacked == gbest[:, None], _TAKEN, gpacked)
+        gi = (N_GROUPS - 1) - (gbest & 0x7FFFFFFF).to(tl.int32)
+        keep = tl.where(grp[None, :] == gi[:, None], 1, keep)
+    return tl.where(keep != 0, key, float("-inf"))
+
+
+@triton.jit
+def _topk_fwd_kernel(
+    logits_ptr,  # (T, E) fp32/bf16/fp16/fp64, row stride stride_t, unit column stride
+    bias_ptr,  # (E,) expert bias for selection only; read only if HAS_BIAS
+    ids_ptr,  # (T, K) int32 out
+    weights_ptr,  # (T, K) fp32 out
+    prob_part_ptr,  # (P, E) fp32 out: this program's sum over tokens of the token distribution
+    zsq_part_ptr,  # (P,) fp32 out: this program's sum over tokens of logsumexp^2
+    T,
+    stride_t,
+    scale,  # routed_scaling_factor
+    E: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SIGMOID: tl.constexpr,  # score_func == "sigmoid"
+    SOFTMAX_AFTER: tl.constexpr,  # softmax over the K selected logits
+    RENORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    KEY_LOGITS: tl.constexpr,  # rank the logits (+bias) rather than the scores (+bias)
+    DECODE_X: tl.constexpr,  # KEY_LOGITS and no bias: the packed key holds the selected logit
+    N_GROUPS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+    TOP2_SUM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_E)
+    cmask = cols < E
+    rev = (E - 1 - cols)[None, :]  # the max of packed keys takes the lowest expert on ties
+    kcols = tl.arange(0, BLOCK_K)
+    kmask = kcols[None, :] < K
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    prob_acc = tl.zeros([BLOCK_E], tl.float32)
+    zsq_acc = tl.zeros([BLOCK_T], tl.float32)
+    num_tiles = tl.cdiv(T, BLOCK_T)
+    for tile in range(pid, num_tiles, nprog):  # persistent: fixed order, so sums reproduce
+        rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        rmask = rows < T
+        row_off = rows.to(tl.int64) * stride_t  # int64: T*E may exceed 2^31
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask,
+                    other=float("-inf")).to(tl.float32)  # [BLOCK_T, BLOCK_E]
+        m = tl.where(rmask, tl.max(x, axis=1), 0.0)
+        ex = tl.exp(x - m[:, None])
+        s = tl.where(rmask, tl.sum(ex, axis=1), 1.0)
+        lse = m + tl.log(s)
+        zsq_acc += tl.where(rmask, lse * lse, 0.0)
+        if SIGMOID:
+            p = 1.0 / (1.0 + tl.exp(-x))
+            q = p / (tl.sum(p, axis=1) + 1e-20)[:, None]  # sigmoid normalised per token
+        else:
+            p = ex / s[:, None]
+            q = p
+        prob_acc += tl.sum(tl.where(mask, q, 0.0), axis=0)
+
+        if KEY_LOGITS:
+            key = x
+        else:
+            key = p
+        if HAS_BIAS:
+            key = key + bias[None, :]
+        if N_GROUPS > 1:
+            key = _group_limit(key, cols, BLOCK_T, N_GROUPS, GROUP_SIZE, TOPK_GROUPS, TOP2_SUM,
+                               BLOCK_G)
+        packed = tl.where(cmask[None, :], _packed_key(key, rev), _TAKEN)
+
+        ids = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
+        xs = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)  # selected logits (DECODE_X only)
+        for k in range(K):
+            best = tl.max(packed, axis=1)  # [BLOCK_T]
+            packed = tl.where(packed == best[:, None], _TAKEN, packed)
+            idx = (E - 1) - (best & 0x7FFFFFFF).to(tl.int32)
+            ids = tl.where(kcols[None, :] == k, idx[:, None], ids)
+            if DECODE_X:
+                xs = tl.where(kcols[None, :] == k, _unpack_key(best)[:, None], xs)
+        omask = rmask[:, None] & kmask
+        if not DECODE_X:  # gather the K selected logits (L1/L2 hits: the row was just read)
+            xs = tl.load(logits_ptr + row_off[:, None] + ids, mask=omask,
+                         other=0.0).to(tl.float32)
+
+        if SOFTMAX_AFTER:
+            xm = tl.where(kmask, xs, float("-inf"))
+            mk = tl.where(rmask, tl.max(xm, axis=1), 0.0)
+            ek = tl.exp(xm - mk[:, None])
+            w = ek / tl.where(rmask, tl.sum(ek, axis=1), 1.0)[:, None]
+        else:
+            if SIGMOID:
+                w = 1.0 / (1.0 + tl.exp(-xs))
+            else:
+                w = tl.exp(xs - m[:, None]) / s[:, None]
+            if RENORM:
+                w = tl.where(kmask, w, 0.0)
+                w = w / (tl.sum(w, axis=1) + 1e-20)[:, None]
+        w = w * scale
+        out_off = rows.to(tl.int64)[:, None] * K + kcols[None, :]
+        tl.store(ids_ptr + out_off, ids, mask=omask)
+        tl.store(weights_ptr + out_off, w, mask=omask)
+    tl.store(prob_part_ptr + pid * E + cols, prob_acc, mask=cmask)
+    tl.store(zsq_part_ptr + pid, tl.sum(zsq_acc, axis=0))
+
+
+@triton.jit
+def _topk_bwd_kernel(
+    logits_ptr,  # (T, E) fp32/bf16/fp16/fp64, row stride stride_t, unit column stride
+    ids_ptr,  # (T, K) int32 selected experts
+    gw_ptr,  # (T, K) fp32 grad of topk_weights; read only if HAS_GW
+    gp_ptr,  # (E,) fp32 grad of prob_sum; read only if HAS_GP
+    gz_ptr,  # () fp32 grad of zsq_sum; read only if HAS_GZ
+    grad_ptr,  # (T, E) out, logits dtype, contiguous
+    T,
+    stride_t,
+    scale,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    SOFTMAX_AFTER: tl.constexpr,
+    RENORM: tl.constexpr,
+    HAS_GW: tl.constexpr,
+    HAS_GP: tl.constexpr,
+    HAS_GZ: tl.constexpr,
+):
+    """grad_logits = d(<gw, weights> + <gp, prob_sum> + gz * zsq_sum) / d logits, per token.
+
+    With p = softmax(x), sg = sigmoid(x), u = the selected scores and h = dL/du:
+      z-loss:       2 * gz * lse * p
+      prob (soft):  p * (gp - <gp, p>)
+      prob (sigm):  sg(1-sg)/S * (gp - <gp, q>),  S = sum(sg) + eps, q = sg / S
+      renormalise:  h = (g - <g, u>/U) / U on the selected, U = sum(u) + eps; else h = g
+                    (g = scale * gw scattered to the selected experts)
+      weights (softmax before top-K): p * (h - <h, p>);  (sigmoid): h * sg(1-sg)
+      softmax after top-K: w * (g - <g, w>), w = softmax of the selected logits
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = rows < T
+    cols = tl.arange(0, BLOCK_E)
+    cmask = cols < E
+    mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_t + cols[None, :], mask=mask,
+                other=float("-inf")).to(tl.float32)  # [BLOCK_T, BLOCK_E]
+    m = tl.where(rmask, tl.max(x, axis=1), 0.0)
+    ex = tl.exp(x - m[:, None])
+    s = tl.where(rmask, tl.sum(ex, axis=1), 1.0)
+    p = ex / s[:, None]  # softmax of the logits (0 on padding)
+    if SIGMOID:
+        sg = 1.0 / (1.0 + tl.exp(-x))
+        dsg = sg * (1.0 - sg)
+    acc = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
+    if HAS_GZ:
+        gz = tl.load(gz_ptr).to(tl.float32)
+        lse = m + tl.log(s)
+        acc += (2.0 * gz * lse)[:, None] * p
+    if HAS_GP:
+        gp = tl.load(gp_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if SIGMOID:
+            denom = tl.sum(sg, axis=1) + 1e-20
+            q = sg / denom[:, None]
+            acc += dsg / denom[:, None] * (gp - tl.sum(gp * q, axis=1)[:, None])
+        else:
+            acc += p * (gp - tl.sum(gp * p, axis=1)[:, None])
+    if HAS_GW:
+        # scatter the K weight grads onto their experts' columns
+        g = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
+        sel = tl.zeros([BLOCK_T, BLOCK_E], tl.int32)
+        row_k = rows.to(tl.int64) * K
+        for k in range(K):
+            idk = tl.load(ids_ptr + row_k + k, mask=rmask, other=-1)
+            gk = tl.load(gw_ptr + row_k + k, mask=rmask, other=0.0) * scale
+            hit = cols[None, :] == idk[:, None]
+            g = tl.where(hit, gk[:, None], g)
+            sel = tl.where(hit, 1, sel)
+        chosen = sel != 0
+        if SOFTMAX_AFTER:
+            xm = tl.where(chosen, x, float("-inf"))
+            mk = tl.where(rmask, tl.max(xm, axis=1), 0.0)
+            ek = tl.exp(xm - mk[:, None])
+            sk = tl.where(rmask, tl.sum(ek, axis=1), 1.0)
+            w = ek / sk[:, None]
+            acc += w * (g - tl.sum(g * w, axis=1)[:, None])
+        else:
+            if SIGMOID:
+                u = tl.where(chosen, sg, 0.0)
+            else:
+                u = tl.where(chosen, p, 0.0)
+            if RENORM:
+                U = tl.sum(u, axis=1) + 1e-20
+                h = (g - (tl.sum(g * u, axis=1) / U)[:, None]) / U[:, None]
+                h = tl.where(chosen, h, 0.0)
+            else:
+                h = g
+            if SIGMOID:
+                acc += h * dsg
+            else:
+                acc += p * (h - tl.sum(h * p, axis=1)[:, None])
+    tl.store(grad_ptr + rows.to(tl.int64)[:, None] * E + cols[None, :], acc, mask=mask)
