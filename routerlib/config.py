@@ -8,6 +8,7 @@ Shape vocabulary used across routerlib:
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 from typing import Literal
 
@@ -97,9 +98,9 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         E, K = self.num_experts, self.top_k
-        if not isinstance(E, int) or E < 1:
+        if not isinstance(E, int) or isinstance(E, bool) or E < 1:
             _fail("num_experts", E, "must be an int >= 1")
-        if not isinstance(K, int) or K < 1:
+        if not isinstance(K, int) or isinstance(K, bool) or K < 1:
             _fail("top_k", K, "must be an int >= 1")
         if K > E:
             _fail("top_k", K, f"must be <= num_experts={E}")
@@ -156,7 +157,9 @@ class RouterConfig:
         """C = max(min_capacity, ceil(capacity_factor * T * K / E)), at most T (None if dropless)."""
         if self.capacity_factor is None:
             return None
-        c = math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+        # exact decimal arithmetic: 1.1 * 100 / 10 must give 11, not ceil(11.000000000000002)
+        c = math.ceil(Fraction(str(self.capacity_factor)) * num_tokens * self.top_k
+                      / self.num_experts)
         c = max(self.min_capacity, c)
         return min(c, num_tokens) if self.routing == "expert_choice" else c
 

@@ -375,3 +375,25 @@ def test_cuda_timing_graph_and_profile():
     df = profile_stages(get_shape("olmoe"), 256, stage_set=ss, iters=2)
     assert (df.time_kind == "device").all() and (df.time_us > 0).all()
     assert (df.n_kernels >= 1).all() and (df.peak_mem_mb > 0).all()
+    # one elementwise kernel per call, and its range annotation is not counted as a kernel
+    from routerlib.bench.profile import _profile_one
+
+    v = torch.zeros(1 << 20, device=dev)
+    one = _profile_one(lambda: v.add_(1), "routerlib::one", dev, iters=4, trace_path=None)
+    assert one["n_kernels"] == 1 and 0 < one["time_us"] < 1000
+
+
+@pytest.mark.gpu
+def test_failed_capture_leaves_cuda_usable():
+    dev = torch.device("cuda")
+    x = torch.randn(64, device=dev)
+    with pytest.raises(RuntimeError, match="host sync"):  # refused before capturing
+        timing.bench_cuda_graph(lambda: torch.bincount((x > 0).long()))
+    lg = torch.randn(16, 4, device=dev, requires_grad=True)
+    y = lg.softmax(-1).sum(0)
+    dy = torch.randn(4, device=dev)
+    # an autograd backward of a graph built outside the capture fails inside the capture
+    with pytest.raises(RuntimeError, match="capture failed"):
+        timing.bench_cuda_graph(lambda: torch.autograd.grad(y, (lg,), dy, retain_graph=True))
+    assert timing.cuda_state_ok()
+    assert torch.randn(3, device=dev).shape == (3,)

@@ -135,14 +135,14 @@ def test_plan_raw_ids(device, pattern, policy, T, E, K, cf, pad):
     (150, 64, 2, None, 16),  # padding rows spread over many programs
 ])
 def test_plan_multi_block(device, T, E, K, cf, pad, block, policy):
-    """The 2-launch path (partial histograms, then the fused pass), forced by a small block."""
+    """The multi-block path (block histograms, scan over blocks, ranks), forced by the block."""
     gen = torch.Generator().manual_seed(7)
     pattern = "skewed" if E > 8 else "uniform"
     ids = _ids(pattern, T, E, K, gen).to(device)
     w = _weights(T, K, ties=True, gen=gen).to(device)
     prio = torch.rand(T, K, generator=gen).to(device)
     cfg = _cfg(E, K, cf, pad, policy)
-    assert kplan.num_launches(T * K, cfg, block) == 2 + (policy != "position")
+    assert kplan.num_launches(T * K, cfg, block) == 3 + (policy != "position")
     _check(ids, w, cfg, prio, block=block)
 
 
@@ -176,9 +176,9 @@ def test_plan_special_keys(device):
 
 def test_plan_launch_count():
     cfg = _cfg(128, 8, None, 1, "position")
-    assert kplan.num_launches(4096, cfg) == 1  # single program
-    assert kplan.num_launches(16384 * 8, cfg) == 2
-    assert kplan.num_launches(16384 * 8, _cfg(128, 8, 1.0, 1, "priority")) == 3
+    assert kplan.num_launches(kplan.SINGLE_MAX_SLOTS, cfg) == 1  # single program
+    assert kplan.num_launches(16384 * 8, cfg) == 3
+    assert kplan.num_launches(16384 * 8, _cfg(128, 8, 1.0, 1, "priority")) == 4
 
 
 def test_plan_errors(device):

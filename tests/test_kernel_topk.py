@@ -173,6 +173,12 @@ def test_persistent_tiles_and_pinned_config(monkeypatch, device):
             topk_config(13)
 
 
+def test_many_programs(monkeypatch, device):
+    # one token per program: P = 33 partial rows, more than one chunk of the stats kernel's loop
+    monkeypatch.setenv("ROUTERLIB_TOPK_CONFIG", "1,1")
+    _check(torch.randn(33, 64, device=device), _cfg(64, 4, score_func="sigmoid"))
+
+
 def test_bitwise_reproducible(device):
     # no float atomics: the same input gives the same bits
     logits = torch.randn(33, 64, device=device)

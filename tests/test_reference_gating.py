@@ -18,18 +18,44 @@ from routerlib.config import RouterConfig
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _position_independent(values: list[float]) -> list[float]:
+    """The values whose sigmoid torch computes bit-identically at every position of a tensor.
+
+    On CPU, torch's vectorised body and scalar tail of an elementwise op can round differently
+    (seen for ~4% of sigmoid inputs with AVX512): two equal logits then get scores an ulp apart,
+    and the tie they should form is broken by position. Tie tests draw only from values that
+    really tie (also once rounded to bf16 or fp16, as the logits of those dtypes are)."""
+    kept = []
+    for v in values:
+        ok = True
+        for dt in LOW_PRECISION:
+            r = torch.tensor([v]).to(dt).float()
+            ok &= bool((torch.sigmoid(r.expand(259).contiguous()) == torch.sigmoid(r)).all())
+        if ok:
+            kept.append(v)
+    return kept
+
+
+# a coarse grid with frequent equal values; the 0.1 offset avoids x = -y pairs, whose sigmoids
+# sum to exactly one (equal group top-2 sums from different experts)
+TIE_GRID = _position_independent([k / 2 + 0.1 for k in range(-6, 7)])
+# random values for whole duplicated rows (expert choice compares tokens: grid rows that differ
+# by a shift have mathematically equal softmax scores that fp32 rounds apart by an ulp)
+ROW_VALUES = _position_independent(
+    (torch.randn(96, generator=torch.Generator().manual_seed(0)) * 2).tolist())
+
+
 def make_logits(T: int, E: int, dtype: torch.dtype = torch.float32, ties: bool = False,
                 seed: int = 0, token_ties: bool = False) -> torch.Tensor:
-    """[T, E] logits. ties=True draws from a coarse grid (k/2 + 0.1) so that equal values are
-    frequent; the 0.1 offset avoids x = -y pairs, whose sigmoids sum to exactly one.
-    token_ties=True (for expert choice, which compares tokens) instead repeats whole rows: grid
-    rows that differ by a shift have mathematically equal softmax scores that fp32 rounds apart
-    by an ulp, an order no independent implementation can be expected to reproduce."""
+    """[T, E] logits. ties=True draws from TIE_GRID, so equal values within a token are frequent;
+    token_ties=True (for expert choice) repeats whole rows of ROW_VALUES instead."""
     g = torch.Generator().manual_seed(seed)
     if ties and token_ties:
-        x = torch.randn(T, E, generator=g)[torch.randint(0, (T + 1) // 2, (T,), generator=g)]
+        vals = torch.tensor(ROW_VALUES)
+        rows = vals[torch.randint(0, len(vals), ((T + 1) // 2, E), generator=g)]
+        x = rows[torch.randint(0, rows.shape[0], (T,), generator=g)]
     elif ties:
-        x = torch.randint(-4, 5, (T, E), generator=g).float() / 2 + 0.1
+        x = torch.tensor(TIE_GRID)[torch.randint(0, len(TIE_GRID), (T, E), generator=g)]
     else:
         x = torch.randn(T, E, generator=g) * 2
     return x.to(dtype)
@@ -197,6 +223,11 @@ def test_logit_key_keeps_order_that_scores_round_away():
     assert logits.softmax(-1)[0, 0] == logits.softmax(-1)[0, 1]
     sel = ref.select(logits, RouterConfig(num_experts=3, top_k=2))
     assert sel.topk_ids.tolist() == [[2, 1]]
+
+
+def test_tie_inputs_are_plentiful():
+    # the filters above keep enough values to make ties and varied rows
+    assert len(TIE_GRID) >= 8 and len(ROW_VALUES) >= 64
 
 
 # ---------------------------------------------------------------------------------------------

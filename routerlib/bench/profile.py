@@ -56,7 +56,10 @@ def _profile_one(fn, label: str, device: torch.device, iters: int,
     if trace_path:
         prof.export_chrome_trace(trace_path)
     if cuda:
-        dev = [e for e in events if e.device_type == DeviceType.CUDA]
+        # the record_function range also shows on the device timeline as a user annotation
+        # spanning the kernels: counting it would double the time
+        dev = [e for e in events if e.device_type == DeviceType.CUDA and e.name != label
+               and not getattr(e, "is_user_annotation", False)]
         time_us = sum(_device_time_us(e) for e in dev) / iters
         n_kernels = len(dev) / iters
     else:

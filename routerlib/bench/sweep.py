@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
@@ -190,8 +191,11 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def run_sweep(args: argparse.Namespace) -> dict:
-    """Run the sweep; returns {"env", "roofs", "args", "rows", "profile"} (rows: dicts)."""
+def run_sweep(args: argparse.Namespace, checkpoint: Callable[[dict], None] | None = None
+              ) -> dict:
+    """Run the sweep; returns {"env", "roofs", "args", "rows", "profile"} (rows: dicts).
+    checkpoint(result) is called after every case with the rows so far (main writes the files
+    then, so a sweep stopped by a time limit still leaves its results)."""
     from tqdm.auto import tqdm
 
     plan = resolve(args)
@@ -204,6 +208,8 @@ def run_sweep(args: argparse.Namespace) -> dict:
     rows: list[dict] = []
     graph_off: str | None = None  # set if a failed capture left CUDA in a broken state
     prof_rows: list[dict] = []
+    result = {"env": env, "roofs": roofs.as_dict() if roofs else None, "args": dict(vars(args)),
+              "rows": rows, "profile": prof_rows}
     combos = [(s, b, T, i) for s in plan.shapes for b in plan.backends for T in plan.tokens
               for i in plan.inputs]
     bar = tqdm(combos, disable=args.no_progress, desc="bench", unit="case", file=sys.stderr)
@@ -266,9 +272,10 @@ def run_sweep(args: argparse.Namespace) -> dict:
                                   "inputs": inp, "error": f"{type(e).__name__}: {e}"[:400]})
         del ss
         _free(dev)
+        if checkpoint is not None:
+            checkpoint(result)
     bar.close()
-    return {"env": env, "roofs": roofs.as_dict() if roofs else None,
-            "args": {k: v for k, v in vars(args).items()}, "rows": rows, "profile": prof_rows}
+    return result
 
 
 def rows_frame(result: dict) -> pd.DataFrame:
@@ -308,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    result = run_sweep(args)
+    result = run_sweep(args, checkpoint=lambda r: write_results(r, args.out))
     paths = write_results(result, args.out)
     df = rows_frame(result)
     ok = df[df.error.isna()]

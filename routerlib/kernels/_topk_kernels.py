@@ -3,7 +3,8 @@
 Forward, one launch: each program walks token tiles of [BLOCK_T, BLOCK_E] (BLOCK_E = next power
 of two >= E, padding masked), computes the scores in registers, picks the K best experts with K
 max-reductions over a packed int64 key, writes the K ids and weights, and accumulates the loss
-statistics of its tokens into one row of a [P, E] buffer (summed by the host, deterministically).
+statistics of its tokens into one row of a [P, E+1] buffer; a second small kernel sums its columns
+in a fixed order (deterministic: no float atomics).
 Bytes: reads T*E*s (s = bytes per logit), writes T*K*8 + P*(E+1)*4.
 
 Backward: recomputes the scores from the logits and writes grad_logits [T, E] in the logits dtype.
@@ -109,8 +110,8 @@ def _topk_fwd_kernel(
     bias_ptr,  # (E,) expert bias for selection only; read only if HAS_BIAS
     ids_ptr,  # (T, K) int32 out
     weights_ptr,  # (T, K) fp32 out
-    prob_part_ptr,  # (P, E) fp32 out: this program's sum over tokens of the token distribution
-    zsq_part_ptr,  # (P,) fp32 out: this program's sum over tokens of logsumexp^2
+    part_ptr,  # (P, E+1) fp32 out: this program's sums over its tokens of the token
+    #            distribution (columns < E) and of logsumexp^2 (column E)
     T,
     stride_t,
     scale,  # routed_scaling_factor
@@ -205,8 +206,31 @@ def _topk_fwd_kernel(
         out_off = rows.to(tl.int64)[:, None] * K + kcols[None, :]
         tl.store(ids_ptr + out_off, ids, mask=omask)
         tl.store(weights_ptr + out_off, w, mask=omask)
-    tl.store(prob_part_ptr + pid * E + cols, prob_acc, mask=cmask)
-    tl.store(zsq_part_ptr + pid, tl.sum(zsq_acc, axis=0))
+    tl.store(part_ptr + pid * (E + 1) + cols, prob_acc, mask=cmask)
+    tl.store(part_ptr + pid * (E + 1) + E, tl.sum(zsq_acc, axis=0))
+
+
+@triton.jit
+def _topk_stats_kernel(
+    part_ptr,  # (P, E+1) fp32 per-program partial sums from _topk_fwd_kernel
+    prob_sum_ptr,  # (E,) fp32 out
+    zsq_sum_ptr,  # () fp32 out
+    P,
+    E: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Column sums of the partials in a fixed order (deterministic, no atomics)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < E + 1
+    acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        mask = (rows < P)[:, None] & cmask[None, :]
+        acc += tl.load(part_ptr + rows[:, None] * (E + 1) + cols[None, :], mask=mask, other=0.0)
+    total = tl.sum(acc, axis=0)
+    tl.store(prob_sum_ptr + cols, total, mask=cols < E)
+    tl.store(zsq_sum_ptr + cols * 0, total, mask=cols == E)
 
 
 @triton.jit

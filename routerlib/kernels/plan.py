@@ -31,11 +31,17 @@ import torch
 import triton
 
 from routerlib.config import RouterConfig
-from routerlib.kernels._plan_kernels import _block_hist_kernel, _key_rank_kernel, _plan_kernel
+from routerlib.kernels._plan_kernels import (
+    _block_hist_kernel,
+    _block_scan_kernel,
+    _key_rank_kernel,
+    _rank_kernel,
+)
 from routerlib.reference.plan import num_rows as _num_rows
 from routerlib.types import RoutingPlan
 
-SINGLE_MAX_SLOTS = 4096  # up to this many slots (T*K) the plan is one program, one launch
+SINGLE_MAX_SLOTS = 1024  # up to this many slots (T*K) the plan is one program, one launch
+_BLOCK = 128  # slots per block: the local rank is a [_BLOCK, _BLOCK] comparison
 _POLICIES = ("position", "priority", "random")
 _KEY_BI, _KEY_BJ = 64, 64  # tile of the priority-rank comparisons
 
@@ -49,25 +55,23 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _block_size(num_slots: int, num_experts: int, block_slots: int | None) -> int:
-    """Slots per program. Auto: one program up to SINGLE_MAX_SLOTS; beyond, blocks of 1024-4096
-    slots, larger when there are many blocks x experts (each program sums all the partials)."""
+def _block_size(num_slots: int, block_slots: int | None) -> tuple[int, bool]:
+    """(slots per block, single program?). Auto: one program (looping over blocks of 128) up to
+    SINGLE_MAX_SLOTS slots, else blocks of 128 slots, one program each; block_slots forces the
+    multi-block path with that block."""
     if block_slots is not None:
         if block_slots < 16 or block_slots & (block_slots - 1):
             raise ValueError(f"block_slots={block_slots}: must be a power of two >= 16")
-        return block_slots
+        return block_slots, False
     if num_slots <= SINGLE_MAX_SLOTS:
-        return max(16, _pow2(num_slots))
-    block = 1024
-    while block < 4096 and triton.cdiv(num_slots, block) * _pow2(num_experts) > 128 * 128:
-        block *= 2
-    return block
+        return min(_BLOCK, max(16, _pow2(num_slots))), True
+    return _BLOCK, False
 
 
 def num_launches(num_slots: int, cfg: RouterConfig, block_slots: int | None = None) -> int:
     """Kernel launches build_plan makes for T*K = num_slots (no other device work, no sync)."""
-    single = triton.cdiv(num_slots, _block_size(num_slots, cfg.num_experts, block_slots)) <= 1
-    return (1 if single else 2) + (cfg.drop_policy != "position")
+    single = _block_size(num_slots, block_slots)[1]
+    return (1 if single else 3) + (cfg.drop_policy != "position")
 
 
 def _plan_impl(topk_ids: torch.Tensor, key: torch.Tensor | None, num_experts: int, capacity: int,
@@ -80,19 +84,19 @@ def _plan_impl(topk_ids: torch.Tensor, key: torch.Tensor | None, num_experts: in
     ids = topk_ids.contiguous().view(-1)  # [N]
     capacity_mode = capacity >= 0
     group = policy != "position"
-    block = _block_size(N, E, block_slots if block_slots > 0 else None)
+    block, single = _block_size(N, block_slots if block_slots > 0 else None)
     e_pad = max(16, _pow2(E))
-    if (E + 1) * block >= 2**31 or R >= 2**31:
-        raise ValueError(f"num_experts={E} x block {block} or num_rows={R} overflows int32")
     nb = max(1, triton.cdiv(N, block))
-    single = nb == 1
+    if E * nb >= 2**31 or R >= 2**31 or N >= 2**31:
+        raise ValueError(f"T*K={N} slots, num_rows={R} or num_experts={E} x {nb} blocks "
+                         "overflows int32")
 
     i32 = dict(dtype=torch.int32, device=dev)
     counts, kept = _new_int32(E, dev), _new_int32(E, dev)
     offsets = _new_int32(E + 1, dev)
     slot_to_row = _new_int32(N, dev)
     row_to_slot = _new_int32(R, dev)
-    partial = ids if single else torch.empty(nb, e_pad, **i32)  # unused when single
+    partial = ids if single else torch.empty(E, nb, **i32)  # unused when single
     if group:
         scratch = torch.empty(3, N, **i32)  # grouped slots, experts, sortable keys
         seg = torch.empty(E + 1, **i32)
@@ -104,18 +108,20 @@ def _plan_impl(topk_ids: torch.Tensor, key: torch.Tensor | None, num_experts: in
     fill_w = max(1, fill_w)
     n_cand = E * fill_w if (capacity_mode or pad_to_multiple > 1) else 0
     tail = 0 if capacity_mode else E * (pad_to_multiple - 1)
-    fill = 1024 if block >= 1024 else max(128, block)
-    num_warps = 4 if block <= 1024 else 8
+    fill = 1024 if single or nb < 64 else 256
+    progs = 1 if single else nb
 
     if not single:
-        _block_hist_kernel[(nb,)](ids, partial, N, BLOCK=block, E_PAD=e_pad, num_warps=4)
-    _plan_kernel[(nb,)](
+        _block_hist_kernel[(nb,)](ids, partial, N, E, nb, BLOCK=block, E_PAD=e_pad, num_warps=4)
+        _block_scan_kernel[(E,)](partial, counts, nb, SCAN=min(1024, max(16, _pow2(nb))),
+                                 num_warps=4)
+    _rank_kernel[(progs,)](
         ids, key_flat, partial, counts, kept, offsets, slot_to_row, row_to_slot,
         seg, scratch[0], scratch[1], scratch[2],
         N, E, max(capacity, 0), pad_to_multiple, R, nb, fill_w,
-        triton.cdiv(n_cand, nb), triton.cdiv(tail, nb),
+        triton.cdiv(n_cand, progs), triton.cdiv(tail, progs),
         CAPACITY=capacity_mode, GROUP=group, SINGLE=single, BLOCK=block, E_PAD=e_pad,
-        PB=max(1, min(_pow2(nb), 4096 // e_pad)), FILL=fill, num_warps=num_warps)
+        FILL=fill, num_warps=4)
     if group:
         _key_rank_kernel[(triton.cdiv(N, _KEY_BI),)](
             scratch[0], scratch[1], scratch[2], seg, offsets, slot_to_row, row_to_slot,

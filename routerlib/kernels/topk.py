@@ -11,8 +11,9 @@ key is the scores (a bias or groups), two experts whose scores differ by an ulp 
 from torch, as the exp differs by an ulp; exact ties (equal logits) always match.
 
 Memory traffic per call: reads T*E*s (s = bytes per logit), writes T*K*8 + P*(E+1)*4 with P at
-most 8 programs per SM (a persistent grid); a torch .sum(0) of the [P, E] partials then gives the
-loss sums deterministically (no float atomics). Backward: reads T*E*s + T*K*8, writes T*E*s.
+most 8 programs per SM (a persistent grid); a second small kernel sums the [P, E+1] partials in a
+fixed order, so the loss sums are deterministic (no float atomics). Two launches in all.
+Backward: reads T*E*s + T*K*8, writes T*E*s.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from routerlib.config import RouterConfig
 from routerlib.kernels._topk_kernels import (
     _topk_bwd_kernel,
     _topk_fwd_kernel,
+    _topk_stats_kernel,
     next_pow2,
     topk_config,
 )
@@ -87,11 +89,10 @@ def fused_topk_forward(
     block_t, num_warps, programs_per_sm = topk_config(E)
     num_tiles = triton.cdiv(T, block_t)
     P = min(num_tiles, max_programs or programs_per_sm * _num_sms(dev))
-    prob_part = torch.empty((P, E), dtype=torch.float32, device=dev)
-    zsq_part = torch.empty((P,), dtype=torch.float32, device=dev)
+    part = torch.empty((P, E + 1), dtype=torch.float32, device=dev)
     key_logits = softmax_after_topk or (bias is None and n_groups == 1)
     _topk_fwd_kernel[(P,)](
-        logits, bias if bias is not None else logits, ids, weights, prob_part, zsq_part,
+        logits, bias if bias is not None else logits, ids, weights, part,
         T, logits.stride(0), float(routed_scaling_factor),
         E=E, K=K, BLOCK_T=block_t, BLOCK_E=max(2, next_pow2(E)), BLOCK_K=max(2, next_pow2(K)),
         SIGMOID=score_func == "sigmoid", SOFTMAX_AFTER=softmax_after_topk,
@@ -102,7 +103,13 @@ def fused_topk_forward(
         BLOCK_G=max(2, next_pow2(n_groups)),
         num_warps=num_warps,
     )
-    return ids, weights, prob_part.sum(0), zsq_part.sum()
+    prob_sum = torch.empty((E,), dtype=torch.float32, device=dev)
+    zsq_sum = torch.empty((), dtype=torch.float32, device=dev)
+    block_c = min(128, next_pow2(E + 1))
+    _topk_stats_kernel[(triton.cdiv(E + 1, block_c),)](
+        part, prob_sum, zsq_sum, P, E=E, BLOCK_P=max(1, 4096 // block_c), BLOCK_C=block_c,
+        num_warps=4)
+    return ids, weights, prob_sum, zsq_sum
 
 
 def fused_topk_backward(
