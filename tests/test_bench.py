@@ -336,6 +336,14 @@ def test_cli_records_oom_and_bad_args(tmp_path, monkeypatch, capsys):
     df = pd.read_csv(f"{out}.csv")
     assert len(df) == 2 and df.error.str.startswith("OOM").all() and df.median_us.isna().all()
     assert json.load(open(f"{out}.json"))["roofs"] is None
+    # results are checkpointed after every case (failed ones too), compile cases last
+    args = sweep.build_parser().parse_args(
+        ["--configs", "tiny", "--tokens", "8,16", "--backends", "compile,torch", "--stages",
+         "route", "--roofs", "none", "--no-progress"])
+    seen = []
+    sweep.run_sweep(args, checkpoint=lambda r: seen.append([x["backend"] for x in r["rows"]]))
+    assert seen == [["torch"], ["torch"] * 2, ["torch"] * 2 + ["compile"],
+                    ["torch"] * 2 + ["compile"] * 2]
     assert sweep.main(["--stages", "sort"]) == 2
     assert "--stages" in capsys.readouterr().err
 

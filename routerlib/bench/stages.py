@@ -24,6 +24,7 @@ every backend.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -70,6 +71,7 @@ class StageSet:
     fns: dict[str, Callable[[], object]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     stats: RoutingStats | None = None
+    setup_s: dict[str, float] = field(default_factory=dict)  # build + first call (compilation)
     tensors: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -237,11 +239,15 @@ def make_stage_fns(shape: ModelShape, T: int, backend: str = "torch",
             builders[s] = _raiser(e)
 
     for s in stages:
+        t0 = time.perf_counter()
         try:
             fn = builders[s]()
             if check:
                 fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
             out.fns[s] = fn
+            out.setup_s[s] = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001
             if device.type == "cuda" and isinstance(e, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()

@@ -36,7 +36,7 @@ ROW_COLUMNS = [
     "config", "D", "E", "K", "F", "backend", "inputs", "dtype", "T", "stage", "mode",
     "median_us", "p20_us", "p80_us", "n", "bytes", "flops", "gbps", "tflops", "frac_bw",
     "frac_flops", "frac_roof", "floor_us", "roof_copy_gbps", "roof_matmul_tflops",
-    "imbalance", "drop_rate", "error",
+    "imbalance", "drop_rate", "setup_s", "error",
 ]
 
 DESCRIPTION = """\
@@ -58,7 +58,8 @@ only when torch is in the list.
 Output: <out>.csv and <out>.json. Each row: env fields (device, versions, git commit, host, date)
 + config + D/E/K/F + backend + inputs + dtype + T + stage + mode (eager | graph) + median_us,
 p20_us, p80_us, n + bytes, flops, gbps, tflops + frac_bw, frac_flops, frac_roof (of the measured
-roofs) + floor_us + imbalance, drop_rate of the routed load + error (empty if the stage ran).
+roofs) + floor_us + imbalance, drop_rate of the routed load + setup_s (build and first call:
+the compilation time under compile) + error (empty if the stage ran).
 The JSON holds a header {env, roofs, args} and the rows (and the profile rows with --profile,
 also written to <out>_profile.csv). Unavailable stages and shapes that do not fit in memory give
 rows with an error instead of stopping the sweep.
@@ -80,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m routerlib.bench", description=DESCRIPTION,
                                 epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="all",
+    p.add_argument("--configs", default=None,
                    help="comma list of config names (or aliases mixtral, olmoe, qwen3, deepseek, "
-                        "switch, tiny), or 'all' (default: all)")
+                        "switch, tiny), or 'all' (default: all on CUDA, tiny on CPU)")
     p.add_argument("--tokens", default=None,
                    help="comma list of token counts T and/or presets decode, prefill, cpu_small, "
                         "all (default: decode,prefill on CUDA, cpu_small on CPU)")
@@ -142,7 +143,7 @@ def resolve(args: argparse.Namespace) -> SweepPlan:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if args.device == "auto" else args.device)
     cuda = device.type == "cuda"
-    shapes = parse_shapes(args.configs)
+    shapes = parse_shapes(args.configs or ("all" if cuda else "tiny"))
     if args.capacity_factor is not None:
         cf = None if args.capacity_factor.lower() == "none" else float(args.capacity_factor)
         shapes = [s.replace(capacity_factor=cf) for s in shapes]
@@ -210,7 +211,10 @@ def run_sweep(args: argparse.Namespace, checkpoint: Callable[[dict], None] | Non
     prof_rows: list[dict] = []
     result = {"env": env, "roofs": roofs.as_dict() if roofs else None, "args": dict(vars(args)),
               "rows": rows, "profile": prof_rows}
-    combos = [(s, b, T, i) for s in plan.shapes for b in plan.backends for T in plan.tokens
+    # backend-major with torch.compile last: its compilations are by far the slowest part, so a
+    # sweep cut short by a time limit still holds every eager backend's rows (checkpoints)
+    backends = sorted(plan.backends, key=lambda b: b == "compile")
+    combos = [(s, b, T, i) for b in backends for s in plan.shapes for T in plan.tokens
               for i in plan.inputs]
     bar = tqdm(combos, disable=args.no_progress, desc="bench", unit="case", file=sys.stderr)
     for shape, backend, T, inp in bar:
@@ -229,6 +233,8 @@ def run_sweep(args: argparse.Namespace, checkpoint: Callable[[dict], None] | Non
             err = ("OOM: " if _is_oom(e) else "") + f"{type(e).__name__}: {e}"[:400]
             rows.extend({**base, "stage": s, "mode": "eager", "error": err} for s in stages)
             _free(dev)
+            if checkpoint is not None:
+                checkpoint(result)
             continue
         stats = {"imbalance": ss.stats.imbalance, "drop_rate": ss.stats.drop_rate}
         # all eager rows first: a failed capture then cannot spoil an eager measurement
@@ -237,7 +243,8 @@ def run_sweep(args: argparse.Namespace, checkpoint: Callable[[dict], None] | Non
             for stage in ss.names():
                 cost = ss.cost(stage)
                 row = {**base, **stats, "stage": stage, "mode": mode, "bytes": cost.bytes,
-                       "flops": cost.flops, "error": ss.errors.get(stage)}
+                       "flops": cost.flops, "setup_s": ss.setup_s.get(stage),
+                       "error": ss.errors.get(stage)}
                 if stage in ss.fns and mode == "graph" and stage == "backward":
                     row["error"] = ("not captured: autograd runs the backward on the forward's "
                                     "stream, outside the capture")
