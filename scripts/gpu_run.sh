@@ -4,14 +4,16 @@
 #   env        card, driver, versions
 #   tests      pytest on the GPU (full-size kernel checks included)
 #   sanitize   compute-sanitizer memcheck + racecheck over every kernel
-#   baseline   the standard configurations, reference backends (torch, torch.compile)
-#   kernels    the same sweep with the Triton backend, plus the targets benchmark and peers
+#   baseline   the standard configurations, every stage, the PyTorch reference (+ graphs, profile)
+#   compile    torch.compile of the reference routing stages
+#   kernels    the sweep with the Triton backend
+#   targets    the issue's targets: kernels vs reference, compile and peers, in one run
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT="${OUT:-$ROOT/build/gpu}"
 mkdir -p "$OUT"
-STEPS="${GPU_STEPS:-env tests sanitize baseline kernels}"
+STEPS="${GPU_STEPS:-env tests sanitize baseline compile kernels targets}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # NVLink multicast stays off on shared hosts.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -42,12 +44,19 @@ if has sanitize; then
   done
 fi
 if has baseline; then
-  timeout 600 "$PY" -m routerlib.bench --configs all --tokens decode,prefill \
-    --backends torch,compile --stages all --out "$OUT/baseline" 2>&1 | tail -n 40
+  timeout 420 "$PY" -m routerlib.bench --configs all --tokens decode,prefill --backends torch \
+    --stages all --cuda-graph --profile --no-progress --out "$OUT/baseline" 2>&1 | tail -n 30
+fi
+if has compile; then  # compiling takes 10-60 s a case: the routing stages, two sizes
+  timeout 400 "$PY" -m routerlib.bench --configs all --tokens 64,16384 --backends compile \
+    --stages route,dispatch,combine --no-progress --out "$OUT/baseline_compile" 2>&1 | tail -n 20
 fi
 if has kernels; then
-  timeout 600 "$PY" -m routerlib.bench --configs all --tokens decode,prefill \
-    --backends triton --stages all --out "$OUT/kernels" 2>&1 | tail -n 40
-  timeout 600 "$PY" -m routerlib.bench.targets --out "$OUT/targets" 2>&1 | tail -n 40
+  timeout 400 "$PY" -m routerlib.bench --configs all --tokens decode,prefill --backends triton \
+    --stages route,dispatch,combine,backward --cuda-graph --no-progress --out "$OUT/kernels" \
+    2>&1 | tail -n 30
+fi
+if has targets; then
+  timeout 400 "$PY" -m routerlib.bench.targets --out "$OUT/targets" 2>&1 | tail -n 40
 fi
 exit $rc

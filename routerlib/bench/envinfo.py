@@ -38,6 +38,9 @@ def git_state() -> tuple[str | None, bool | None]:
     """(commit of HEAD, dirty) of the repo routerlib is imported from; (None, None) outside git.
     Dirty counts changes to tracked files only (untracked results files do not make it dirty)."""
     commit = _git("rev-parse", "HEAD")
+    if not commit and os.environ.get("ROUTERLIB_GIT_COMMIT"):
+        # a copy of the tree without .git (the GPU machines): the caller says which commit
+        return os.environ["ROUTERLIB_GIT_COMMIT"], None
     if not commit:
         return None, None
     status = _git("status", "--porcelain", "--untracked-files=no")
