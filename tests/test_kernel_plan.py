@@ -113,8 +113,8 @@ def test_plan_from_reference_select(device, T, E, K, cf, min_cap, pad, policy):
 @pytest.mark.parametrize("T,E,K,cf,pad", [
     (37, 8, 2, 1.0, 1),
     (37, 13, 3, None, 4),
-    (150, 3, 1, 0.5, 1),
-    (150, 64, 2, None, 16),
+    (300, 3, 1, 0.5, 1),
+    (300, 64, 2, None, 16),
 ])
 def test_plan_raw_ids(device, pattern, policy, T, E, K, cf, pad):
     """Raw random ids: all-to-one expert, empty experts, skew; weights with ties."""
@@ -132,24 +132,24 @@ def test_plan_raw_ids(device, pattern, policy, T, E, K, cf, pad):
     (300, 13, 2, None, 4),  # ragged with tail rows spread over programs
     (37, 3, 3, 0.5, 1),  # K = E, blocks straddle tokens
     (300, 130, 1, 4.0, 1),  # E_PAD > block
-    (150, 64, 2, None, 16),  # padding rows spread over many programs
+    (300, 64, 2, None, 16),  # padding rows spread over many programs
 ])
 def test_plan_multi_block(device, T, E, K, cf, pad, block, policy):
-    """The multi-block path (block histograms, scan over blocks, ranks), forced by the block."""
+    """The 2-launch path (partial histograms, then the fused pass), forced by a small block."""
     gen = torch.Generator().manual_seed(7)
     pattern = "skewed" if E > 8 else "uniform"
     ids = _ids(pattern, T, E, K, gen).to(device)
     w = _weights(T, K, ties=True, gen=gen).to(device)
     prio = torch.rand(T, K, generator=gen).to(device)
     cfg = _cfg(E, K, cf, pad, policy)
-    assert kplan.num_launches(T * K, cfg, block) == 3 + (policy != "position")
+    assert kplan.num_launches(T * K, cfg, block) == 2 + (policy != "position")
     _check(ids, w, cfg, prio, block=block)
 
 
 @pytest.mark.parametrize("block", [None, 16])
 def test_plan_all_to_one_expert(device, block):
     """Every slot to one expert: one long segment, all others empty; capacity drops most."""
-    T, E = 120, 5
+    T, E = 200, 5
     ids = torch.full((T, 1), 3, dtype=torch.int32, device=device)
     w = _weights(T, 1, ties=True, gen=torch.Generator().manual_seed(1)).to(device)
     for cf, pad, policy in [(1.0, 1, "position"), (None, 16, "position"), (1.0, 1, "priority"),
@@ -177,8 +177,19 @@ def test_plan_special_keys(device):
 def test_plan_launch_count():
     cfg = _cfg(128, 8, None, 1, "position")
     assert kplan.num_launches(kplan.SINGLE_MAX_SLOTS, cfg) == 1  # single program
-    assert kplan.num_launches(16384 * 8, cfg) == 3
-    assert kplan.num_launches(16384 * 8, _cfg(128, 8, 1.0, 1, "priority")) == 4
+    assert kplan.num_launches(16384 * 8, cfg) == 2
+    assert kplan.num_launches(16384 * 8, _cfg(128, 8, 1.0, 1, "priority")) == 3
+
+
+@pytest.mark.parametrize("cf", [0.1, 0.3, 0.5, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 0.7])
+def test_plan_shapes_match_config(cf):
+    """The compile-friendly capacity arithmetic equals RouterConfig.capacity / num_rows."""
+    for E, K, min_cap in [(8, 2, 1), (13, 1, 4), (64, 8, 1), (130, 3, 2)]:
+        cfg = _cfg(E, K, cf, 4, "position", min_cap)
+        for T in [1, 5, 10, 37, 100, 1000, 4096, 65536]:
+            assert kplan._shapes(T, cfg) == (cfg.capacity(T), ref.num_rows(T, cfg)), (T, E, K)
+    cfg = _cfg(13, 2, None, 16, "position")
+    assert kplan._shapes(37, cfg) == (None, ref.num_rows(37, cfg))
 
 
 def test_plan_errors(device):

@@ -417,51 +417,54 @@ def _bias(cfg: RouterConfig, device: torch.device, seed: int) -> torch.Tensor | 
 
 def run_route(r: Runner, cases: Cases, seed: int) -> None:
     for c in cases.route:
-        T, E, K = c.T, c.E, c.K
-        shape = {"T": T, "D": None, "E": E, "K": K, "dtype": "float32"}
-        logits = make_logits("uniform", T, E, torch.float32, r.device, seed)  # [T, E]
-        bias = _bias(c.cfg, r.device, seed)
-        nbytes = stage_cost("route", T, 1, E, K, 1).bytes
-        cfg = c.cfg  # check_finite=False (the configs' benchmark default)
-        cfg_cf = dataclasses.replace(cfg, check_finite=True)
-
-        def route_fn(backend: str, cfg_: RouterConfig = cfg):
-            return _no_grad(lambda: _route_flat(*ops.route(logits, cfg_, bias, None, backend)))
-
-        check = None
-        if r.wants("triton") or r.wants("compile"):
-            expected = route_fn("torch")()
-            check = expect(expected, ROUTE_NAMES, ROUTE_TOLS)
-        m = lambda impl, mode, build, **kw: r.measure(  # noqa: E731
-            "route", c.key, "route", impl, mode, shape=shape, build=build, nbytes=nbytes, **kw)
-        if r.wants("triton"):
-            m("triton", "eager", _const(route_fn("triton")), check=check)
-            m("triton", "eager_check_finite", _const(route_fn("triton", cfg_cf)), check=check,
-              note="check_finite=True: one host sync per call")
-            m("triton", "graph", _const(route_fn("triton")), check=check)
-        if r.wants("torch"):
-            m("torch", "eager", _const(route_fn("torch")))
-            m("torch", "graph", _const(route_fn("torch")),
-              note="the reference syncs (bincount, nonzero): capture is expected to fail")
-        for peer in PEERS:
-            if not r.wants(peer):
-                continue
-            x_small = make_tokens(T, 64, torch.bfloat16, r.device, seed)  # their build needs x
-            note = ("softmax top-K with capacity 1.25 and drops (its topkgating)"
-                    if peer == "deepspeed" else
-                    f"{c.peer_score}, route_norm, histc counts + argsort; no group limit")
-            build = _lazy_peer(peer, lambda p=peer, x=x_small: _peer_fns(
-                p, logits, x, K, c.peer_score), "route")
-            m(peer, "eager", build, note=note)
-            m(peer, "graph", build, note=note)
-        if r.wants("compile"):
-            def build_compile():
-                f = _compiled(lambda lg: _route_flat(*ops.route(lg, cfg, bias, None, "torch")),
-                              dynamic=False)
-                return _no_grad(lambda: f(logits))
-            m("compile", "eager", build_compile, check=check, note="torch.compile(reference)")
-        del logits, check
+        _route_case(r, c, seed)
         r.free()
+
+
+def _route_case(r: Runner, c: RouteCase, seed: int) -> None:
+    T, E, K = c.T, c.E, c.K
+    shape = {"T": T, "D": None, "E": E, "K": K, "dtype": "float32"}
+    logits = make_logits("uniform", T, E, torch.float32, r.device, seed)  # [T, E]
+    bias = _bias(c.cfg, r.device, seed)
+    nbytes = stage_cost("route", T, 1, E, K, 1).bytes
+    cfg = c.cfg  # check_finite=False (the configs' benchmark default)
+    cfg_cf = dataclasses.replace(cfg, check_finite=True)
+
+    def route_fn(backend: str, cfg_: RouterConfig = cfg):
+        return _no_grad(lambda: _route_flat(*ops.route(logits, cfg_, bias, None, backend)))
+
+    check = None
+    if r.wants("triton") or r.wants("compile"):
+        expected = route_fn("torch")()
+        check = expect(expected, ROUTE_NAMES, ROUTE_TOLS)
+    m = lambda impl, mode, build, **kw: r.measure(  # noqa: E731
+        "route", c.key, "route", impl, mode, shape=shape, build=build, nbytes=nbytes, **kw)
+    if r.wants("triton"):
+        m("triton", "eager", _const(route_fn("triton")), check=check)
+        m("triton", "eager_check_finite", _const(route_fn("triton", cfg_cf)), check=check,
+          note="check_finite=True: one host sync per call")
+        m("triton", "graph", _const(route_fn("triton")), check=check)
+    if r.wants("torch"):
+        m("torch", "eager", _const(route_fn("torch")))
+        m("torch", "graph", _const(route_fn("torch")),
+          note="the reference syncs (bincount, nonzero): capture is expected to fail")
+    for peer in PEERS:
+        if not r.wants(peer):
+            continue
+        x_small = make_tokens(T, 64, torch.bfloat16, r.device, seed)  # their build needs x
+        note = ("softmax top-K with capacity 1.25 and drops (its topkgating)"
+                if peer == "deepspeed" else
+                f"{c.peer_score}, route_norm, histc counts + argsort; no group limit")
+        build = _lazy_peer(peer, lambda p=peer, x=x_small: _peer_fns(
+            p, logits, x, K, c.peer_score), "route")
+        m(peer, "eager", build, note=note)
+        m(peer, "graph", build, note=note)
+    if r.wants("compile"):
+        def build_compile():
+            f = _compiled(lambda lg: _route_flat(*ops.route(lg, cfg, bias, None, "torch")),
+                          dynamic=False)
+            return _no_grad(lambda: f(logits))
+        m("compile", "eager", build_compile, check=check, note="torch.compile(reference)")
 
 
 def _plan_for(T: int, cfg: RouterConfig, device: torch.device, seed: int
@@ -473,76 +476,81 @@ def _plan_for(T: int, cfg: RouterConfig, device: torch.device, seed: int
 
 
 def run_dispatch_combine(r: Runner, cases: Cases, seed: int) -> None:
-    cfg, T = cases.rows_cfg, cases.rows_T
-    E, K = cfg.num_experts, cfg.top_k
+    logits, sel, plan = _plan_for(cases.rows_T, cases.rows_cfg, r.device, seed)
+    for D in cases.rows_D:
+        _rows_case(r, cases.rows_cfg, D, logits, sel.topk_weights, plan, seed)
+        r.free()
+
+
+def _rows_case(r: Runner, cfg: RouterConfig, D: int, logits: torch.Tensor, w: torch.Tensor,
+               plan: RoutingPlan, seed: int) -> None:
+    """Dispatch and combine of one hidden size D on the reference's plan; w [T, K] fp32."""
+    T, K = plan.slot_to_row.shape
+    E = cfg.num_experts
     dt = torch.bfloat16
     s = torch.empty((), dtype=dt).element_size()
-    logits, sel, plan = _plan_for(T, cfg, r.device, seed)
-    w = sel.topk_weights  # [T, K] fp32
-    for D in cases.rows_D:
-        key = f"D={D}"
-        shape = {"T": T, "D": D, "E": E, "K": K, "dtype": "bfloat16"}
-        bytes_d = T * D * s + T * K * D * s
-        bytes_c = T * K * D * s + T * K * 4 + T * D * s
-        try:
-            x = make_tokens(T, D, dt, r.device, seed)  # [T, D]
-            with torch.no_grad():
-                rows = ops.dispatch(x, plan, "torch")  # [T*K, D] (dropless, no padding)
-                y_ref = ops.combine(rows, plan, w, "torch")  # [T, D]
-        except Exception as e:  # noqa: BLE001 (OOM on a small card)
-            for op in ("dispatch", "combine"):
-                r.rows.append({"section": "dispatch", "case": key, "op": op, "impl": "*",
-                               "mode": "eager", **shape, "status": "error",
-                               "error": "inputs: " + _error_text(e)})
-            r.free()
+    key = f"D={D}"
+    shape = {"T": T, "D": D, "E": E, "K": K, "dtype": "bfloat16"}
+    bytes_d = T * D * s + T * K * D * s
+    bytes_c = T * K * D * s + T * K * 4 + T * D * s
+    try:
+        x = make_tokens(T, D, dt, r.device, seed)  # [T, D]
+        with torch.no_grad():
+            rows = ops.dispatch(x, plan, "torch")  # [T*K, D] (dropless, no padding)
+            y_ref = ops.combine(rows, plan, w, "torch")  # [T, D]
+    except Exception as e:  # noqa: BLE001 (OOM on a small card)
+        for op in ("dispatch", "combine"):
+            r.rows.append({"section": "dispatch", "case": key, "op": op, "impl": "*",
+                           "mode": "eager", **shape, "status": "error",
+                           "error": "inputs: " + _error_text(e)})
+        return
+    chk_d = expect(rows, ["rows"], [0.0])  # a copy: bit for bit
+    chk_c = expect(y_ref, ["y"], [1e-2])  # bf16 output, fp32 sums in another order
+
+    def md(impl, mode, build, **kw):
+        return r.measure("dispatch", key, "dispatch", impl, mode, shape=shape, build=build,
+                         nbytes=bytes_d, **kw)
+
+    def mc(impl, mode, build, **kw):
+        return r.measure("dispatch", key, "combine", impl, mode, shape=shape, build=build,
+                         nbytes=bytes_c, **kw)
+
+    def disp(backend):
+        return _no_grad(lambda: ops.dispatch(x, plan, backend))
+
+    def comb(backend):
+        return _no_grad(lambda: ops.combine(rows, plan, w, backend))
+
+    if r.wants("triton"):
+        md("triton", "eager", _const(disp("triton")), check=chk_d)
+        md("triton", "graph", _const(disp("triton")), check=chk_d)
+        mc("triton", "eager", _const(comb("triton")), check=chk_c)
+        mc("triton", "graph", _const(comb("triton")), check=chk_c)
+    if r.wants("torch"):
+        md("torch", "eager", _const(disp("torch")))
+        mc("torch", "eager", _const(comb("torch")))
+    for peer in PEERS:
+        if not r.wants(peer):
             continue
-        chk_d = expect(rows, ["rows"], [0.0])  # a copy: bit for bit
-        chk_c = expect(y_ref, ["y"], [1e-2])  # bf16 output, fp32 sums in another order
+        note = ("its own routing of the same logits: softmax top-K, argsort reorder"
+                if peer == "torchtitan" else
+                "capacity 1.25 with drops: an [E, C, D] buffer, not the dropless rows")
+        make = lambda p=peer: _peer_fns(p, logits, x, K, "softmax")  # noqa: E731
+        md(peer, "eager", _lazy_peer(peer, make, "dispatch"), note=note)
+        mc(peer, "eager", _lazy_peer(peer, make, "combine"), note=note)
+    if r.wants("compile"):
+        from routerlib import reference as ref
 
-        def md(impl, mode, build, **kw):
-            return r.measure("dispatch", key, "dispatch", impl, mode, shape=shape, build=build,
-                             nbytes=bytes_d, **kw)
+        def build_d():
+            f = _compiled(ref.dispatch, dynamic=False)
+            return _no_grad(lambda: f(x, plan))
 
-        def mc(impl, mode, build, **kw):
-            return r.measure("dispatch", key, "combine", impl, mode, shape=shape, build=build,
-                             nbytes=bytes_c, **kw)
+        def build_c():
+            f = _compiled(ref.combine, dynamic=False)
+            return _no_grad(lambda: f(rows, plan, w))
 
-        for impl in ("triton", "torch"):
-            if r.wants(impl):
-                md(impl, "eager", _const(_no_grad(lambda b=impl: ops.dispatch(x, plan, b))),
-                   check=chk_d if impl == "triton" else None)
-                mc(impl, "eager",
-                   _const(_no_grad(lambda b=impl: ops.combine(rows, plan, w, b))),
-                   check=chk_c if impl == "triton" else None)
-        if r.wants("triton"):
-            md("triton", "graph", _const(_no_grad(lambda: ops.dispatch(x, plan, "triton"))),
-               check=chk_d)
-            mc("triton", "graph",
-               _const(_no_grad(lambda: ops.combine(rows, plan, w, "triton"))), check=chk_c)
-        for peer in PEERS:
-            if not r.wants(peer):
-                continue
-            note = ("its own routing of the same logits: softmax top-K, argsort reorder"
-                    if peer == "torchtitan" else
-                    "capacity 1.25 with drops: an [E, C, D] buffer, not the dropless rows")
-            make = lambda p=peer: _peer_fns(p, logits, x, K, "softmax")  # noqa: E731
-            md(peer, "eager", _lazy_peer(peer, make, "dispatch"), note=note)
-            mc(peer, "eager", _lazy_peer(peer, make, "combine"), note=note)
-        if r.wants("compile"):
-            from routerlib import reference as ref
-
-            def build_d():
-                f = _compiled(ref.dispatch, dynamic=False)
-                return _no_grad(lambda: f(x, plan))
-
-            def build_c():
-                f = _compiled(ref.combine, dynamic=False)
-                return _no_grad(lambda: f(rows, plan, w))
-
-            md("compile", "eager", build_d, check=chk_d, note="torch.compile(reference)")
-            mc("compile", "eager", build_c, check=chk_c, note="torch.compile(reference)")
-        del x, rows, y_ref, chk_d, chk_c
-        r.free()
+        md("compile", "eager", build_d, check=chk_d, note="torch.compile(reference)")
+        mc("compile", "eager", build_c, check=chk_c, note="torch.compile(reference)")
 
 
 def run_decode(r: Runner, cases: Cases, seed: int) -> None:
@@ -578,8 +586,6 @@ def run_decode(r: Runner, cases: Cases, seed: int) -> None:
     if r.wants("torch"):
         m("torch", "eager")
         m("torch", "graph")
-    del logits, x
-    r.free()
 
 
 def run_backward(r: Runner, cases: Cases, seed: int) -> None:
@@ -632,8 +638,6 @@ def run_backward(r: Runner, cases: Cases, seed: int) -> None:
                         note="autograd.grad(y, (logits, x, topk_weights), dy, retain_graph)")
         if fwd.get("median_us") and bwd.get("median_us"):
             bwd["ratio"] = bwd["median_us"] / fwd["median_us"]
-    del logits, x, dy
-    r.free()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -825,7 +829,8 @@ def _sort_rows(rows: list[dict], sections: tuple[str, ...], cases_order: list[st
     def key(r):
         return (sections.index(r["section"]),
                 cases_order.index(r["case"]) if r["case"] in cases_order else 99,
-                OPS.index(r["op"]) if r["op"] in OPS else 99, IMPLS.index(r["impl"]) if r["impl"] in IMPLS else 99,
+                OPS.index(r["op"]) if r["op"] in OPS else 99,
+                IMPLS.index(r["impl"]) if r["impl"] in IMPLS else 99,
                 MODES.index(r["mode"]) if r["mode"] in MODES else 99)
     rows.sort(key=key)
 
@@ -868,6 +873,7 @@ def run(args: argparse.Namespace) -> dict:
                   file=sys.stderr, flush=True)
             try:
                 _SECTION_FNS[s](runner, cases, args.seed)
+                runner.free()
             except Exception as e:  # noqa: BLE001 (a bug in a section: record, go on)
                 runner.rows.append({"section": s, "case": "*", "op": "*", "impl": ",".join(phase),
                                     "mode": "*", "status": "error",

@@ -1,18 +1,14 @@
 """Triton kernels of the sort-free routing plan (launchers in routerlib.kernels.plan).
 
-A slot is s = t*K + k. The plan is a counting sort of the T*K slot ids by expert, in blocks of
-BLOCK slots (one program each):
+A slot is s = t*K + k. The plan is a counting sort of the T*K slot ids by expert:
 
-  _block_hist_kernel   histogram of each block over experts -> partial[e, b]
-  _block_scan_kernel   one program per expert: exclusive scan of partial[e, :] over the blocks
-                       (in place) and the total count -> expert_counts[e]
-  _rank_kernel         per block: kept counts and offsets (every program derives them from the
-                       E counts; program 0 stores them), each slot's stable rank = its block's
-                       prefix + the number of earlier same-expert slots inside the block
-                       ([BLOCK, BLOCK] comparisons), slot_to_row / row_to_slot, and -1 on the
-                       empty rows this program owns. With SINGLE=True one program loops over all
-                       blocks with a running per-expert count: the whole plan in one launch.
-  _key_rank_kernel     priority / random policies only: _rank_kernel then writes the slots grouped
+  _block_hist_kernel   per block of BLOCK slots: histogram over experts -> partial[b, :]
+  _plan_kernel         per block: sums the partials of all blocks (total counts) and of the earlier
+                       blocks (block prefix), derives kept counts and offsets, ranks its slots
+                       (stable local rank from an in-register sort of (expert, index) keys), writes
+                       slot_to_row / row_to_slot, and marks the empty rows of its share with -1.
+                       With SINGLE=True one program does everything (no partials, 1 launch).
+  _key_rank_kernel     priority / random policies only: _plan_kernel then writes the slots grouped
                        by expert (arrival order) to scratch, and this kernel ranks each slot by the
                        number of same-expert slots with a better key (key desc, slot asc): tiles of
                        [BI, BJ] comparisons over the expert's segment, O(count_e^2) per expert.
@@ -48,10 +44,8 @@ def _sortable_key(key_ptr, slot, valid):
 @triton.jit
 def _block_hist_kernel(
     ids_ptr,  # [N] int32 expert of each slot (N = T*K)
-    partial_ptr,  # [E, NB] int32 out: histogram of each block
+    partial_ptr,  # [NB, E_PAD] int32 out: histogram of each block
     N,
-    E,
-    NB,
     BLOCK: tl.constexpr,
     E_PAD: tl.constexpr,
 ):
@@ -60,34 +54,15 @@ def _block_hist_kernel(
     valid = offs < N
     ids = tl.load(ids_ptr + offs, mask=valid, other=0)
     hist = _masked_hist(ids, valid, E_PAD)
-    e = tl.arange(0, E_PAD)
-    tl.store(partial_ptr + e * NB + b, hist, mask=e < E)
+    tl.store(partial_ptr + b * E_PAD + tl.arange(0, E_PAD), hist)
 
 
 @triton.jit
-def _block_scan_kernel(
-    partial_ptr,  # [E, NB] int32 in: block histograms; out: exclusive prefix over blocks
-    counts_ptr,  # [E] int32 out: expert_counts
-    NB,
-    SCAN: tl.constexpr,
-):
-    e = tl.program_id(0)
-    row = partial_ptr + e.to(tl.int64) * NB
-    carry = 0
-    for c0 in range(0, NB, SCAN):
-        c = c0 + tl.arange(0, SCAN)
-        v = tl.load(row + c, mask=c < NB, other=0)
-        tl.store(row + c, tl.cumsum(v, axis=0) - v + carry, mask=c < NB)
-        carry += tl.sum(v, axis=0)
-    tl.store(counts_ptr + e, carry)
-
-
-@triton.jit
-def _rank_kernel(
+def _plan_kernel(
     ids_ptr,  # [N] int32 expert of each slot
     key_ptr,  # [N] fp32 policy key (weights or random priority); GROUP only
-    partial_ptr,  # [E, NB] int32 exclusive prefix over blocks (not SINGLE)
-    counts_ptr,  # [E] int32 expert_counts: in (not SINGLE) or out (SINGLE)
+    partial_ptr,  # [NB, E_PAD] int32 block histograms; not SINGLE only
+    counts_ptr,  # [E] int32 out: expert_counts
     kept_ptr,  # [E] int32 out: kept_counts
     offsets_ptr,  # [E+1] int32 out: expert_offsets
     slot_to_row_ptr,  # [N] int32 out (not GROUP)
@@ -101,7 +76,7 @@ def _rank_kernel(
     C,  # capacity (CAPACITY only)
     PAD,  # pad_to_multiple (ragged only)
     R,  # rows of the buffer
-    NB,  # number of blocks (= programs unless SINGLE)
+    NB,  # number of blocks (= programs)
     FILL_W,  # empty-row candidates per expert: C (capacity) or PAD-1 (ragged), >= 1
     FILL_PER_PROG,  # candidates each program owns
     TAIL_PER_PROG,  # ragged: tail rows [offsets[E], R) each program owns
@@ -110,27 +85,34 @@ def _rank_kernel(
     SINGLE: tl.constexpr,
     BLOCK: tl.constexpr,
     E_PAD: tl.constexpr,
+    PB: tl.constexpr,  # partial rows summed per step
     FILL: tl.constexpr,  # rows per empty-row store
 ):
     b = tl.program_id(0)
     e = tl.arange(0, E_PAD)
     emask = e < E
-    idx = tl.arange(0, BLOCK)
 
-    # ---- counts, and the slots of each expert before this program's first slot
+    # ---- this block's slots and histogram
+    idx = tl.arange(0, BLOCK)
+    offs = b * BLOCK + idx
+    valid = offs < N
+    ids = tl.load(ids_ptr + offs, mask=valid, other=0)
+    hist = _masked_hist(ids, valid, E_PAD)  # [E_PAD]
+
+    # ---- total counts and the counts of earlier blocks (the partials sit in L2)
     if SINGLE:
-        total = tl.zeros([E_PAD], dtype=tl.int32)
-        for c0 in range(0, N, BLOCK):
-            m = c0 + idx < N
-            total += _masked_hist(tl.load(ids_ptr + c0 + idx, mask=m, other=0), m, E_PAD)
-        running = tl.zeros([E_PAD], dtype=tl.int32)
-        s_lo = 0
-        s_hi = N
+        total = hist
+        prefix = tl.zeros([E_PAD], dtype=tl.int32)
     else:
-        total = tl.load(counts_ptr + e, mask=emask, other=0)
-        running = tl.load(partial_ptr + e * NB + b, mask=emask, other=0)
-        s_lo = b * BLOCK
-        s_hi = s_lo + 1  # one block
+        total = tl.zeros([E_PAD], dtype=tl.int32)
+        prefix = tl.zeros([E_PAD], dtype=tl.int32)
+        for r0 in range(0, NB, PB):
+            rows = r0 + tl.arange(0, PB)
+            tile = tl.load(partial_ptr + rows[:, None] * E_PAD + e[None, :],
+                           mask=rows[:, None] < NB, other=0)  # [PB, E_PAD]
+            total += tl.sum(tile, axis=0)
+            prefix += tl.sum(tl.where(rows[:, None] < b, tile, 0), axis=0)
+    total = tl.where(emask, total, 0)
 
     # ---- kept counts and offsets
     if CAPACITY:
@@ -144,41 +126,42 @@ def _rank_kernel(
         seg_end = tl.cumsum(padded, axis=0)
         offsets = seg_end - padded
         rows_used = tl.sum(padded, axis=0)
-    seg = tl.cumsum(total, axis=0) - total  # start of each expert among the N slots
     if b == 0:
-        if SINGLE:
-            tl.store(counts_ptr + e, total, mask=emask)
+        tl.store(counts_ptr + e, total, mask=emask)
         tl.store(kept_ptr + e, kept, mask=emask)
         tl.store(offsets_ptr + e, offsets, mask=emask)
         tl.store(offsets_ptr + E, rows_used)
         if GROUP:
-            tl.store(seg_ptr + e, seg, mask=emask)
+            tl.store(seg_ptr + e, tl.cumsum(total, axis=0) - total, mask=emask)
             tl.store(seg_ptr + E, N)
 
-    # ---- stable rank of each slot among its expert's slots (a counting sort):
-    # rank = running[e] (same-expert slots of earlier blocks) + earlier same-expert slots here
-    for c0 in range(s_lo, s_hi, BLOCK):
-        slot = c0 + idx
-        live = slot < N
-        ids = tl.load(ids_ptr + slot, mask=live, other=0)
-        same = (ids[:, None] == ids[None, :]) & (idx[None, :] < idx[:, None])
-        local = tl.sum(same.to(tl.int32), axis=1)  # [BLOCK]
-        if GROUP:
-            pos = tl.gather(seg + running, ids, 0) + local
-            tl.store(gslot_ptr + pos, slot, mask=live)
-            tl.store(gexp_ptr + pos, ids, mask=live)
-            tl.store(gkey_ptr + pos, _sortable_key(key_ptr, slot, live), mask=live)
+    # ---- stable rank of each slot among its expert's slots (counting sort):
+    # sorting the keys (expert, local index) lists the block grouped by expert, arrival order kept;
+    # a slot's place p in that list minus its expert's start in the block is its local rank.
+    packed = tl.where(valid, ids * BLOCK + idx, E * BLOCK + idx)  # invalid lanes sort last
+    srt = tl.sort(packed)
+    e_s = srt // BLOCK  # [BLOCK] expert of the p-th slot in grouped order
+    slot = b * BLOCK + srt % BLOCK
+    live = e_s < E
+    e_g = tl.minimum(e_s, E_PAD - 1)  # in range for the gather
+    local_start = tl.cumsum(hist, axis=0) - hist
+    rank_base = prefix - local_start  # [E_PAD] rank = rank_base[e] + p
+    if GROUP:
+        seg = tl.cumsum(total, axis=0) - total
+        pos = tl.gather(seg + rank_base, e_g, 0) + idx
+        tl.store(gslot_ptr + pos, slot, mask=live)
+        tl.store(gexp_ptr + pos, e_s, mask=live)
+        tl.store(gkey_ptr + pos, _sortable_key(key_ptr, slot, live), mask=live)
+    else:
+        if CAPACITY:
+            rank = tl.gather(rank_base, e_g, 0) + idx
+            keep = live & (rank < C)
+            row = e_s * C + rank
         else:
-            if CAPACITY:
-                rank = tl.gather(running, ids, 0) + local
-                keep = live & (rank < C)
-                row = ids * C + rank
-            else:
-                row = tl.gather(offsets + running, ids, 0) + local
-                keep = live
-            tl.store(slot_to_row_ptr + slot, tl.where(keep, row, -1), mask=live)
-            tl.store(row_to_slot_ptr + row, slot, mask=keep)
-        running += _masked_hist(ids, live, E_PAD)
+            row = tl.gather(offsets + rank_base, e_g, 0) + idx
+            keep = live
+        tl.store(slot_to_row_ptr + slot, tl.where(keep, row, -1), mask=live)
+        tl.store(row_to_slot_ptr + row, slot, mask=keep)
 
     # ---- empty rows -> -1. Candidates are (expert, j) pairs, j < FILL_W: capacity rows e*C + j
     # with j >= kept[e]; ragged padding rows offsets[e] + kept[e] + j below the padded end. Each

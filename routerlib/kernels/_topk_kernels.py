@@ -41,7 +41,7 @@ def topk_config(num_experts: int) -> tuple[int, int, int]:
     block_e = max(2, next_pow2(num_experts))
     block_t = max(1, min(128, 2048 // block_e))
     num_warps = 4 if block_e <= 256 else 8
-    programs_per_sm = 8
+    programs_per_sm = 4
     pinned = os.environ.get("ROUTERLIB_TOPK_CONFIG")
     if pinned:
         try:
@@ -65,14 +65,6 @@ def _packed_key(key, rev):
     bits = key.to(tl.int32, bitcast=True)
     bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their order
     return (bits.to(tl.int64) << 32) | rev.to(tl.int64)
-
-
-@triton.jit
-def _unpack_key(packed):
-    """The fp32 key held in the high half of a packed key (inverse of _packed_key)."""
-    bits = (packed >> 32).to(tl.int32)
-    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -119,13 +111,11 @@ def _topk_fwd_kernel(
     K: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
-    BLOCK_K: tl.constexpr,
     SIGMOID: tl.constexpr,  # score_func == "sigmoid"
     SOFTMAX_AFTER: tl.constexpr,  # softmax over the K selected logits
     RENORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     KEY_LOGITS: tl.constexpr,  # rank the logits (+bias) rather than the scores (+bias)
-    DECODE_X: tl.constexpr,  # KEY_LOGITS and no bias: the packed key holds the selected logit
     N_GROUPS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     TOPK_GROUPS: tl.constexpr,
@@ -137,8 +127,6 @@ def _topk_fwd_kernel(
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
     rev = (E - 1 - cols)[None, :]  # the max of packed keys takes the lowest expert on ties
-    kcols = tl.arange(0, BLOCK_K)
-    kmask = kcols[None, :] < K
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     prob_acc = tl.zeros([BLOCK_E], tl.float32)
@@ -175,37 +163,32 @@ def _topk_fwd_kernel(
                                BLOCK_G)
         packed = tl.where(cmask[None, :], _packed_key(key, rev), _TAKEN)
 
-        ids = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
-        xs = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)  # selected logits (DECODE_X only)
+        # K rounds of: best packed key per token, then take it. rank[t, e] = the round that took
+        # expert e (-1: not selected). Everything stays in the [BLOCK_T, BLOCK_E] layout.
+        rank = tl.full([BLOCK_T, BLOCK_E], -1, tl.int32)
         for k in range(K):
             best = tl.max(packed, axis=1)  # [BLOCK_T]
-            packed = tl.where(packed == best[:, None], _TAKEN, packed)
-            idx = (E - 1) - (best & 0x7FFFFFFF).to(tl.int32)
-            ids = tl.where(kcols[None, :] == k, idx[:, None], ids)
-            if DECODE_X:
-                xs = tl.where(kcols[None, :] == k, _unpack_key(best)[:, None], xs)
-        omask = rmask[:, None] & kmask
-        if not DECODE_X:  # gather the K selected logits (L1/L2 hits: the row was just read)
-            xs = tl.load(logits_ptr + row_off[:, None] + ids, mask=omask,
-                         other=0.0).to(tl.float32)
+            hit = packed == best[:, None]  # exactly one expert per token: the index breaks ties
+            packed = tl.where(hit, _TAKEN, packed)
+            rank = tl.where(hit, k, rank)
+        chosen = rank >= 0
 
         if SOFTMAX_AFTER:
-            xm = tl.where(kmask, xs, float("-inf"))
+            xm = tl.where(chosen, x, float("-inf"))
             mk = tl.where(rmask, tl.max(xm, axis=1), 0.0)
             ek = tl.exp(xm - mk[:, None])
             w = ek / tl.where(rmask, tl.sum(ek, axis=1), 1.0)[:, None]
         else:
-            if SIGMOID:
-                w = 1.0 / (1.0 + tl.exp(-xs))
-            else:
-                w = tl.exp(xs - m[:, None]) / s[:, None]
+            w = tl.where(chosen, p, 0.0)
             if RENORM:
-                w = tl.where(kmask, w, 0.0)
                 w = w / (tl.sum(w, axis=1) + 1e-20)[:, None]
         w = w * scale
-        out_off = rows.to(tl.int64)[:, None] * K + kcols[None, :]
-        tl.store(ids_ptr + out_off, ids, mask=omask)
-        tl.store(weights_ptr + out_off, w, mask=omask)
+        # scatter the K chosen experts of each token to their slots t*K + rank
+        out_off = rows.to(tl.int64)[:, None] * K + rank
+        smask = mask & chosen
+        tl.store(ids_ptr + out_off, cols[None, :] + tl.zeros([BLOCK_T, BLOCK_E], tl.int32),
+                 mask=smask)
+        tl.store(weights_ptr + out_off, w, mask=smask)
     tl.store(part_ptr + pid * (E + 1) + cols, prob_acc, mask=cmask)
     tl.store(part_ptr + pid * (E + 1) + E, tl.sum(zsq_acc, axis=0))
 
@@ -220,7 +203,8 @@ def _topk_stats_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Column sums of the partials in a fixed order (deterministic, no atomics)."""
+    """Column sums of the partials in a fixed order (deterministic, no atomics). BLOCK_P covers
+    P in one step in practice; many narrow column blocks give the parallelism."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < E + 1
     acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)

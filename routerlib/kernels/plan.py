@@ -6,44 +6,46 @@ plan can be captured in a CUDA graph and traced by torch.compile (custom op
 "routerlib::routing_plan").
 
 How (N = T*K slots, s = t*K + k): a counting sort of the slot ids by expert.
-  1. per block of BLOCK slots, a histogram over experts (partials [NB, E], they stay in L2);
-  2. per block, in one fused program: total counts and the prefix of earlier blocks (each program
-     sums the partials itself: no separate scan launch), kept counts (min(count, C)), offsets
-     (e*C, or the exclusive prefix of kept counts padded to pad_to_multiple), each slot's stable
-     rank (block prefix + its place after an in-register sort of (expert, index) keys of the
-     block), slot_to_row / row_to_slot, and -1 on the empty rows the program owns.
-  When N <= SINGLE_MAX_SLOTS, step 1 disappears: one program does it all (SINGLE).
-  priority / random: step 2 writes the slots grouped by expert to scratch, and a third kernel
+  1. _block_hist_kernel: per block of BLOCK slots, a histogram over experts (partials [NB, E],
+     they stay in L2);
+  2. _plan_kernel, per block, in one fused program: total counts and the prefix of earlier blocks
+     (each program sums the partials itself: no scan launch), kept counts (min(count, C)),
+     offsets (e*C, or the exclusive prefix of kept counts padded to pad_to_multiple), each slot's
+     stable rank (block prefix + its place after an in-register tl.sort of the block's
+     (expert, index) keys), slot_to_row / row_to_slot, and -1 on the empty rows it owns.
+  When N <= SINGLE_MAX_SLOTS, step 1 disappears: one program does it all (1 launch).
+  priority / random: step 2 writes the slots grouped by expert to scratch, and _key_rank_kernel
   counts, for each slot, the same-expert slots that beat it (key desc, slot asc): O(count_e^2)
-  comparisons per expert, in parallel tiles. Correct for any data; slow only when one expert gets
-  most of a huge batch (N = 512K slots to one expert: ~N^2/2 comparisons).
+  comparisons per expert, in parallel tiles. Correct for any data; slow when one expert gets a
+  huge batch (65536 slots to one expert: ~2e9 comparisons).
 
-Launches (see num_launches): position policy 1 (N <= SINGLE_MAX_SLOTS) or 2; priority/random one
-more (2 or 3). Outputs come from torch.empty: no fill kernels.
+Measured on an H200 (CUDA graph, per plan): T=16384, E=128, K=8 position: 15.8 us (2 launches);
+T=64: 4.0 us (1 launch); T=65536, E=256-512: 93-101 us; priority T=16384: ~125-150 us.
+tl.sort of a large block is the cost (one 4096-slot program: 69 us). A variant with 128-slot
+blocks, a separate scan launch and [128, 128] comparisons instead of the sort measured slower
+(23 us at T=16384; 3 launches). Open: a faster in-block rank.
 
-Memory traffic (position): reads N*4 bytes of ids twice, writes N*4 (slot_to_row) + R*4
-(row_to_slot) + partials NB*E*4 (read back NB times from L2).
+Launches (num_launches): position 1 (N <= SINGLE_MAX_SLOTS) or 2; priority/random one more.
+Outputs come from torch.empty: no fill kernels, no host sync, static shapes.
+
+Memory traffic (position): ids N*4 bytes read twice, slot_to_row N*4 and row_to_slot R*4 written,
+partials NB*E*4 written once and read back by each of the NB programs (from L2).
 """
 
 from __future__ import annotations
+
+from fractions import Fraction
 
 import torch
 import triton
 
 from routerlib.config import RouterConfig
-from routerlib.kernels._plan_kernels import (
-    _block_hist_kernel,
-    _block_scan_kernel,
-    _key_rank_kernel,
-    _rank_kernel,
-)
-from routerlib.reference.plan import num_rows as _num_rows
+from routerlib.kernels._plan_kernels import _block_hist_kernel, _key_rank_kernel, _plan_kernel
 from routerlib.types import RoutingPlan
 
 SINGLE_MAX_SLOTS = 1024  # up to this many slots (T*K) the plan is one program, one launch
-_BLOCK = 128  # slots per block: the local rank is a [_BLOCK, _BLOCK] comparison
 _POLICIES = ("position", "priority", "random")
-_KEY_BI, _KEY_BJ = 64, 64  # tile of the priority-rank comparisons
+_KEY_BI, _KEY_BJ = 64, 256  # tile of the priority-rank comparisons
 
 
 def _new_int32(n: int, device: torch.device) -> torch.Tensor:
@@ -51,27 +53,48 @@ def _new_int32(n: int, device: torch.device) -> torch.Tensor:
     return torch.empty(n, dtype=torch.int32, device=device)
 
 
+@torch._dynamo.assume_constant_result
+def _capacity_ratio(cfg: RouterConfig) -> tuple[int, int]:
+    """capacity_factor as the exact decimal fraction (num, den) that RouterConfig.capacity uses;
+    a constant for torch.compile, which cannot trace Fraction."""
+    f = Fraction(str(cfg.capacity_factor))
+    return f.numerator, f.denominator
+
+
+def _shapes(num_tokens: int, cfg: RouterConfig) -> tuple[int | None, int]:
+    """(C, R) = (cfg.capacity(T), reference num_rows) in integer arithmetic that torch.compile
+    traces (T may be symbolic). tests/test_kernel_plan.py checks it against cfg.capacity."""
+    E, K = cfg.num_experts, cfg.top_k
+    if cfg.capacity_factor is None:
+        return None, num_tokens * K + E * (cfg.pad_to_multiple - 1)
+    num, den = _capacity_ratio(cfg)
+    C = max(cfg.min_capacity, -(-(num * num_tokens * K) // (den * E)))  # ceil
+    return C, E * C
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _block_size(num_slots: int, block_slots: int | None) -> tuple[int, bool]:
-    """(slots per block, single program?). Auto: one program (looping over blocks of 128) up to
-    SINGLE_MAX_SLOTS slots, else blocks of 128 slots, one program each; block_slots forces the
-    multi-block path with that block."""
+def _block_size(num_slots: int, num_experts: int, block_slots: int | None) -> int:
+    """Slots per program. Auto: one program up to SINGLE_MAX_SLOTS; beyond, blocks of 1024-4096
+    slots, larger when there are many blocks x experts (each program sums all the partials)."""
     if block_slots is not None:
         if block_slots < 16 or block_slots & (block_slots - 1):
             raise ValueError(f"block_slots={block_slots}: must be a power of two >= 16")
-        return block_slots, False
+        return block_slots
     if num_slots <= SINGLE_MAX_SLOTS:
-        return min(_BLOCK, max(16, _pow2(num_slots))), True
-    return _BLOCK, False
+        return max(16, _pow2(num_slots))
+    block = 1024
+    while block < 4096 and triton.cdiv(num_slots, block) * _pow2(num_experts) > 128 * 128:
+        block *= 2
+    return block
 
 
 def num_launches(num_slots: int, cfg: RouterConfig, block_slots: int | None = None) -> int:
     """Kernel launches build_plan makes for T*K = num_slots (no other device work, no sync)."""
-    single = _block_size(num_slots, block_slots)[1]
-    return (1 if single else 3) + (cfg.drop_policy != "position")
+    single = triton.cdiv(num_slots, _block_size(num_slots, cfg.num_experts, block_slots)) <= 1
+    return (1 if single else 2) + (cfg.drop_policy != "position")
 
 
 def _plan_impl(topk_ids: torch.Tensor, key: torch.Tensor | None, num_experts: int, capacity: int,
@@ -84,9 +107,10 @@ def _plan_impl(topk_ids: torch.Tensor, key: torch.Tensor | None, num_experts: in
     ids = topk_ids.contiguous().view(-1)  # [N]
     capacity_mode = capacity >= 0
     group = policy != "position"
-    block, single = _block_size(N, block_slots if block_slots > 0 else None)
+    block = _block_size(N, E, block_slots if block_slots > 0 else None)
     e_pad = max(16, _pow2(E))
     nb = max(1, triton.cdiv(N, block))
+    single = nb == 1
     if E * nb >= 2**31 or R >= 2**31 or N >= 2**31:
         raise ValueError(f"T*K={N} slots, num_rows={R} or num_experts={E} x {nb} blocks "
                          "overflows int32")
@@ -96,7 +120,7 @@ def _plan_impl(topk_ids: torch.Tensor, key: torch.Tensor | None, num_experts: in
     offsets = _new_int32(E + 1, dev)
     slot_to_row = _new_int32(N, dev)
     row_to_slot = _new_int32(R, dev)
-    partial = ids if single else torch.empty(E, nb, **i32)  # unused when single
+    partial = ids if single else torch.empty(nb, e_pad, **i32)  # unused when single
     if group:
         scratch = torch.empty(3, N, **i32)  # grouped slots, experts, sortable keys
         seg = torch.empty(E + 1, **i32)
@@ -108,20 +132,18 @@ def _plan_impl(topk_ids: torch.Tensor, key: torch.Tensor | None, num_experts: in
     fill_w = max(1, fill_w)
     n_cand = E * fill_w if (capacity_mode or pad_to_multiple > 1) else 0
     tail = 0 if capacity_mode else E * (pad_to_multiple - 1)
-    fill = 1024 if single or nb < 64 else 256
-    progs = 1 if single else nb
+    fill = 1024 if block >= 1024 else max(128, block)
+    num_warps = 4 if block <= 1024 else 8
 
     if not single:
-        _block_hist_kernel[(nb,)](ids, partial, N, E, nb, BLOCK=block, E_PAD=e_pad, num_warps=4)
-        _block_scan_kernel[(E,)](partial, counts, nb, SCAN=min(1024, max(16, _pow2(nb))),
-                                 num_warps=4)
-    _rank_kernel[(progs,)](
+        _block_hist_kernel[(nb,)](ids, partial, N, BLOCK=block, E_PAD=e_pad, num_warps=4)
+    _plan_kernel[(nb,)](
         ids, key_flat, partial, counts, kept, offsets, slot_to_row, row_to_slot,
         seg, scratch[0], scratch[1], scratch[2],
         N, E, max(capacity, 0), pad_to_multiple, R, nb, fill_w,
-        triton.cdiv(n_cand, progs), triton.cdiv(tail, progs),
+        triton.cdiv(n_cand, nb), triton.cdiv(tail, nb),
         CAPACITY=capacity_mode, GROUP=group, SINGLE=single, BLOCK=block, E_PAD=e_pad,
-        FILL=fill, num_warps=4)
+        PB=max(1, min(_pow2(nb), 4096 // e_pad)), FILL=fill, num_warps=num_warps)
     if group:
         _key_rank_kernel[(triton.cdiv(N, _KEY_BI),)](
             scratch[0], scratch[1], scratch[2], seg, offsets, slot_to_row, row_to_slot,
@@ -183,8 +205,7 @@ def build_plan(topk_ids: torch.Tensor, topk_weights: torch.Tensor, cfg: RouterCo
             raise ValueError(f"priority must have shape {tuple(topk_ids.shape)}, got "
                              f"{tuple(priority.shape)}")
         key = priority.detach().float()
-    C = cfg.capacity(T)
-    R = _num_rows(T, cfg)
+    C, R = _shapes(T, cfg)
     counts, kept, offsets, slot_to_row, row_to_slot = routing_plan(
         topk_ids, key, cfg.num_experts, -1 if C is None else C, cfg.pad_to_multiple, R,
         cfg.drop_policy, block_slots or 0)

@@ -1,5 +1,6 @@
-"""Fused score + top-K for token-choice routing: one Triton launch, its backward, and a
-torch.library custom op ("routerlib::fused_topk") that torch.compile and CUDA graphs take whole.
+"""Fused score + top-K for token-choice routing: one Triton pass over the logits (plus a tiny
+fixed-order reduction of the loss sums), its backward, and a torch.library custom op
+("routerlib::fused_topk") that torch.compile and CUDA graphs take whole.
 
     fused_topk(logits [T, E], cfg, bias [E] | None) -> Selection
         topk_ids [T, K] int32, topk_weights [T, K] fp32, prob_sum [E] fp32, zsq_sum [] fp32,
@@ -11,7 +12,7 @@ key is the scores (a bias or groups), two experts whose scores differ by an ulp 
 from torch, as the exp differs by an ulp; exact ties (equal logits) always match.
 
 Memory traffic per call: reads T*E*s (s = bytes per logit), writes T*K*8 + P*(E+1)*4 with P at
-most 8 programs per SM (a persistent grid); a second small kernel sums the [P, E+1] partials in a
+most 4 programs per SM (a persistent grid); a second small kernel sums the [P, E+1] partials in a
 fixed order, so the loss sums are deterministic (no float atomics). Two launches in all.
 Backward: reads T*E*s + T*K*8, writes T*E*s.
 """
@@ -94,10 +95,9 @@ def fused_topk_forward(
     _topk_fwd_kernel[(P,)](
         logits, bias if bias is not None else logits, ids, weights, part,
         T, logits.stride(0), float(routed_scaling_factor),
-        E=E, K=K, BLOCK_T=block_t, BLOCK_E=max(2, next_pow2(E)), BLOCK_K=max(2, next_pow2(K)),
+        E=E, K=K, BLOCK_T=block_t, BLOCK_E=max(2, next_pow2(E)),
         SIGMOID=score_func == "sigmoid", SOFTMAX_AFTER=softmax_after_topk,
         RENORM=renormalize, HAS_BIAS=bias is not None, KEY_LOGITS=key_logits,
-        DECODE_X=key_logits and bias is None,
         N_GROUPS=n_groups, GROUP_SIZE=E // n_groups, TOPK_GROUPS=topk_groups,
         TOP2_SUM=group_score == "top2_sum" and E // n_groups > 1,
         BLOCK_G=max(2, next_pow2(n_groups)),
@@ -105,10 +105,10 @@ def fused_topk_forward(
     )
     prob_sum = torch.empty((E,), dtype=torch.float32, device=dev)
     zsq_sum = torch.empty((), dtype=torch.float32, device=dev)
-    block_c = min(128, next_pow2(E + 1))
+    block_p = min(1024, max(2, next_pow2(P)))
+    block_c = max(2, min(next_pow2(E + 1), 8192 // block_p))
     _topk_stats_kernel[(triton.cdiv(E + 1, block_c),)](
-        part, prob_sum, zsq_sum, P, E=E, BLOCK_P=max(1, 4096 // block_c), BLOCK_C=block_c,
-        num_warps=4)
+        part, prob_sum, zsq_sum, P, E=E, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
     return ids, weights, prob_sum, zsq_sum
 
 
