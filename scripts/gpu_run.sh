@@ -7,13 +7,14 @@
 #   baseline   the standard configurations, every stage, the PyTorch reference (+ graphs, profile)
 #   compile    torch.compile of the reference routing stages
 #   kernels    the sweep with the Triton backend
+#   tune       launch-config sweep of the kernels (the defaults are its winners)
 #   targets    the issue's targets: kernels vs reference, compile and peers, in one run
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT="${OUT:-$ROOT/build/gpu}"
 mkdir -p "$OUT"
-STEPS="${GPU_STEPS:-env tests sanitize baseline compile kernels targets}"
+STEPS="${GPU_STEPS:-env tests sanitize baseline compile kernels tune targets}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # NVLink multicast stays off on shared hosts.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -55,6 +56,9 @@ if has kernels; then
   timeout 400 "$PY" -m routerlib.bench --configs all --tokens decode,prefill --backends triton \
     --stages route,dispatch,combine,backward --cuda-graph --no-progress --out "$OUT/kernels" \
     2>&1 | tail -n 30
+fi
+if has tune; then
+  timeout 400 "$PY" -m routerlib.bench.tune --out "$OUT/tune" 2>&1 | tail -n 20
 fi
 if has targets; then
   timeout 400 "$PY" -m routerlib.bench.targets --out "$OUT/targets" 2>&1 | tail -n 40

@@ -1,0 +1,159 @@
+"""Launch-config sweep of the Triton kernels on the issue's shapes (GPU only):
+
+    python -m routerlib.bench.tune --out results/h100/tune
+
+Each kernel reads its config from an environment pin (ROUTERLIB_TOPK_CONFIG,
+ROUTERLIB_SCATTER_CONFIG, ROUTERLIB_GATHER_CONFIG); this sweep sets the pin, checks the output
+against the unpinned run, times it inside a CUDA graph and writes one row per (kernel, shape,
+config). The defaults in the kernel modules come from this sweep; notebook 02 explains them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from collections.abc import Callable
+
+import pandas as pd
+import torch
+
+from routerlib.bench.envinfo import env_info
+from routerlib.bench.timing import bench_cuda_graph
+
+PINS = ("ROUTERLIB_TOPK_CONFIG", "ROUTERLIB_SCATTER_CONFIG", "ROUTERLIB_GATHER_CONFIG")
+
+
+def _time(fn: Callable[[], object], pin: str, value: str | None) -> float:
+    old = os.environ.get(pin)
+    try:
+        if value is None:
+            os.environ.pop(pin, None)
+        else:
+            os.environ[pin] = value
+        fn()  # compile this config outside the capture
+        torch.cuda.synchronize()
+        return bench_cuda_graph(fn, warmup_ms=10, rep_ms=40).median_us
+    finally:
+        if old is None:
+            os.environ.pop(pin, None)
+        else:
+            os.environ[pin] = old
+
+
+def sweep_topk(rows: list[dict], quick: bool) -> None:
+    from routerlib.config import RouterConfig
+    from routerlib.kernels.topk import fused_topk
+
+    shapes = [(16384, 128, 8), (64, 128, 8), (16384, 256, 8)]
+    blocks = (1, 2, 4, 8, 16, 32)
+    warps = (1, 2, 4, 8)
+    pps = (4, 16, 64)
+    if quick:
+        shapes, blocks, warps, pps = shapes[:1], (4, 16), (4,), (4, 16)
+    for T, E, K in shapes:
+        cfg = RouterConfig(num_experts=E, top_k=K, renormalize=True, check_finite=False)
+        logits = torch.randn(T, E, device="cuda", dtype=torch.bfloat16)
+        ref = fused_topk(logits, cfg, None).topk_ids.clone()
+        for bt, nw, pp in itertools.product(blocks, warps, pps):
+            if bt * max(2, 1 << (E - 1).bit_length()) > 8192:
+                continue  # register tile too large to be worth compiling
+            value = f"{bt},{nw},{pp}"
+            row = dict(kernel="topk", T=T, E=E, K=K, D=None, config=value)
+            try:
+                os.environ["ROUTERLIB_TOPK_CONFIG"] = value
+                ok = torch.equal(fused_topk(logits, cfg, None).topk_ids, ref)
+                os.environ.pop("ROUTERLIB_TOPK_CONFIG")
+                row.update(ok=ok, us=_time(lambda lg=logits, c=cfg: fused_topk(lg, c, None),
+                                           "ROUTERLIB_TOPK_CONFIG", value))
+            except Exception as e:  # noqa: BLE001 - a config that fails to compile is a row
+                os.environ.pop("ROUTERLIB_TOPK_CONFIG", None)
+                row.update(ok=False, us=None, error=f"{type(e).__name__}: {e}"[:300])
+            rows.append(row)
+        row = dict(kernel="topk", T=T, E=E, K=K, D=None, config="default", ok=True)
+        row["us"] = _time(lambda lg=logits, c=cfg: fused_topk(lg, c, None),
+                          "ROUTERLIB_TOPK_CONFIG", None)
+        rows.append(row)
+
+
+def sweep_rowmap(rows: list[dict], quick: bool) -> None:
+    from routerlib import reference as ref
+    from routerlib.config import RouterConfig
+    from routerlib.kernels.combine import combine
+    from routerlib.kernels.dispatch import dispatch
+
+    T, E, K = 16384, 128, 8
+    cfg = RouterConfig(num_experts=E, top_k=K, renormalize=True, check_finite=False)
+    sel = ref.select(torch.randn(T, E, device="cuda"), cfg)
+    plan = ref.build_plan(sel, cfg)
+    grid = list(itertools.product((1, 2, 4, 8), (512, 1024, 2048, 4096), (4, 8)))
+    if quick:
+        grid = grid[:3]
+    for D in (2048, 4096):
+        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+        rows_ref = dispatch(x, plan)
+        y_ref = combine(rows_ref, plan, sel.topk_weights)
+        cases = (("dispatch", "ROUTERLIB_SCATTER_CONFIG", lambda x=x: dispatch(x, plan), rows_ref),
+                 ("combine", "ROUTERLIB_GATHER_CONFIG",
+                  lambda r=rows_ref: combine(r, plan, sel.topk_weights), y_ref))
+        for name, pin, fn, expect in cases:
+            for bt, bd, nw in grid:
+                if bd > 2 * D or bt * bd > 16384:
+                    continue
+                value = f"BLOCK_T={bt},BLOCK_D={bd},num_warps={nw}"
+                row = dict(kernel=name, T=T, E=E, K=K, D=D, config=value)
+                try:
+                    os.environ[pin] = value
+                    out = fn()
+                    os.environ.pop(pin)
+                    ok = bool(torch.allclose(out.float(), expect.float(), atol=2e-2, rtol=2e-2))
+                    row.update(ok=ok, us=_time(fn, pin, value))
+                except Exception as e:  # noqa: BLE001
+                    os.environ.pop(pin, None)
+                    row.update(ok=False, us=None, error=f"{type(e).__name__}: {e}"[:300])
+                rows.append(row)
+            rows.append(dict(kernel=name, T=T, E=E, K=K, D=D, config="autotune", ok=True,
+                             us=_time(fn, pin, None)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="results/tune", help="prefix: writes <out>.csv/.json")
+    ap.add_argument("--kernels", default="topk,rowmap")
+    ap.add_argument("--quick", action="store_true", help="a few configs only")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune: needs a CUDA GPU (configs are timed in CUDA graphs)", file=sys.stderr)
+        return 2
+    rows: list[dict] = []
+    kernels = args.kernels.split(",")
+    if "topk" in kernels:
+        sweep_topk(rows, args.quick)
+    if "rowmap" in kernels:
+        sweep_rowmap(rows, args.quick)
+    df = pd.DataFrame(rows)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    df.to_csv(args.out + ".csv", index=False)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"env": env_info(), "rows": json.loads(df.to_json(orient="records"))}, f,
+                  indent=1)
+    good = df[df["ok"] & df["us"].notna()]
+    best = good.loc[good.groupby(["kernel", "T", "E", "D"], dropna=False)["us"].idxmin()]
+    dflt = {(r["kernel"], r["T"], r["E"], str(r["D"])): r["us"]
+            for _, r in good[good["config"].isin(["default", "autotune"])].iterrows()}
+    print("best config per kernel/shape (us in a CUDA graph) vs the default:")
+    for _, r in best.iterrows():
+        key = (r["kernel"], r["T"], r["E"], str(r["D"]))
+        d = dflt.get(key, float("nan"))
+        print(f"  {r['kernel']:9s} T={r['T']:<6} E={r['E']:<4} D={r['D']!s:<5} best {r['us']:8.2f}"
+              f"  [{r['config']}]  default {d:8.2f}")
+    bad = df[~df["ok"].astype(bool)]
+    print(f"{len(df)} configs timed, {len(bad)} failed or mismatched")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
