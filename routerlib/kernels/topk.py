@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 
+import functools
+
 import torch
 import triton
 
@@ -43,8 +45,14 @@ Tensor = torch.Tensor
 def _num_sms(device: torch.device) -> int:
     """SMs of a CUDA device (a host query, no sync). On the interpreter: no cap on programs."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else
+                         torch.cuda.current_device())
     return 1 << 30
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def fused_topk_forward(
@@ -219,6 +227,15 @@ def fused_topk(logits: Tensor, cfg: RouterConfig, bias: Tensor | None = None) ->
         logits = logits.contiguous()
     if bias is not None:
         bias = bias.contiguous()
+    args = (logits, bias, cfg.top_k, cfg.score_func, cfg.softmax_after_topk, cfg.renormalize,
+            float(cfg.routed_scaling_factor), cfg.n_groups, cfg.topk_groups, cfg.group_score)
+    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled()
+                                                  and logits.requires_grad):
+        # inference from Python: launch directly, skipping the custom-op dispatcher (tens of us
+        # of host time at decode sizes); compile and autograd go through the op below
+        ids, weights, prob_sum, zsq_sum = fused_topk_forward(*args)
+        return Selection(topk_ids=ids, topk_weights=weights, scores=None, prob_sum=prob_sum,
+                         zsq_sum=zsq_sum)
     ids, weights, prob_sum, zsq_sum = torch.ops.routerlib.fused_topk(
         logits, bias, cfg.top_k, cfg.score_func, cfg.softmax_after_topk, cfg.renormalize,
         float(cfg.routed_scaling_factor), cfg.n_groups, cfg.topk_groups, cfg.group_score)
