@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import functools
 
-import functools
-
 import torch
 import triton
 
@@ -50,7 +48,7 @@ def _num_sms(device: torch.device) -> int:
     return 1 << 30
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
