@@ -19,8 +19,9 @@ How (N = T*K slots, s = t*K + k): a counting sort of the slot ids by expert.
   comparisons per expert, in parallel tiles. Correct for any data; slow when one expert gets a
   huge batch (65536 slots to one expert: ~2e9 comparisons).
 
-Measured on an H200 (CUDA graph, per plan): T=16384, E=128, K=8 position: 15.8 us (2 launches);
-T=64: 4.0 us (1 launch); T=65536, E=256-512: 93-101 us; priority T=16384: ~125-150 us.
+Measured (CUDA graph, per plan, H200 then H100 similar): T=16384, E=128, K=8 position 15.6-16 us
+(2 launches); T=64 4.0 us and T=128 9.0 us (1 launch); T=512 12 us; T=65536, E=256-512 90-101 us;
+priority T=16384 113 us (H100, 3 launches).
 tl.sort of a large block is the cost (one 4096-slot program: 69 us). A variant with 128-slot
 blocks, a separate scan launch and [128, 128] comparisons instead of the sort measured slower
 (23 us at T=16384; 3 launches). Open: a faster in-block rank.
@@ -54,10 +55,11 @@ def _new_int32(n: int, device: torch.device) -> torch.Tensor:
 
 
 @torch._dynamo.assume_constant_result
-def _capacity_ratio(cfg: RouterConfig) -> tuple[int, int]:
+def _capacity_ratio(capacity_factor: float) -> tuple[int, int]:
     """capacity_factor as the exact decimal fraction (num, den) that RouterConfig.capacity uses;
-    a constant for torch.compile, which cannot trace Fraction."""
-    f = Fraction(str(cfg.capacity_factor))
+    a constant for torch.compile, which cannot trace Fraction (a float argument: torch 2.11's
+    dynamo cannot pass a frozen dataclass to an assume_constant_result function)."""
+    f = Fraction(str(capacity_factor))
     return f.numerator, f.denominator
 
 
@@ -67,7 +69,7 @@ def _shapes(num_tokens: int, cfg: RouterConfig) -> tuple[int | None, int]:
     E, K = cfg.num_experts, cfg.top_k
     if cfg.capacity_factor is None:
         return None, num_tokens * K + E * (cfg.pad_to_multiple - 1)
-    num, den = _capacity_ratio(cfg)
+    num, den = _capacity_ratio(cfg.capacity_factor)
     C = max(cfg.min_capacity, -(-(num * num_tokens * K) // (den * E)))  # ceil
     return C, E * C
 
