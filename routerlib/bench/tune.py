@@ -47,9 +47,9 @@ def sweep_topk(rows: list[dict], quick: bool) -> None:
     from routerlib.config import RouterConfig
     from routerlib.kernels.topk import fused_topk
 
-    shapes = [(16384, 128, 8), (64, 128, 8), (16384, 256, 8)]
-    blocks = (1, 2, 4, 8, 16, 32)
-    warps = (1, 2, 4, 8)
+    shapes = [(16384, 128, 8), (64, 128, 8)]
+    blocks = (2, 4, 8, 16, 32)
+    warps = (2, 4, 8)
     pps = (4, 16, 64)
     if quick:
         shapes, blocks, warps, pps = shapes[:1], (4, 16), (4,), (4, 16)
@@ -88,7 +88,7 @@ def sweep_rowmap(rows: list[dict], quick: bool) -> None:
     cfg = RouterConfig(num_experts=E, top_k=K, renormalize=True, check_finite=False)
     sel = ref.select(torch.randn(T, E, device="cuda"), cfg)
     plan = ref.build_plan(sel, cfg)
-    grid = list(itertools.product((1, 2, 4, 8), (512, 1024, 2048, 4096), (4, 8)))
+    grid = list(itertools.product((1, 2, 4, 8), (1024, 2048), (4, 8)))
     if quick:
         grid = grid[:3]
     for D in (2048, 4096):
@@ -129,17 +129,21 @@ def main(argv: list[str] | None = None) -> int:
         print("tune: needs a CUDA GPU (configs are timed in CUDA graphs)", file=sys.stderr)
         return 2
     rows: list[dict] = []
-    kernels = args.kernels.split(",")
-    if "topk" in kernels:
-        sweep_topk(rows, args.quick)
-    if "rowmap" in kernels:
-        sweep_rowmap(rows, args.quick)
-    df = pd.DataFrame(rows)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    df.to_csv(args.out + ".csv", index=False)
-    with open(args.out + ".json", "w") as f:
-        json.dump({"env": env_info(), "rows": json.loads(df.to_json(orient="records"))}, f,
-                  indent=1)
+    env = env_info()
+
+    def save() -> pd.DataFrame:  # after every sweep: a time limit keeps what was measured
+        df = pd.DataFrame(rows)
+        df.to_csv(args.out + ".csv", index=False)
+        with open(args.out + ".json", "w") as f:
+            json.dump({"env": env, "rows": json.loads(df.to_json(orient="records"))}, f,
+                      indent=1)
+        return df
+
+    for name, sweep in (("topk", sweep_topk), ("rowmap", sweep_rowmap)):
+        if name in args.kernels.split(","):
+            sweep(rows, args.quick)
+            df = save()
     good = df[df["ok"] & df["us"].notna()]
     best = good.loc[good.groupby(["kernel", "T", "E", "D"], dropna=False)["us"].idxmin()]
     dflt = {(r["kernel"], r["T"], r["E"], str(r["D"])): r["us"]

@@ -208,9 +208,12 @@ def build_plan(topk_ids: torch.Tensor, topk_weights: torch.Tensor, cfg: RouterCo
                              f"{tuple(priority.shape)}")
         key = priority.detach().float()
     C, R = _shapes(T, cfg)
-    counts, kept, offsets, slot_to_row, row_to_slot = routing_plan(
-        topk_ids, key, cfg.num_experts, -1 if C is None else C, cfg.pad_to_multiple, R,
-        cfg.drop_policy, block_slots or 0)
+    args = (topk_ids, key, cfg.num_experts, -1 if C is None else C, cfg.pad_to_multiple, R,
+            cfg.drop_policy, block_slots or 0)
+    # eager calls launch directly (the custom-op dispatcher costs host time at decode sizes);
+    # torch.compile traces the op
+    impl = routing_plan if torch.compiler.is_compiling() else _plan_impl
+    counts, kept, offsets, slot_to_row, row_to_slot = impl(*args)
     return RoutingPlan(expert_counts=counts, kept_counts=kept, expert_offsets=offsets,
                        slot_to_row=slot_to_row, row_to_slot=row_to_slot, capacity=C, num_rows=R)
 
