@@ -45,9 +45,11 @@ def torch_run(tmp_path_factory) -> dict:
 def test_quick_run_structure(torch_run):
     doc = torch_run
     assert set(doc) >= {"env", "roofs", "args", "rows", "targets"}
-    env = doc["env"]
-    assert env["device_type"] == "cpu" and env["torch"] == torch.__version__
+    env = doc["env"]  # the machine's (it may hold a GPU); the run itself was on the CPU
+    assert env["torch"] == torch.__version__ and env["device"]
+    assert doc["args"]["device_resolved"] == "cpu"
     roofs = doc["roofs"]
+    assert roofs["device"] == "cpu"
     assert roofs["copy_gbps"] > 0 and roofs["matmul_tflops"] > 0 and roofs["launch_us"] > 0
     assert doc["args"]["backends_resolved"] == ["torch"] and doc["args"]["quick"] is True
     rows = doc["rows"]
@@ -203,7 +205,7 @@ def test_targets_evaluation():
     g = out["route graph qwen3"]
     assert g["measured"] == 9.0 and g["pass"] is True
     e = out["route eager qwen3"]
-    assert e["measured"] == 45.0 and e["pass"] is False
+    assert e["measured"] == 45.0 and e["pass"] is False and "misses" in e["why"]
     d = out["dispatch D=2048 frac of copy BW"]
     assert d["measured"] == 0.9 and d["pass"] is False and "differs" in d["why"]
     assert out["combine D=4096 frac of copy BW"]["pass"] is True

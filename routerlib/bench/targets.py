@@ -1,7 +1,7 @@
 """The target benchmark: routerlib's Triton kernels against the issue's targets, beside the
 baselines (PyTorch reference, torch.compile of it, peers), in one run on one device.
 
-    python -m routerlib.bench.targets --out results/targets_h100      # ~3-5 min on an H100
+    python -m routerlib.bench.targets --out results/targets_h100      # ~3.5 min on an H100
     python -m routerlib.bench.targets --quick --out /tmp/t            # tiny shapes (CPU test)
 
 Sections (full shapes; --quick swaps in tiny ones with the same structure):
@@ -705,6 +705,8 @@ def evaluate_targets(rows: list[dict], cases: Cases, quick: bool) -> list[dict]:
             why = row.get("error") or "no number"
         elif verified is False:
             why = "output differs from the reference: " + (row.get("verify_error") or "")
+        elif not met:
+            why = f"misses the goal {tg.op_cmp} {tg.goal:g}"
         out.append({"target": tg.name, "metric": tg.metric, "cmp": tg.op_cmp, "goal": tg.goal,
                     "measured": measured, "verified": verified,
                     "pass": bool(met and verified is not False), "why": why,
