@@ -31,8 +31,9 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def topk_config(num_experts: int) -> tuple[int, int, int]:
-    """(BLOCK_T, num_warps, programs_per_sm) for E experts: about 2048 tile elements per program,
+def topk_config(num_experts: int, num_tokens: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK_T, num_warps, programs_per_sm) for E experts (and T tokens, when known): about 2048
+    tile elements per program,
     so fewer tokens per program when E is large; the persistent grid is capped at programs_per_sm
     programs per SM (fewer programs: a smaller [P, E] partial-sum buffer). The environment
     variable ROUTERLIB_TOPK_CONFIG="BLOCK_T,num_warps[,programs_per_sm]" pins one. No runtime
@@ -40,8 +41,14 @@ def topk_config(num_experts: int) -> tuple[int, int, int]:
     interpreter would gain nothing from it."""
     block_e = max(2, next_pow2(num_experts))
     block_t = max(1, min(128, 2048 // block_e))
-    num_warps = 4  # measured on an H200 (E=128..512): 8 warps was never faster
-    programs_per_sm = 4
+    if num_tokens is not None:  # few tokens: smaller tiles, so that more SMs share them
+        block_t = min(block_t, max(1, next_pow2(-(-num_tokens // 16))))
+    # H100 sweep (results/h100/tune.csv, E=128): 2 warps for a 2048-element tile (26.6 us vs
+    # 30.8 with 4 at T=16384), 4 warps for the small tiles of decode (8.8 us vs 10.4 at T=64);
+    # 8 warps was never faster (E=128..512, H200)
+    tile = block_t * block_e
+    num_warps = 2 if tile >= 2048 and block_e <= 128 else 4
+    programs_per_sm = 16
     pinned = os.environ.get("ROUTERLIB_TOPK_CONFIG")
     if pinned:
         try:

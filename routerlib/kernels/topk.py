@@ -93,7 +93,7 @@ def fused_topk_forward(
         zero = torch.zeros((), dtype=torch.float32, device=dev)
         return ids, weights, torch.zeros(E, dtype=torch.float32, device=dev), zero
 
-    block_t, num_warps, programs_per_sm = topk_config(E)
+    block_t, num_warps, programs_per_sm = topk_config(E, T)
     num_tiles = triton.cdiv(T, block_t)
     P = min(num_tiles, max_programs or programs_per_sm * _num_sms(dev))
     part = torch.empty((P, E + 1), dtype=torch.float32, device=dev)
