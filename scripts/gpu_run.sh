@@ -35,16 +35,17 @@ fi
 if has tests; then
   # the kernel, benchmark and target tests on the GPU (full-size checks are marked gpu); the
   # reference suite is device-independent and runs in CI
-  HYPOTHESIS_PROFILE=ci timeout "${TESTS_TIMEOUT:-330}" "$PY" -m pytest -q -m "not notebook" \
+  HYPOTHESIS_PROFILE=ci timeout "${TESTS_TIMEOUT:-330}" "$PY" -m pytest -q -rf --tb=short \
+    -m "not notebook" \
     -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" ${GPU_TESTS:-tests/test_kernel_*.py \
     tests/test_targets.py tests/test_bench.py tests/test_router_layer.py} 2>&1 \
-    | tee "$OUT/pytest_gpu.log" | tail -n 15
+    | tee "$OUT/pytest_gpu.log" | tail -n 25
   rc=$((rc | ${PIPESTATUS[0]}))
 fi
 if has sanitize; then
   for tool in memcheck racecheck; do
     timeout "${SANITIZE_TIMEOUT:-110}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-      "$PY" scripts/sanitize_kernels.py >"$OUT/sanitizer_$tool.log" 2>&1
+      "$PY" scripts/sanitize_kernels.py ${SANITIZE_ARGS:-} >"$OUT/sanitizer_$tool.log" 2>&1
     echo "compute-sanitizer $tool: exit $? ($(tail -n 1 "$OUT/sanitizer_$tool.log"))"
   done
 fi
@@ -66,7 +67,7 @@ if has tune; then
   timeout "${TUNE_TIMEOUT:-150}" "$PY" -m routerlib.bench.tune --out "$OUT/tune" 2>&1 | tail -n 12
 fi
 if has targets; then
-  timeout "${TARGETS_TIMEOUT:-240}" "$PY" -m routerlib.bench.targets --out "$OUT/targets" 2>&1 \
+  timeout "${TARGETS_TIMEOUT:-240}" "$PY" -m routerlib.bench.targets ${TARGETS_ARGS:-} --out "$OUT/targets" 2>&1 \
     | tail -n 40
 fi
 exit $rc
