@@ -158,7 +158,7 @@ def test_persistent_tiles_and_pinned_config(monkeypatch, device):
     logits = torch.randn(33, 13, device=device)
     exp = select_token_choice(logits, cfg)
     monkeypatch.setenv("ROUTERLIB_TOPK_CONFIG", "4,1")
-    assert topk_config(13) == (4, 1, 16)  # programs_per_sm keeps its default
+    assert topk_config(13) == (4, 1, 4)
     ids, w, prob_sum, zsq_sum = fused_topk_forward(
         logits, None, 3, "sigmoid", False, True, 1.0, max_programs=3)
     assert_equal_int(ids, exp.topk_ids, "topk_ids")

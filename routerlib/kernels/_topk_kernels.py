@@ -43,12 +43,13 @@ def topk_config(num_experts: int, num_tokens: int | None = None) -> tuple[int, i
     block_t = max(1, min(128, 2048 // block_e))
     if num_tokens is not None:  # few tokens: smaller tiles, so that more SMs share them
         block_t = min(block_t, max(1, next_pow2(-(-num_tokens // 16))))
-    # H100 sweep (results/h100/tune.csv, E=128): 2 warps for a 2048-element tile (26.6 us vs
-    # 30.8 with 4 at T=16384), 4 warps for the small tiles of decode (8.8 us vs 10.4 at T=64);
-    # 8 warps was never faster (E=128..512, H200)
-    tile = block_t * block_e
-    num_warps = 2 if tile >= 2048 and block_e <= 128 else 4
-    programs_per_sm = 16
+    # Measured on an H100 (results/h100/tune.csv, targets*.json): smaller tiles for few tokens
+    # win at decode (T=64: 8.8 us with BLOCK_T=4 vs 10.4 with 16; the decode path 26.7 -> 25.2
+    # us). 2 warps won the bf16 top-K-alone sweep at T=16384 (26.6 vs 30.8 us) but lost inside
+    # the fp32 route of the targets run (58.3 vs 49.4 us), so 4 warps stay; 8 was never faster;
+    # programs_per_sm moved the time by < 1 us.
+    num_warps = 4
+    programs_per_sm = 4
     pinned = os.environ.get("ROUTERLIB_TOPK_CONFIG")
     if pinned:
         try:
