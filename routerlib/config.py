@@ -2,14 +2,15 @@
 
 Shape vocabulary used across routerlib:
     T tokens, D hidden, E experts, K top-k, F expert FFN width, C capacity (rows per expert),
-    S slots per token (S = K for token choice, S = E for expert choice), R rows of the expert buffer.
+    S slots per token (S = K for token choice, S = E for expert choice), R rows of the expert
+    buffer.
 """
 
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal
 
 ScoreFunc = Literal["softmax", "sigmoid"]
@@ -48,14 +49,16 @@ class RouterConfig:
     Selection
         routing: "token_choice" (each token picks K experts) or "expert_choice" (each expert picks
             its C best tokens, C from capacity_factor).
-        Ties always go to the lower expert index (token choice) or lower token index (expert choice).
+        Ties always go to the lower expert index (token choice) or the lower token index (expert
+        choice).
 
     Capacity
         capacity_factor: None = dropless; else C = max(min_capacity, ceil(capacity_factor*T*K/E)).
         drop_policy: which slots an over-full expert keeps: "position" (arrival order, slot t*K+k),
             "priority" (highest weight first: Batch Prioritized Routing), "random".
             Rows inside an expert follow the same order.
-        pad_to_multiple: pad each expert's segment of the ragged (dropless) buffer to this block size
+        pad_to_multiple: pad each expert's segment of the ragged (dropless) buffer to this block
+            size
             so a grouped GEMM can tile it; 1 = no padding.
 
     Training-time noise (applied only when the router is in training mode)
@@ -66,7 +69,8 @@ class RouterConfig:
         aux_loss_coef: Switch/GShard load-balancing loss E*sum_e f_e*P_e.
         seq_aux_loss_coef: its per-sequence variant (DeepSeek-V3), needs the sequence length.
         z_loss_coef: mean(logsumexp(logits)^2) (ST-MoE).
-        bias_update_rate: step of the aux-loss-free bias update b_e += rate*sign(mean_load - load_e).
+        bias_update_rate: step of the aux-loss-free bias update
+            b_e += rate * sign(mean_load - load_e).
 
     Checks
         check_finite: reject NaN/inf logits (a host sync; switched off automatically while a CUDA
@@ -154,7 +158,8 @@ class RouterConfig:
         return self.num_experts if self.routing == "expert_choice" else self.top_k
 
     def capacity(self, num_tokens: int) -> int | None:
-        """C = max(min_capacity, ceil(capacity_factor * T * K / E)), at most T (None if dropless)."""
+        """C = max(min_capacity, ceil(capacity_factor * T * K / E)); at most T for expert choice;
+        None if dropless."""
         if self.capacity_factor is None:
             return None
         # exact decimal arithmetic: 1.1 * 100 / 10 must give 11, not ceil(11.000000000000002)

@@ -66,7 +66,8 @@ class RoutingPlan:
     num_rows: int
 
     def __post_init__(self) -> None:
-        for name in ("expert_counts", "kept_counts", "expert_offsets", "slot_to_row", "row_to_slot"):
+        for name in ("expert_counts", "kept_counts", "expert_offsets", "slot_to_row",
+                     "row_to_slot"):
             t = getattr(self, name)
             assert t.dtype == torch.int32, f"{name} must be int32, got {t.dtype}"
         assert self.row_to_slot.shape == (self.num_rows,)

@@ -25,7 +25,7 @@ def _capturing(t: torch.Tensor) -> bool:
 
 
 def check_logits(logits: torch.Tensor, cfg: RouterConfig) -> None:
-    """Raise a ValueError/TypeError naming the problem if the logits are not [T, E] finite floats."""
+    """Raise a ValueError/TypeError naming the problem unless logits are [T, E] finite floats."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 2:

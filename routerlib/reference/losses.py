@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-
 from routerlib.reference.gating import token_distribution as _probs
 
 

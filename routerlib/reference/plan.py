@@ -46,7 +46,8 @@ def policy_order(sel: Selection, cfg: RouterConfig, priority: torch.Tensor | Non
 
 def rank_in_expert(flat_ids: torch.Tensor, order: torch.Tensor, num_experts: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each slot's 0-based place among the slots of its expert, in `order`. Returns (rank, counts)."""
+    """Each slot's 0-based place among the slots of its expert, in `order`.
+    Returns (rank, counts)."""
     ids_in_order = flat_ids[order].long()
     counts = torch.bincount(ids_in_order, minlength=num_experts)  # [E]
     by_expert = torch.sort(ids_in_order, stable=True).indices  # grouped by expert, order kept
