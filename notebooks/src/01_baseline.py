@@ -258,6 +258,13 @@ print("reference (eager torch), µs per call, T = 64 (decode)")
 stage_table(ok, 64)
 
 # %%
+layer = ok[(ok["stage"] == "layer") & (ok["mode"] == "eager")].copy()
+layer["tokens_per_s"] = layer["T"] / (layer["median_us"] * 1e-6)  # older files lack the column
+layer["TFLOP/s"] = layer["tflops"]
+print("whole MoE layer forward (reference): throughput in tokens/s and achieved TFLOP/s")
+layer.pivot_table(index="config", columns="T", values="tokens_per_s").map(lambda v: f"{v:,.0f}")
+
+# %%
 pipe = ["gate", "route", "dispatch", "experts", "combine"]
 d = ok[(ok["backend"] == "torch") & (ok["mode"] == "eager") & ok["stage"].isin(pipe)]
 dom = (d.sort_values("median_us").groupby(["config", "T"]).tail(1)

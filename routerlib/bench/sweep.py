@@ -34,7 +34,8 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 
 ROW_COLUMNS = [
     "config", "D", "E", "K", "F", "backend", "inputs", "dtype", "T", "stage", "mode",
-    "median_us", "p20_us", "p80_us", "n", "bytes", "flops", "gbps", "tflops", "frac_bw",
+    "median_us", "p20_us", "p80_us", "n", "tokens_per_s", "bytes", "flops", "gbps", "tflops",
+    "frac_bw",
     "frac_flops", "frac_roof", "floor_us", "roof_copy_gbps", "roof_matmul_tflops",
     "imbalance", "drop_rate", "setup_s", "error",
 ]
@@ -57,8 +58,8 @@ only when torch is in the list.
 
 Output: <out>.csv and <out>.json. Each row: env fields (device, versions, git commit, host, date)
 + config + D/E/K/F + backend + inputs + dtype + T + stage + mode (eager | graph) + median_us,
-p20_us, p80_us, n + bytes, flops, gbps, tflops + frac_bw, frac_flops, frac_roof (of the measured
-roofs) + floor_us + imbalance, drop_rate of the routed load + setup_s (build and first call:
+p20_us, p80_us, n + tokens_per_s + bytes, flops, gbps, tflops + frac_bw, frac_flops,
+frac_roof (of the measured roofs) + floor_us + imbalance, drop_rate of the routed load + setup_s (build and first call:
 the compilation time under compile) + error (empty if the stage ran).
 The JSON holds a header {env, roofs, args} and the rows (and the profile rows with --profile,
 also written to <out>_profile.csv). Unavailable stages and shapes that do not fit in memory give
@@ -257,7 +258,8 @@ def run_sweep(args: argparse.Namespace, checkpoint: Callable[[dict], None] | Non
                              bench_cuda_graph(fn, args.warmup, args.rep))
                         a = achieved(cost, t.seconds, roofs)
                         row.update(median_us=t.median_us, p20_us=t.p20_us, p80_us=t.p80_us,
-                                   n=t.n, gbps=a.gbps, tflops=a.tflops, frac_bw=a.frac_bw,
+                                   n=t.n, tokens_per_s=T / t.seconds, gbps=a.gbps,
+                                   tflops=a.tflops, frac_bw=a.frac_bw,
                                    frac_flops=a.frac_flops, frac_roof=a.frac_roof,
                                    floor_us=a.floor_us)
                     except Exception as e:  # noqa: BLE001
