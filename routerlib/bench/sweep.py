@@ -59,8 +59,8 @@ only when torch is in the list.
 Output: <out>.csv and <out>.json. Each row: env fields (device, versions, git commit, host, date)
 + config + D/E/K/F + backend + inputs + dtype + T + stage + mode (eager | graph) + median_us,
 p20_us, p80_us, n + tokens_per_s + bytes, flops, gbps, tflops + frac_bw, frac_flops,
-frac_roof (of the measured roofs) + floor_us + imbalance, drop_rate of the routed load + setup_s (build and first call:
-the compilation time under compile) + error (empty if the stage ran).
+frac_roof (of the measured roofs) + floor_us + imbalance, drop_rate of the routed load + setup_s
+(build and first call: the compilation time under compile) + error (empty if the stage ran).
 The JSON holds a header {env, roofs, args} and the rows (and the profile rows with --profile,
 also written to <out>_profile.csv). Unavailable stages and shapes that do not fit in memory give
 rows with an error instead of stopping the sweep.
