@@ -85,6 +85,18 @@ def _parse_pin(env: str, D: int) -> dict[str, int] | None:
     return cfg
 
 
+def _launch(tuned, plain, env: str, D: int, grid, args: tuple, flags: dict) -> None:
+    """Launch the autotuned kernel, or the plain one with the config pinned by `env` (always
+    pinned under the interpreter, where autotuning would only cost time)."""
+    pin = _parse_pin(env, D)
+    if pin is None and interpreting():
+        pin = default_config(D)
+    if pin is None:
+        tuned[grid](*args, **flags)
+    else:
+        plain[grid](*args, **flags, **pin)
+
+
 def _hopper_configs() -> list[triton.Config]:
     """H100/H200: 16-byte vectors need BLOCK_D >= 8 (bf16) per thread-chunk; tiles of 2K-8K
     elements keep 8-32 elements per thread in flight with 4-8 warps."""
@@ -255,13 +267,8 @@ def scatter_rows(src: torch.Tensor, slot_to_row: torch.Tensor, row_to_slot: torc
         bt = meta["BLOCK_T"]
         return (triton.cdiv(T, bt) + triton.cdiv(R, bt * ZERO_GROUPS),)
 
-    pin = _parse_pin("ROUTERLIB_SCATTER_CONFIG", D)
-    if pin is None and interpreting():
-        pin = default_config(D)
-    if pin is None:
-        _scatter_rows_tuned[grid](*args, **flags)
-    else:
-        _scatter_rows_plain[grid](*args, **flags, **pin)
+    _launch(_scatter_rows_tuned, _scatter_rows_plain, "ROUTERLIB_SCATTER_CONFIG", D, grid, args,
+            flags)
     return dst, dots
 
 
@@ -351,11 +358,6 @@ def gather_reduce(src: torch.Tensor, slot_to_row: torch.Tensor,
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(T, meta["BLOCK_T"]),)
 
-    pin = _parse_pin("ROUTERLIB_GATHER_CONFIG", D)
-    if pin is None and interpreting():
-        pin = default_config(D)
-    if pin is None:
-        _gather_reduce_tuned[grid](*args, **flags)
-    else:
-        _gather_reduce_plain[grid](*args, **flags, **pin)
+    _launch(_gather_reduce_tuned, _gather_reduce_plain, "ROUTERLIB_GATHER_CONFIG", D, grid, args,
+            flags)
     return out
