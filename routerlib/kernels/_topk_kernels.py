@@ -105,6 +105,65 @@ def _group_limit(key, cols, BLOCK_T: tl.constexpr, N_GROUPS: tl.constexpr,
 
 
 @triton.jit
+def _select_tile(x, rmask, cmask, cols, bias, scale,
+                 E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                 SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.constexpr, RENORM: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, N_GROUPS: tl.constexpr,
+                 GROUP_SIZE: tl.constexpr, TOPK_GROUPS: tl.constexpr, TOP2_SUM: tl.constexpr,
+                 BLOCK_G: tl.constexpr):
+    """Score and select one [BLOCK_T, BLOCK_E] tile of fp32 logits x (-inf on padding).
+
+    Returns rank (the round k that took expert e, -1 if not selected), w (the combine weight of
+    the selected, scaled; 0 elsewhere), q (each token's distribution over experts, 0 on padding:
+    the balance loss's P) and lse_sq (logsumexp^2 per token, 0 on padding rows)."""
+    mask = rmask[:, None] & cmask[None, :]
+    rev = (E - 1 - cols)[None, :]  # the max of packed keys takes the lowest expert on ties
+    m = tl.where(rmask, tl.max(x, axis=1), 0.0)
+    ex = tl.exp(x - m[:, None])
+    s = tl.where(rmask, tl.sum(ex, axis=1), 1.0)
+    lse = m + tl.log(s)
+    if SIGMOID:
+        p = 1.0 / (1.0 + tl.exp(-x))
+        q = p / (tl.sum(p, axis=1) + 1e-20)[:, None]  # sigmoid normalised per token
+    else:
+        p = ex / s[:, None]
+        q = p
+
+    if KEY_LOGITS:
+        key = x
+    else:
+        key = p
+    if HAS_BIAS:
+        key = key + bias[None, :]
+    if N_GROUPS > 1:
+        key = _group_limit(key, cols, BLOCK_T, N_GROUPS, GROUP_SIZE, TOPK_GROUPS, TOP2_SUM,
+                           BLOCK_G)
+    packed = tl.where(cmask[None, :], _packed_key(key, rev), _TAKEN)
+
+    # K rounds of: best packed key per token, then take it. rank[t, e] = the round that took
+    # expert e (-1: not selected). Everything stays in the [BLOCK_T, BLOCK_E] layout.
+    rank = tl.full([BLOCK_T, BLOCK_E], -1, tl.int32)
+    for k in range(K):
+        best = tl.max(packed, axis=1)  # [BLOCK_T]
+        hit = packed == best[:, None]  # exactly one expert per token: the index breaks ties
+        packed = tl.where(hit, _TAKEN, packed)
+        rank = tl.where(hit, k, rank)
+    chosen = rank >= 0
+
+    if SOFTMAX_AFTER:
+        xm = tl.where(chosen, x, float("-inf"))
+        mk = tl.where(rmask, tl.max(xm, axis=1), 0.0)
+        ek = tl.exp(xm - mk[:, None])
+        w = ek / tl.where(rmask, tl.sum(ek, axis=1), 1.0)[:, None]
+    else:
+        w = tl.where(chosen, p, 0.0)
+        if RENORM:
+            w = w / (tl.sum(w, axis=1) + 1e-20)[:, None]
+    w = w * scale
+    return rank, w, tl.where(mask, q, 0.0), tl.where(rmask, lse * lse, 0.0)
+
+
+@triton.jit
 def _topk_fwd_kernel(
     logits_ptr,  # (T, E) fp32/bf16/fp16/fp64, row stride stride_t, unit column stride
     bias_ptr,  # (E,) expert bias for selection only; read only if HAS_BIAS
@@ -134,7 +193,7 @@ def _topk_fwd_kernel(
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
-    rev = (E - 1 - cols)[None, :]  # the max of packed keys takes the lowest expert on ties
+    bias = tl.zeros([BLOCK_E], tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     prob_acc = tl.zeros([BLOCK_E], tl.float32)
@@ -147,53 +206,15 @@ def _topk_fwd_kernel(
         mask = rmask[:, None] & cmask[None, :]
         x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask,
                     other=float("-inf")).to(tl.float32)  # [BLOCK_T, BLOCK_E]
-        m = tl.where(rmask, tl.max(x, axis=1), 0.0)
-        ex = tl.exp(x - m[:, None])
-        s = tl.where(rmask, tl.sum(ex, axis=1), 1.0)
-        lse = m + tl.log(s)
-        zsq_acc += tl.where(rmask, lse * lse, 0.0)
-        if SIGMOID:
-            p = 1.0 / (1.0 + tl.exp(-x))
-            q = p / (tl.sum(p, axis=1) + 1e-20)[:, None]  # sigmoid normalised per token
-        else:
-            p = ex / s[:, None]
-            q = p
-        prob_acc += tl.sum(tl.where(mask, q, 0.0), axis=0)
-
-        if KEY_LOGITS:
-            key = x
-        else:
-            key = p
-        if HAS_BIAS:
-            key = key + bias[None, :]
-        if N_GROUPS > 1:
-            key = _group_limit(key, cols, BLOCK_T, N_GROUPS, GROUP_SIZE, TOPK_GROUPS, TOP2_SUM,
-                               BLOCK_G)
-        packed = tl.where(cmask[None, :], _packed_key(key, rev), _TAKEN)
-
-        # K rounds of: best packed key per token, then take it. rank[t, e] = the round that took
-        # expert e (-1: not selected). Everything stays in the [BLOCK_T, BLOCK_E] layout.
-        rank = tl.full([BLOCK_T, BLOCK_E], -1, tl.int32)
-        for k in range(K):
-            best = tl.max(packed, axis=1)  # [BLOCK_T]
-            hit = packed == best[:, None]  # exactly one expert per token: the index breaks ties
-            packed = tl.where(hit, _TAKEN, packed)
-            rank = tl.where(hit, k, rank)
-        chosen = rank >= 0
-
-        if SOFTMAX_AFTER:
-            xm = tl.where(chosen, x, float("-inf"))
-            mk = tl.where(rmask, tl.max(xm, axis=1), 0.0)
-            ek = tl.exp(xm - mk[:, None])
-            w = ek / tl.where(rmask, tl.sum(ek, axis=1), 1.0)[:, None]
-        else:
-            w = tl.where(chosen, p, 0.0)
-            if RENORM:
-                w = w / (tl.sum(w, axis=1) + 1e-20)[:, None]
-        w = w * scale
+        rank, w, q, lse_sq = _select_tile(
+            x, rmask, cmask, cols, bias, scale, E, K, BLOCK_T, BLOCK_E, SIGMOID, SOFTMAX_AFTER,
+            RENORM,
+            HAS_BIAS, KEY_LOGITS, N_GROUPS, GROUP_SIZE, TOPK_GROUPS, TOP2_SUM, BLOCK_G)
+        prob_acc += tl.sum(q, axis=0)
+        zsq_acc += lse_sq
         # scatter the K chosen experts of each token to their slots t*K + rank
         out_off = rows.to(tl.int64)[:, None] * K + rank
-        smask = mask & chosen
+        smask = mask & (rank >= 0)
         tl.store(ids_ptr + out_off, cols[None, :] + tl.zeros([BLOCK_T, BLOCK_E], tl.int32),
                  mask=smask)
         tl.store(weights_ptr + out_off, w, mask=smask)
