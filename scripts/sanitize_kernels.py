@@ -65,6 +65,14 @@ def main() -> None:
         _, plan = route_small(logits, cfg)
         want = ref.build_plan(ref.select(logits, cfg), cfg)
         assert torch.equal(plan.row_to_slot, want.row_to_slot), "small route plan differs"
+    from routerlib.kernels.route_fused import route_fused
+
+    for cfg in (RouterConfig(num_experts=128, top_k=8, capacity_factor=1.0),
+                RouterConfig(num_experts=13, top_k=3, pad_to_multiple=8, renormalize=True)):
+        logits = torch.randn(1000, cfg.num_experts, device="cuda", dtype=torch.bfloat16)
+        _, plan = route_fused(logits, cfg)
+        want = ref.build_plan(ref.select(logits, cfg), cfg)
+        assert torch.equal(plan.row_to_slot, want.row_to_slot), "fused route plan differs"
     print("sanitize_kernels: all kernels ran and matched the reference")
 
 

@@ -5,6 +5,8 @@
   dispatch.py  gather tokens into expert-major rows (backward: a deterministic gather-sum)
   combine.py   weighted K-way sum back to tokens in fp32 (backward: scatter dual + weight grads)
   route_small.py  decode sizes: score + top-K + plan in one launch (opt-in: ROUTERLIB_SMALL_ROUTE=1)
+  route_fused.py  any size: top-K with the plan's counting sort folded in, 3 launches, no sort
+                  (opt-in: ROUTERLIB_FUSED_ROUTE=1)
 
 Every op computes exactly what routerlib.reference computes; tests compare them.
 On a machine without a GPU they run under TRITON_INTERPRET=1.
@@ -33,12 +35,14 @@ def route(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = N
     if cfg.routing == "expert_choice":
         sel = ref.select(logits, cfg, bias)
         return sel, ref.build_plan(sel, cfg, priority)
-    from routerlib.kernels import route_small
+    from routerlib.kernels import route_fused, route_small
     from routerlib.kernels.plan import build_plan
     from routerlib.kernels.topk import fused_topk
 
     if route_small.enabled() and route_small.applies(logits, cfg):
         return route_small.route_small(logits, cfg, bias)  # decode sizes: one launch
+    if route_fused.enabled() and route_fused.applies(logits, cfg):
+        return route_fused.route_fused(logits, cfg, bias)  # three launches, no sort
 
     sel = fused_topk(logits, cfg, bias)
     plan = build_plan(sel.topk_ids, sel.topk_weights, cfg, priority)

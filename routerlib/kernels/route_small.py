@@ -45,6 +45,36 @@ def applies(logits: torch.Tensor, cfg: RouterConfig) -> bool:
 
 
 @triton.jit
+def _layout(counts, cols, C, E: tl.constexpr, CAPACITY: tl.constexpr, PAD: tl.constexpr):
+    """(kept [BLOCK_E], starts [BLOCK_E], rows in use) from the routed counts: capacity layout
+    e*C with kept = min(count, C), or ragged segments padded to PAD. Padding columns hold 0."""
+    if CAPACITY:
+        kept = tl.minimum(counts, C)
+        starts = cols * C
+        total = E * C
+    else:
+        kept = counts
+        padded = (kept + PAD - 1) // PAD * PAD
+        starts = tl.cumsum(padded, axis=0) - padded
+        total = tl.sum(padded, axis=0)
+    return kept, starts, total
+
+
+@triton.jit
+def _mark_empty_rows(row_to_slot_ptr, r, starts, kept, cols, cmask, R, BLOCK_R: tl.constexpr):
+    """Write -1 to the rows r that no slot fills. A row belongs to the last expert whose segment
+    starts at or before it, and is empty unless it lies within that expert's kept count (rows
+    past the last segment too). Filled rows are written by their slots, never here."""
+    starts_real = tl.where(cmask, starts, 2147483647)
+    e_of_r = tl.sum((starts_real[None, :] <= r[:, None]).to(tl.int32), axis=1) - 1
+    onehot = cols[None, :] == e_of_r[:, None]  # [BLOCK_R, BLOCK_E]
+    start_r = tl.sum(tl.where(onehot, starts[None, :], 0), axis=1)
+    kept_r = tl.sum(tl.where(onehot, kept[None, :], 0), axis=1)
+    tl.store(row_to_slot_ptr + r, tl.full([BLOCK_R], -1, tl.int32),
+             mask=(r < R) & (r - start_r >= kept_r))
+
+
+@triton.jit
 def _route_small_kernel(
     logits_ptr,  # (T, E) fp32/bf16/fp16, row stride stride_t
     bias_ptr,  # (E,) selection bias; read only if HAS_BIAS
@@ -91,17 +121,8 @@ def _route_small_kernel(
     ch = chosen.to(tl.int32)
     erank = tl.cumsum(ch, axis=0) - ch  # [BLOCK_T, BLOCK_E]
     counts = tl.sum(ch, axis=0)  # [BLOCK_E]
-    if CAPACITY:
-        kept = tl.minimum(counts, C)
-        starts = cols * C
-        total = E * C
-        keep = chosen & (erank < C)
-    else:
-        kept = counts
-        padded = (kept + PAD - 1) // PAD * PAD
-        starts = tl.cumsum(padded, axis=0) - padded
-        total = tl.sum(padded, axis=0)
-        keep = chosen
+    kept, starts, total = _layout(counts, cols, C, E, CAPACITY, PAD)
+    keep = chosen & (erank < kept[None, :])
     row = starts[None, :] + erank
     tl.store(slot_to_row_ptr + slot, tl.where(keep, row, -1), mask=chosen)
     tl.store(row_to_slot_ptr + row, slot, mask=keep)
@@ -109,18 +130,9 @@ def _route_small_kernel(
     tl.store(kept_ptr + cols, kept, mask=cmask)
     tl.store(offsets_ptr + cols, starts, mask=cmask)
     tl.store(offsets_ptr + E, total)
-
-    # empty rows: a row belongs to the last expert whose segment starts at or before it; it is
-    # empty unless it lies within that expert's kept count (rows past the last segment too)
-    starts_real = tl.where(cmask, starts, 2147483647)
     for r0 in range(0, R, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        e_of_r = tl.sum((starts_real[None, :] <= r[:, None]).to(tl.int32), axis=1) - 1
-        onehot = cols[None, :] == e_of_r[:, None]  # [BLOCK_R, BLOCK_E]
-        start_r = tl.sum(tl.where(onehot, starts[None, :], 0), axis=1)
-        kept_r = tl.sum(tl.where(onehot, kept[None, :], 0), axis=1)
-        tl.store(row_to_slot_ptr + r, tl.full([BLOCK_R], -1, tl.int32),
-                 mask=(r < R) & (r - start_r >= kept_r))
+        _mark_empty_rows(row_to_slot_ptr, r0 + tl.arange(0, BLOCK_R), starts, kept, cols, cmask,
+                         R, BLOCK_R)
 
 
 def route_small(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None
