@@ -283,6 +283,35 @@ for T in sorted(t["T"].unique(), reverse=True):
 #   a graph (target 15 µs). What would close the gap: fold the histogram and in-tile ranks into
 #   the top-K kernel (its K rounds already know each token's experts), leaving one scan + scatter
 #   launch; a 32-bit key per round where E ≤ 65536; and a lighter launcher path for eager calls.
+#   The first two launch-count cuts are written and checked (section 6), not yet measured.
+
+# %% [markdown]
+# ## 6. Prepared, not yet measured: fewer launches for the routing path
+#
+# * `kernels/route_small.py` — decode sizes (T·E fits one program): score + top-K + loss sums +
+#   the whole "position" plan in **one launch**. With one slot per (token, expert), a slot's rank
+#   in its expert is the number of earlier tokens that chose it: an exclusive cumsum of the
+#   chosen mask down the token axis — no sort, no histogram pass.
+# * `kernels/route_fused.py` — any T: the same idea per tile (in-tile ranks and a tile
+#   histogram written by the top-K kernel), a column scan of the tile histograms, then the
+#   scatter: **three launches** instead of four, and no `tl.sort`.
+#
+# Both are opt-in (`ROUTERLIB_SMALL_ROUTE=1`, `ROUTERLIB_FUSED_ROUTE=1`) until the GPU script's
+# `targets_fused` step has measured them; here they are checked against the reference.
+
+# %%
+from routerlib.kernels.route_fused import route_fused  # noqa: E402
+from routerlib.kernels.route_small import route_small  # noqa: E402
+
+for fn, T in ((route_small, 48), (route_fused, 300)):
+    cfg = RouterConfig(num_experts=24, top_k=4, renormalize=True, capacity_factor=1.25)
+    logits = make_logits("zipf:1.2", T, 24, device=DEVICE, seed=5)
+    sel, plan = fn(logits, cfg)
+    want = ref.build_plan(ref.select(logits, cfg), cfg)
+    for f in ("expert_counts", "kept_counts", "expert_offsets", "slot_to_row", "row_to_slot"):
+        assert torch.equal(getattr(plan, f), getattr(want, f)), f
+    print(f"{fn.__name__}: T={T}, plan equal to the reference, "
+          f"{int(plan.num_dropped())} slots dropped")
 
 # %%
 tg = targets.set_index("target")
