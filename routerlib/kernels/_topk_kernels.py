@@ -164,6 +164,38 @@ def _select_tile(x, rmask, cmask, cols, bias, scale,
 
 
 @triton.jit
+def _load_bias(bias_ptr, cols, cmask, BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The [BLOCK_E] fp32 selection bias (zeros without one)."""
+    bias = tl.zeros([BLOCK_E], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    return bias
+
+
+@triton.jit
+def _route_tile(logits_ptr, stride_t, bias, ids_ptr, weights_ptr, rows, rmask, cols, cmask,
+                scale, E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr,
+                BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.constexpr,
+                RENORM: tl.constexpr, HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr,
+                N_GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, TOPK_GROUPS: tl.constexpr,
+                TOP2_SUM: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Load the logits of tokens `rows`, select (`_select_tile`) and store their K ids and
+    weights at slots t*K + k. Returns chosen [BLOCK_T, BLOCK_E] (masked to real tokens and
+    experts), slot (int64, valid where chosen), q and lse_sq (for the loss sums)."""
+    mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_t + cols[None, :], mask=mask,
+                other=float("-inf")).to(tl.float32)  # [BLOCK_T, BLOCK_E]; int64: T*E > 2^31
+    rank, w, q, lse_sq = _select_tile(
+        x, rmask, cmask, cols, bias, scale, E, K, BLOCK_T, BLOCK_E, SIGMOID, SOFTMAX_AFTER,
+        RENORM, HAS_BIAS, KEY_LOGITS, N_GROUPS, GROUP_SIZE, TOPK_GROUPS, TOP2_SUM, BLOCK_G)
+    chosen = mask & (rank >= 0)
+    slot = rows.to(tl.int64)[:, None] * K + rank
+    tl.store(ids_ptr + slot, cols[None, :] + tl.zeros([BLOCK_T, BLOCK_E], tl.int32), mask=chosen)
+    tl.store(weights_ptr + slot, w, mask=chosen)
+    return chosen, slot, q, lse_sq
+
+
+@triton.jit
 def _topk_fwd_kernel(
     logits_ptr,  # (T, E) fp32/bf16/fp16/fp64, row stride stride_t, unit column stride
     bias_ptr,  # (E,) expert bias for selection only; read only if HAS_BIAS
@@ -193,31 +225,18 @@ def _topk_fwd_kernel(
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
-    bias = tl.zeros([BLOCK_E], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    bias = _load_bias(bias_ptr, cols, cmask, BLOCK_E, HAS_BIAS)
     prob_acc = tl.zeros([BLOCK_E], tl.float32)
     zsq_acc = tl.zeros([BLOCK_T], tl.float32)
     num_tiles = tl.cdiv(T, BLOCK_T)
     for tile in range(pid, num_tiles, nprog):  # persistent: fixed order, so sums reproduce
         rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-        rmask = rows < T
-        row_off = rows.to(tl.int64) * stride_t  # int64: T*E may exceed 2^31
-        mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask,
-                    other=float("-inf")).to(tl.float32)  # [BLOCK_T, BLOCK_E]
-        rank, w, q, lse_sq = _select_tile(
-            x, rmask, cmask, cols, bias, scale, E, K, BLOCK_T, BLOCK_E, SIGMOID, SOFTMAX_AFTER,
-            RENORM,
-            HAS_BIAS, KEY_LOGITS, N_GROUPS, GROUP_SIZE, TOPK_GROUPS, TOP2_SUM, BLOCK_G)
+        _, _, q, lse_sq = _route_tile(
+            logits_ptr, stride_t, bias, ids_ptr, weights_ptr, rows, rows < T, cols, cmask,
+            scale, E, K, BLOCK_T, BLOCK_E, SIGMOID, SOFTMAX_AFTER, RENORM, HAS_BIAS,
+            KEY_LOGITS, N_GROUPS, GROUP_SIZE, TOPK_GROUPS, TOP2_SUM, BLOCK_G)
         prob_acc += tl.sum(q, axis=0)
         zsq_acc += lse_sq
-        # scatter the K chosen experts of each token to their slots t*K + rank
-        out_off = rows.to(tl.int64)[:, None] * K + rank
-        smask = mask & (rank >= 0)
-        tl.store(ids_ptr + out_off, cols[None, :] + tl.zeros([BLOCK_T, BLOCK_E], tl.int32),
-                 mask=smask)
-        tl.store(weights_ptr + out_off, w, mask=smask)
     tl.store(part_ptr + pid * (E + 1) + cols, prob_acc, mask=cmask)
     tl.store(part_ptr + pid * (E + 1) + E, tl.sum(zsq_acc, axis=0))
 

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from routerlib.config import RouterConfig
-from routerlib.kernels._topk_kernels import _select_tile, next_pow2
+from routerlib.kernels._topk_kernels import _load_bias, _route_tile, next_pow2
 from routerlib.kernels.route_small import _layout, _mark_empty_rows
 from routerlib.reference.plan import num_rows
 from routerlib.types import RoutingPlan, Selection
@@ -64,22 +64,13 @@ def _route_tiles_kernel(
 ):
     tile = tl.program_id(0)
     rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    rmask = rows < T
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
-    mask = rmask[:, None] & cmask[None, :]
-    x = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_t + cols[None, :], mask=mask,
-                other=float("-inf")).to(tl.float32)  # [BLOCK_T, BLOCK_E]
-    bias = tl.zeros([BLOCK_E], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    rank, w, q, lse_sq = _select_tile(
-        x, rmask, cmask, cols, bias, scale, E, K, BLOCK_T, BLOCK_E, SIGMOID, SOFTMAX_AFTER,
-        RENORM, HAS_BIAS, KEY_LOGITS, N_GROUPS, GROUP_SIZE, TOPK_GROUPS, TOP2_SUM, BLOCK_G)
-    chosen = mask & (rank >= 0)
-    slot = rows.to(tl.int64)[:, None] * K + rank
-    tl.store(ids_ptr + slot, cols[None, :] + tl.zeros([BLOCK_T, BLOCK_E], tl.int32), mask=chosen)
-    tl.store(weights_ptr + slot, w, mask=chosen)
+    chosen, slot, q, lse_sq = _route_tile(
+        logits_ptr, stride_t, _load_bias(bias_ptr, cols, cmask, BLOCK_E, HAS_BIAS), ids_ptr,
+        weights_ptr, rows, rows < T, cols, cmask, scale, E, K, BLOCK_T, BLOCK_E, SIGMOID,
+        SOFTMAX_AFTER, RENORM, HAS_BIAS, KEY_LOGITS, N_GROUPS, GROUP_SIZE, TOPK_GROUPS, TOP2_SUM,
+        BLOCK_G)  # chosen, slot: [BLOCK_T, BLOCK_E]
     ch = chosen.to(tl.int32)
     tl.store(lrank_ptr + slot, tl.cumsum(ch, axis=0) - ch, mask=chosen)
     tl.store(hist_ptr + tile * BLOCK_E + cols, tl.sum(ch, axis=0))

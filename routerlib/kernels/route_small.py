@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from routerlib.config import RouterConfig
-from routerlib.kernels._topk_kernels import _select_tile, next_pow2
+from routerlib.kernels._topk_kernels import _load_bias, _route_tile, next_pow2
 from routerlib.reference.plan import num_rows
 from routerlib.types import RoutingPlan, Selection
 
@@ -98,22 +98,13 @@ def _route_small_kernel(
     BLOCK_R: tl.constexpr,
 ):
     rows = tl.arange(0, BLOCK_T)
-    rmask = rows < T
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
-    mask = rmask[:, None] & cmask[None, :]
-    x = tl.load(logits_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask,
-                other=float("-inf")).to(tl.float32)  # [BLOCK_T, BLOCK_E]
-    bias = tl.zeros([BLOCK_E], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    rank, w, q, lse_sq = _select_tile(
-        x, rmask, cmask, cols, bias, scale, E, K, BLOCK_T, BLOCK_E, SIGMOID, SOFTMAX_AFTER,
-        RENORM, HAS_BIAS, KEY_LOGITS, N_GROUPS, GROUP_SIZE, TOPK_GROUPS, TOP2_SUM, BLOCK_G)
-    chosen = mask & (rank >= 0)
-    slot = rows[:, None] * K + rank  # [BLOCK_T, BLOCK_E], valid where chosen
-    tl.store(ids_ptr + slot, cols[None, :] + tl.zeros([BLOCK_T, BLOCK_E], tl.int32), mask=chosen)
-    tl.store(weights_ptr + slot, w, mask=chosen)
+    chosen, slot, q, lse_sq = _route_tile(
+        logits_ptr, stride_t, _load_bias(bias_ptr, cols, cmask, BLOCK_E, HAS_BIAS), ids_ptr,
+        weights_ptr, rows, rows < T, cols, cmask, scale, E, K, BLOCK_T, BLOCK_E, SIGMOID,
+        SOFTMAX_AFTER, RENORM, HAS_BIAS, KEY_LOGITS, N_GROUPS, GROUP_SIZE, TOPK_GROUPS, TOP2_SUM,
+        BLOCK_G)  # chosen, slot: [BLOCK_T, BLOCK_E]
     tl.store(prob_sum_ptr + cols, tl.sum(q, axis=0), mask=cmask)
     tl.store(zsq_sum_ptr, tl.sum(lse_sq, axis=0))
 
@@ -125,7 +116,7 @@ def _route_small_kernel(
     keep = chosen & (erank < kept[None, :])
     row = starts[None, :] + erank
     tl.store(slot_to_row_ptr + slot, tl.where(keep, row, -1), mask=chosen)
-    tl.store(row_to_slot_ptr + row, slot, mask=keep)
+    tl.store(row_to_slot_ptr + row, slot.to(tl.int32), mask=keep)
     tl.store(counts_ptr + cols, counts, mask=cmask)
     tl.store(kept_ptr + cols, kept, mask=cmask)
     tl.store(offsets_ptr + cols, starts, mask=cmask)
