@@ -20,7 +20,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # NVLink multicast stays off on shared hosts.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY="${PY:-python3}"
-# Peer wheels (torchtitan, DeepSpeed) travel in .whl when carried.
+# Peer wheels (torchtitan, DeepSpeed) travel in .whl when carried (scripts/fetch_peer_wheels.sh).
 if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl >"$OUT/peers_install.log" 2>&1 \
