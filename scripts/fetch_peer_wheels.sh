@@ -12,7 +12,8 @@ python3 -m pip download -q --no-deps "${PLAT[@]}" -d .whl \
   torchtitan==0.3.0 spmd-types==0.2.3 tyro==1.0.16 docstring-parser==0.18.0 typeguard==4.6.0 \
   shtab==1.13.0 hjson==3.1.0 pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 \
   typing-inspection==0.4.5 typing-extensions==4.16.0
-PY="${PY:-.venv/bin/python}"
-( cd /tmp && DS_BUILD_OPS=0 "$OLDPWD/$PY" -m pip wheel -q --no-deps --no-build-isolation \
-    deepspeed==0.19.8 -w "$OLDPWD/.whl" )
+PY="$(cd "$(dirname "${PY:-.venv/bin/python}")" && pwd)/$(basename "${PY:-.venv/bin/python}")"
+OUTDIR="$PWD/.whl"
+( cd /tmp && DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation \
+    deepspeed==0.19.8 -w "$OUTDIR" )
 ls .whl
