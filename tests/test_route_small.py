@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import assert_close, assert_equal_int
+from helpers import assert_equal_int, assert_route_matches_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_triton_backend import router_configs
@@ -15,8 +15,6 @@ from test_triton_backend import router_configs
 from routerlib import RouterConfig
 from routerlib import reference as ref
 from routerlib.kernels import route, route_small
-
-PLAN_FIELDS = ("expert_counts", "kept_counts", "expert_offsets", "slot_to_row", "row_to_slot")
 
 CASES = [  # (T, E, K, config) with the edge each covers
     (1, 8, 2, {}),  # a single token
@@ -42,15 +40,7 @@ def test_route_small_equals_reference(T, E, K, kw, dtype, device):
     bias = torch.randn(E, device=device) * 0.05 if cfg.expert_bias else None
     assert route_small.applies(logits, cfg)
     sel, plan = route_small.route_small(logits, cfg, bias)
-    want_sel = ref.select(logits, cfg, bias)
-    want = ref.build_plan(want_sel, cfg)
-    assert_equal_int(sel.topk_ids, want_sel.topk_ids, "topk_ids")
-    assert_close(sel.topk_weights, want_sel.topk_weights, tol=1e-5, name="topk_weights")
-    assert_close(sel.prob_sum, want_sel.prob_sum, tol=1e-5, name="prob_sum")
-    assert_close(sel.zsq_sum, want_sel.zsq_sum, tol=1e-5, name="zsq_sum")
-    assert plan.capacity == want.capacity and plan.num_rows == want.num_rows
-    for f in PLAN_FIELDS:
-        assert_equal_int(getattr(plan, f), getattr(want, f), f)
+    assert_route_matches_reference(sel, plan, logits, cfg, bias)
 
 
 def test_route_uses_it_only_when_enabled_and_applicable(monkeypatch, device):
@@ -83,9 +73,4 @@ def test_route_small_random_configs(cfg, T, seed, device):
     bias = (torch.randn(cfg.num_experts, generator=g) * 0.05).to(device) if cfg.expert_bias \
         else None
     sel, plan = route_small.route_small(logits, cfg, bias)
-    want_sel = ref.select(logits, cfg, bias)
-    want = ref.build_plan(want_sel, cfg)
-    assert_equal_int(sel.topk_ids, want_sel.topk_ids, "topk_ids")
-    assert_close(sel.topk_weights, want_sel.topk_weights, tol=1e-5, name="topk_weights")
-    for f in PLAN_FIELDS:
-        assert_equal_int(getattr(plan, f), getattr(want, f), f)
+    assert_route_matches_reference(sel, plan, logits, cfg, bias)
