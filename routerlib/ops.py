@@ -16,15 +16,16 @@ def _check_backend(backend: str) -> None:
 
 
 def route(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None,
-          priority: torch.Tensor | None = None, backend: Backend = "torch"
-          ) -> tuple[Selection, RoutingPlan]:
+          priority: torch.Tensor | None = None, backend: Backend = "torch",
+          need_stats: bool | None = None) -> tuple[Selection, RoutingPlan]:
     """Scores, selection and plan for [T, E] logits. priority: [T, S] random keys for
-    drop_policy='random'."""
+    drop_policy='random'. need_stats (triton): whether the loss sums (Selection.prob_sum,
+    zsq_sum) are needed; None: when autograd records. The torch reference always computes them."""
     _check_backend(backend)
     if backend == "triton":
         from routerlib.kernels import route as triton_route
 
-        return triton_route(logits, cfg, bias=bias, priority=priority)
+        return triton_route(logits, cfg, bias=bias, priority=priority, need_stats=need_stats)
     sel = ref.select(logits, cfg, bias)
     return sel, ref.build_plan(sel, cfg, priority)
 

@@ -53,7 +53,8 @@ class Router(nn.Module):
         if cfg.drop_policy == "random":  # dropless too: rows inside an expert follow the keys
             priority = torch.rand(logits.shape[0], cfg.slots_per_token, generator=generator,
                                   device=logits.device)
-        sel, plan = ops.route(logits, cfg, self.expert_bias, priority, self.backend)
+        need_stats = cfg.aux_loss_coef > 0 or cfg.z_loss_coef > 0  # the losses below use them
+        sel, plan = ops.route(logits, cfg, self.expert_bias, priority, self.backend, need_stats)
         aux, z = self.losses(logits, sel, plan, seq_len)
         return RouterOutput(logits=logits, selection=sel, plan=plan, aux_loss=aux, z_loss=z)
 

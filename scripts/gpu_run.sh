@@ -8,7 +8,6 @@
 #   compile    torch.compile of the reference routing stages
 #   kernels    the sweep with the Triton backend
 #   tune       launch-config sweep of the kernels (the defaults are its winners)
-#   targets_fused  the same with the opt-in one-launch / three-launch routes switched on
 #   targets    the issue's targets: kernels vs reference, compile and peers, in one run
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -65,15 +64,10 @@ if has kernels; then
     2>&1 | tail -n 30
 fi
 if has tune; then
-  timeout "${TUNE_TIMEOUT:-150}" "$PY" -m routerlib.bench.tune --out "$OUT/tune" 2>&1 | tail -n 12
+  timeout "${TUNE_TIMEOUT:-150}" "$PY" -m routerlib.bench.tune ${TUNE_ARGS:-} --out "$OUT/tune" 2>&1 | tail -n 12
 fi
 if has targets; then
   timeout "${TARGETS_TIMEOUT:-240}" "$PY" -m routerlib.bench.targets ${TARGETS_ARGS:-} --out "$OUT/targets" 2>&1 \
     | tail -n 40
-fi
-if has targets_fused; then  # the opt-in sort-free routes (kernels/route_small.py, route_fused.py)
-  ROUTERLIB_SMALL_ROUTE=1 ROUTERLIB_FUSED_ROUTE=1 timeout "${TARGETS_TIMEOUT:-240}" \
-    "$PY" -m routerlib.bench.targets --sections route,decode,backward ${TARGETS_ARGS:-} \
-    --out "$OUT/targets_fused" 2>&1 | tail -n 25
 fi
 exit $rc

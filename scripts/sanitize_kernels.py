@@ -56,23 +56,17 @@ def main() -> None:
                                renormalize=True, pad_to_multiple=8), 257, 64)]
     for i, (cfg, T, D) in enumerate(cases):  # one dtype each: the sanitizer is slow
         run(cfg, T, D, torch.bfloat16 if i % 2 == 0 else torch.float32)
-    # the one-launch decode route (opt-in in routerlib.kernels.route)
-    from routerlib.kernels.route_small import route_small
+    # the row-wise route: one launch (T fits one tile) and two launches, capacity and padding
+    from routerlib.kernels.route_rows import route_rows
 
-    for cfg in (RouterConfig(num_experts=64, top_k=8, capacity_factor=1.0),
-                RouterConfig(num_experts=13, top_k=3, pad_to_multiple=8, renormalize=True)):
-        logits = torch.randn(64, cfg.num_experts, device="cuda", dtype=torch.bfloat16)
-        _, plan = route_small(logits, cfg)
+    for T, cfg in ((64, RouterConfig(num_experts=64, top_k=8, capacity_factor=1.0)),
+                   (1000, RouterConfig(num_experts=128, top_k=8, capacity_factor=1.0)),
+                   (1000, RouterConfig(num_experts=13, top_k=3, pad_to_multiple=8,
+                                       renormalize=True))):
+        logits = torch.randn(T, cfg.num_experts, device="cuda", dtype=torch.bfloat16)
+        _, plan = route_rows(logits, cfg)
         want = ref.build_plan(ref.select(logits, cfg), cfg)
-        assert torch.equal(plan.row_to_slot, want.row_to_slot), "small route plan differs"
-    from routerlib.kernels.route_fused import route_fused
-
-    for cfg in (RouterConfig(num_experts=128, top_k=8, capacity_factor=1.0),
-                RouterConfig(num_experts=13, top_k=3, pad_to_multiple=8, renormalize=True)):
-        logits = torch.randn(1000, cfg.num_experts, device="cuda", dtype=torch.bfloat16)
-        _, plan = route_fused(logits, cfg)
-        want = ref.build_plan(ref.select(logits, cfg), cfg)
-        assert torch.equal(plan.row_to_slot, want.row_to_slot), "fused route plan differs"
+        assert torch.equal(plan.row_to_slot, want.row_to_slot), "row-wise route plan differs"
     print("sanitize_kernels: all kernels ran and matched the reference")
 
 

@@ -45,15 +45,16 @@ PLAN_FIELDS = ("expert_counts", "kept_counts", "expert_offsets", "slot_to_row", 
 def assert_route_matches_reference(sel, plan, logits, cfg, bias=None, priority=None,
                                    tol: float = 1e-5) -> None:
     """A fast route's Selection and RoutingPlan equal the reference's: ids and every plan field
-    exactly, weights and the loss sums within tol."""
+    exactly, weights and the loss sums (where the route computed them) within tol."""
     from routerlib import reference as ref
 
     want_sel = ref.select(logits, cfg, bias)
     want = ref.build_plan(want_sel, cfg, priority)
     assert_equal_int(sel.topk_ids, want_sel.topk_ids, "topk_ids")
     assert_close(sel.topk_weights, want_sel.topk_weights, tol=tol, name="topk_weights")
-    assert_close(sel.prob_sum, want_sel.prob_sum, tol=max(tol, 1e-4), name="prob_sum")
-    assert_close(sel.zsq_sum, want_sel.zsq_sum, tol=max(tol, 1e-4), name="zsq_sum")
+    if sel.prob_sum is not None or sel.zsq_sum is not None:
+        assert_close(sel.prob_sum, want_sel.prob_sum, tol=max(tol, 1e-4), name="prob_sum")
+        assert_close(sel.zsq_sum, want_sel.zsq_sum, tol=max(tol, 1e-4), name="zsq_sum")
     assert plan.capacity == want.capacity and plan.num_rows == want.num_rows
     for f in PLAN_FIELDS:
         assert_equal_int(getattr(plan, f), getattr(want, f), f)

@@ -3,9 +3,9 @@
     python -m routerlib.bench.tune --out results/h100/tune
 
 Each kernel reads its config from an environment pin (ROUTERLIB_TOPK_CONFIG,
-ROUTERLIB_SCATTER_CONFIG, ROUTERLIB_GATHER_CONFIG); this sweep sets the pin, checks the output
-against the unpinned run, times it inside a CUDA graph and writes one row per (kernel, shape,
-config). The defaults in the kernel modules come from this sweep; notebook 02 explains them.
+ROUTERLIB_SCATTER_CONFIG, ROUTERLIB_GATHER_CONFIG, ROUTERLIB_ROWS_CONFIG); this sweep sets the
+pin, checks the output against the unpinned run, times it inside a CUDA graph and writes one
+row per (kernel, shape, config). The defaults in the kernel modules come from this sweep; notebook 02 explains them.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import torch
 from routerlib.bench.envinfo import env_info
 from routerlib.bench.timing import bench_cuda_graph
 
-PINS = ("ROUTERLIB_TOPK_CONFIG", "ROUTERLIB_SCATTER_CONFIG", "ROUTERLIB_GATHER_CONFIG")
+PINS = ("ROUTERLIB_TOPK_CONFIG", "ROUTERLIB_SCATTER_CONFIG", "ROUTERLIB_GATHER_CONFIG",
+        "ROUTERLIB_ROWS_CONFIG")
 
 
 def _time(fn: Callable[[], object], pin: str, value: str | None) -> float:
@@ -118,11 +119,62 @@ def sweep_rowmap(rows: list[dict], quick: bool) -> None:
                              us=_time(fn, pin, None)))
 
 
+def sweep_route(rows: list[dict], quick: bool) -> None:
+    """The row-wise route (kernels/route_rows.py): thread groups per token x warps, and the
+    general path (top-K + plan, ROUTERLIB_ROW_ROUTE=0) as the baseline of the same run."""
+    from routerlib import reference as ref
+    from routerlib.config import RouterConfig
+    from routerlib.kernels import route
+
+    cases = [("qwen3", 16384, RouterConfig(128, 8, renormalize=True, check_finite=False)),
+             ("qwen3", 65536, RouterConfig(128, 8, renormalize=True, check_finite=False)),
+             ("sigmoid-bias", 16384, RouterConfig(256, 8, score_func="sigmoid",
+                                                  expert_bias=True, renormalize=True,
+                                                  routed_scaling_factor=2.5,
+                                                  check_finite=False)),
+             ("decode", 64, RouterConfig(64, 8, check_finite=False)),
+             ("decode", 256, RouterConfig(128, 8, renormalize=True, check_finite=False))]
+    splits = [(h, nw) for h in (1, 2, 4) for nw in (1, 2, 4, 8) if 32 // h * nw <= 128]
+    if quick:
+        cases, splits = cases[:1], splits[:3]
+    for name, T, cfg in cases:
+        E, K = cfg.num_experts, cfg.top_k
+        logits = torch.randn(T, E, device="cuda") * 2
+        bias = torch.randn(E, device="cuda") * 0.05 if cfg.expert_bias else None
+        want = ref.build_plan(ref.select(logits, cfg, bias), cfg).slot_to_row
+
+        def fn(lg=logits, c=cfg, b=bias):
+            return route(lg, c, b)
+
+        base = dict(kernel="route", T=T, E=E, K=K, D=None, case=name)
+        for h, nw in splits:
+            if h == 1 and E > 256:
+                continue
+            value = f"{h},{nw}"
+            row = dict(base, config=value)
+            try:
+                os.environ["ROUTERLIB_ROWS_CONFIG"] = value
+                ok = torch.equal(fn()[1].slot_to_row, want)
+                os.environ.pop("ROUTERLIB_ROWS_CONFIG")
+                row.update(ok=ok, us=_time(fn, "ROUTERLIB_ROWS_CONFIG", value))
+            except Exception as e:  # noqa: BLE001 - a config that fails to compile is a row
+                os.environ.pop("ROUTERLIB_ROWS_CONFIG", None)
+                row.update(ok=False, us=None, error=f"{type(e).__name__}: {e}"[:300])
+            rows.append(row)
+        rows.append(dict(base, config="default", ok=True,
+                         us=_time(fn, "ROUTERLIB_ROWS_CONFIG", None)))
+        os.environ["ROUTERLIB_ROW_ROUTE"] = "0"
+        ok = torch.equal(fn()[1].slot_to_row, want)
+        os.environ.pop("ROUTERLIB_ROW_ROUTE")
+        rows.append(dict(base, config="general path", ok=ok,
+                         us=_time(fn, "ROUTERLIB_ROW_ROUTE", "0")))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/tune", help="prefix: writes <out>.csv/.json")
-    ap.add_argument("--kernels", default="topk,rowmap")
+    ap.add_argument("--kernels", default="route,topk,rowmap")
     ap.add_argument("--quick", action="store_true", help="a few configs only")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -140,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                       indent=1)
         return df
 
-    for name, sweep in (("topk", sweep_topk), ("rowmap", sweep_rowmap)):
+    for name, sweep in (("topk", sweep_topk), ("rowmap", sweep_rowmap), ("route", sweep_route)):
         if name in args.kernels.split(","):
             sweep(rows, args.quick)
             df = save()

@@ -4,9 +4,9 @@
   plan.py      sort-free routing plan: histogram, offsets, ranks, capacity dropping, padding
   dispatch.py  gather tokens into expert-major rows (backward: a deterministic gather-sum)
   combine.py   weighted K-way sum back to tokens in fp32 (backward: scatter dual + weight grads)
-  route_small.py  decode sizes: score + top-K + plan in one launch (opt-in: ROUTERLIB_SMALL_ROUTE=1)
-  route_fused.py  any size: top-K with the plan's counting sort folded in, 3 launches, no sort
-                  (opt-in: ROUTERLIB_FUSED_ROUTE=1)
+  route_rows.py   the fast inference route: top-K with few threads per token and the plan's
+                  ranks in the same pass, 2 launches (1 at decode sizes); the default where it
+                  applies (ROUTERLIB_ROW_ROUTE=0 switches it off)
 
 Every op computes exactly what routerlib.reference computes; tests compare them.
 On a machine without a GPU they run under TRITON_INTERPRET=1.
@@ -27,22 +27,27 @@ from routerlib.types import RoutingPlan, Selection
 
 
 def route(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None,
-          priority: torch.Tensor | None = None) -> tuple[Selection, RoutingPlan]:
+          priority: torch.Tensor | None = None, need_stats: bool | None = None
+          ) -> tuple[Selection, RoutingPlan]:
     """Triton route: fused top-K then the sort-free plan. Expert choice selects with the reference
-    (a column top-C over tokens) and plans with it too."""
+    (a column top-C over tokens) and plans with it too.
+
+    need_stats: whether Selection.prob_sum / zsq_sum (the loss sums) must be computed; None means
+    when autograd records (training). Without them, the row-wise route (route_rows.py) runs where
+    it applies, and the sums come back None."""
     ref.check_logits(logits, cfg)
     ref.gating.check_bias(bias, logits, cfg)
     if cfg.routing == "expert_choice":
         sel = ref.select(logits, cfg, bias)
         return sel, ref.build_plan(sel, cfg, priority)
-    from routerlib.kernels import route_fused, route_small
+    from routerlib.kernels import route_rows
     from routerlib.kernels.plan import build_plan
     from routerlib.kernels.topk import fused_topk
 
-    if route_small.enabled() and route_small.applies(logits, cfg):
-        return route_small.route_small(logits, cfg, bias)  # decode sizes: one launch
-    if route_fused.enabled() and route_fused.applies(logits, cfg):
-        return route_fused.route_fused(logits, cfg, bias)  # three launches, no sort
+    if need_stats is None:
+        need_stats = torch.is_grad_enabled() and logits.requires_grad
+    if route_rows.enabled() and route_rows.applies(logits, cfg, need_stats):
+        return route_rows.route_rows(logits, cfg, bias)
 
     sel = fused_topk(logits, cfg, bias)
     plan = build_plan(sel.topk_ids, sel.topk_weights, cfg, priority)

@@ -1,0 +1,433 @@
+"""Triton kernels of the row-wise route (private: the launcher is route_rows.py).
+
+Selection with few threads per token. The general top-K kernel (_topk_kernels.py) spreads a
+token's E experts over a warp and runs K max-reductions across it: K * log2(32) dependent
+shuffles per token. Here a token's experts are split among H (1, 2 or 4) threads; each thread
+streams its columns 4 at a time (one 16-byte load for fp32) and inserts every key into a sorted
+list of the K best it has seen, held in registers (per list entry one compare and four selects,
+all entries in parallel, no shuffles). The H lists are merged at the end (the same insertion).
+Columns arrive in increasing index order and a new key lands below the equal keys already in
+the list, so among equal keys the lower expert index wins, as in the reference's stable sort.
+Keys are fp32 turned into order-preserving int32 (-0.0 folded into +0.0).
+
+The in-tile rank of each slot comes from a counting table: per token, its K experts as 8-bit
+fields of E/4 int32 words (field e%4 of word e//4); an exclusive cumsum of the words down the
+tile's tokens gives, in field e, how many earlier tokens of the tile chose e. Fields cannot
+overflow: a tile has at most 255 tokens.
+
+Bytes: reads T*E*s (+ T*K*s, the K selected logits again, from L1/L2), writes T*K*12 (ids,
+weights, in-tile ranks) + NT*E*4 (tile histograms).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_INT32_MIN = tl.constexpr(-(2**31))
+
+
+@triton.jit
+def _sortable(key):
+    """int32 that orders like the fp32 `key`; -0.0 and +0.0 map to the same value."""
+    key = tl.where(key == 0.0, 0.0, key)
+    bits = key.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _shift(c_prev, c, key, idx, k_prev, i_prev, k, i):
+    """Entry j after an insertion: itself if the new key does not beat it (c false), else the
+    new pair (it lands here) or the old entry j-1 (it landed above: the rest shift down)."""
+    return (tl.where(c, tl.where(c_prev, k_prev, key), k),
+            tl.where(c, tl.where(c_prev, i_prev, idx), i))
+
+
+@triton.jit
+def _insert(key, idx, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7,
+            K: tl.constexpr):
+    """Insert (key, idx) into the sorted list k0 >= k1 >= ... (length K <= 8) whose entries all
+    have lower expert indices than idx: it lands above the first entry it strictly beats, so
+    below equal keys (lower index first), and the entries under it shift down. c_j = key > k_j
+    is monotone in j; entries are rewritten bottom-up so each reads its old upper neighbour."""
+    c0 = key > k0
+    c1 = key > k1
+    c2 = key > k2
+    c3 = key > k3
+    c4 = key > k4
+    c5 = key > k5
+    c6 = key > k6
+    c7 = key > k7
+    if K > 7:
+        k7, i7 = _shift(c6, c7, key, idx, k6, i6, k7, i7)
+    if K > 6:
+        k6, i6 = _shift(c5, c6, key, idx, k5, i5, k6, i6)
+    if K > 5:
+        k5, i5 = _shift(c4, c5, key, idx, k4, i4, k5, i5)
+    if K > 4:
+        k4, i4 = _shift(c3, c4, key, idx, k3, i3, k4, i4)
+    if K > 3:
+        k3, i3 = _shift(c2, c3, key, idx, k2, i2, k3, i3)
+    if K > 2:
+        k2, i2 = _shift(c1, c2, key, idx, k1, i1, k2, i2)
+    if K > 1:
+        k1, i1 = _shift(c0, c1, key, idx, k0, i0, k1, i1)
+    k0, i0 = tl.where(c0, key, k0), tl.where(c0, idx, i0)
+    return k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7
+
+
+@triton.jit
+def _insert4(keys, col, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7,
+             K: tl.constexpr):
+    """Insert the 4 columns of keys [BT, H, 4] (column col + j, col: [1, H]) in order."""
+    BT: tl.constexpr = keys.shape[0]
+    H: tl.constexpr = keys.shape[1]
+    a, b = tl.split(tl.reshape(keys, [BT, H, 2, 2]))  # a: columns 0, 2; b: columns 1, 3
+    c0, c2 = tl.split(a)
+    c1, c3 = tl.split(b)
+    k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _insert(
+        c0, col, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7, K)
+    k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _insert(
+        c1, col + 1, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7, K)
+    k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _insert(
+        c2, col + 2, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7, K)
+    return _insert(c3, col + 3, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7,
+                   K)
+
+
+@triton.jit
+def _merge(k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7, K: tl.constexpr):
+    """Merge the two lists held along the last axis (size 2) of every entry: entry [..., 1]
+    holds the later (higher-index) columns, so inserting its list, best first, into list
+    [..., 0] keeps the lower index on ties."""
+    a0, b0 = tl.split(k0)
+    j0, l0 = tl.split(i0)
+    a1, b1 = tl.split(k1)
+    j1, l1 = tl.split(i1)
+    a2, b2 = tl.split(k2)
+    j2, l2 = tl.split(i2)
+    a3, b3 = tl.split(k3)
+    j3, l3 = tl.split(i3)
+    a4, b4 = tl.split(k4)
+    j4, l4 = tl.split(i4)
+    a5, b5 = tl.split(k5)
+    j5, l5 = tl.split(i5)
+    a6, b6 = tl.split(k6)
+    j6, l6 = tl.split(i6)
+    a7, b7 = tl.split(k7)
+    j7, l7 = tl.split(i7)
+    a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7 = _insert(
+        b0, l0, a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7, K)
+    if K > 1:
+        a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7 = _insert(
+            b1, l1, a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7, K)
+    if K > 2:
+        a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7 = _insert(
+            b2, l2, a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7, K)
+    if K > 3:
+        a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7 = _insert(
+            b3, l3, a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7, K)
+    if K > 4:
+        a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7 = _insert(
+            b4, l4, a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7, K)
+    if K > 5:
+        a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7 = _insert(
+            b5, l5, a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7, K)
+    if K > 6:
+        a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7 = _insert(
+            b6, l6, a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7, K)
+    if K > 7:
+        a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7 = _insert(
+            b7, l7, a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7, K)
+    return a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7
+
+
+@triton.jit
+def _stack(i0, i1, i2, i3, i4, i5, i6, i7, KP: tl.constexpr):
+    """[BT] x 8 -> [BT, KP]: column j holds i_j."""
+    kc = tl.arange(0, KP)[None, :]
+    out = tl.where(kc == 0, i0[:, None], 0)
+    if KP > 1:
+        out = tl.where(kc == 1, i1[:, None], out)
+    if KP > 2:
+        out = tl.where(kc == 2, i2[:, None], out)
+        out = tl.where(kc == 3, i3[:, None], out)
+    if KP > 4:
+        out = tl.where(kc == 4, i4[:, None], out)
+        out = tl.where(kc == 5, i5[:, None], out)
+        out = tl.where(kc == 6, i6[:, None], out)
+        out = tl.where(kc == 7, i7[:, None], out)
+    return out
+
+
+@triton.jit
+def _load4(base, rmask, col, E: tl.constexpr):
+    """logits [BT, H, 4] of columns col + (0..3) (col: [1, H, 1] int32), -inf past E, fp32."""
+    cols = col + tl.arange(0, 4)[None, None, :]
+    return tl.load(base[:, None, None] + cols, mask=rmask[:, None, None] & (cols < E),
+                   other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def _select_rows(
+    base, rmask, bias_ptr, BT: tl.constexpr,
+    E: tl.constexpr, K: tl.constexpr, H: tl.constexpr, EH: tl.constexpr,
+    SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.constexpr, RENORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, NEED_MS: tl.constexpr,
+):
+    """Top-K of the tokens whose logits rows start at `base` [BT] (row pointers). Thread group
+    h of a token scans columns [h*EH, (h+1)*EH). Returns (ids [BT] x 8, m [BT], s [BT]): the
+    selected experts best first (entries past K unused), and the softmax max and sum of exps of
+    each row (only if NEED_MS)."""
+    hcol = (tl.arange(0, H) * EH)[None, :]  # [1, H] first column of each thread group
+    neg = tl.full([BT, H], _INT32_MIN, tl.int32)
+    zero = tl.zeros([BT, H], tl.int32)
+    k0, k1, k2, k3, k4, k5, k6, k7 = neg, neg, neg, neg, neg, neg, neg, neg
+    i0, i1, i2, i3, i4, i5, i6, i7 = zero, zero, zero, zero, zero, zero, zero, zero
+    m = tl.full([BT, H], -3.0e38, tl.float32)  # finite: exp(m - m_new) stays a number
+    s = tl.zeros([BT, H], tl.float32)
+    KEYS_FIRST: tl.constexpr = KEY_LOGITS or SIGMOID  # keys need no softmax normaliser
+    for c in tl.static_range(0, EH, 4):
+        col = hcol + c
+        x = _load4(base, rmask, col[:, :, None], E)
+        if NEED_MS:  # online softmax statistics
+            m_new = tl.maximum(m, tl.max(x, axis=2))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, :, None]), axis=2)
+            m = m_new
+        if KEYS_FIRST:
+            key = x
+            if SIGMOID and not KEY_LOGITS:
+                key = 1.0 / (1.0 + tl.exp(-x))
+            if HAS_BIAS:
+                cols = col[:, :, None] + tl.arange(0, 4)[None, None, :]
+                key = key + tl.load(bias_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)
+            cols = col[:, :, None] + tl.arange(0, 4)[None, None, :]
+            key = tl.where(cols < E, _sortable(key), _INT32_MIN)
+            k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _insert4(
+                key, col, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7, K)
+    if NEED_MS:  # combine the thread groups' statistics
+        mt = tl.max(m, axis=1)
+        s = tl.sum(s * tl.exp(m - mt[:, None]), axis=1)
+        m = mt
+    else:
+        m = tl.max(m, axis=1)
+        s = tl.sum(s, axis=1)
+    if not KEYS_FIRST:  # softmax scores + bias: a second pass once the normaliser is known
+        for c in tl.static_range(0, EH, 4):
+            col = hcol + c
+            x = _load4(base, rmask, col[:, :, None], E)
+            key = tl.exp(x - m[:, None, None]) / s[:, None, None]
+            cols = col[:, :, None] + tl.arange(0, 4)[None, None, :]
+            if HAS_BIAS:
+                key = key + tl.load(bias_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)
+            key = tl.where(cols < E, _sortable(key), _INT32_MIN)
+            k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _insert4(
+                key, col, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7, K)
+    if H == 4:  # [BT, 4] -> [BT, 2, 2]: merge groups (0, 1) and (2, 3)
+        k0, i0 = tl.reshape(k0, [BT, 2, 2]), tl.reshape(i0, [BT, 2, 2])
+        k1, i1 = tl.reshape(k1, [BT, 2, 2]), tl.reshape(i1, [BT, 2, 2])
+        k2, i2 = tl.reshape(k2, [BT, 2, 2]), tl.reshape(i2, [BT, 2, 2])
+        k3, i3 = tl.reshape(k3, [BT, 2, 2]), tl.reshape(i3, [BT, 2, 2])
+        k4, i4 = tl.reshape(k4, [BT, 2, 2]), tl.reshape(i4, [BT, 2, 2])
+        k5, i5 = tl.reshape(k5, [BT, 2, 2]), tl.reshape(i5, [BT, 2, 2])
+        k6, i6 = tl.reshape(k6, [BT, 2, 2]), tl.reshape(i6, [BT, 2, 2])
+        k7, i7 = tl.reshape(k7, [BT, 2, 2]), tl.reshape(i7, [BT, 2, 2])
+        k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _merge(
+            k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7, K)
+    if H >= 2:
+        k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _merge(
+            k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7, K)
+    else:
+        i0, i1, i2, i3 = (tl.reshape(i0, [BT]), tl.reshape(i1, [BT]), tl.reshape(i2, [BT]),
+                          tl.reshape(i3, [BT]))
+        i4, i5, i6, i7 = (tl.reshape(i4, [BT]), tl.reshape(i5, [BT]), tl.reshape(i6, [BT]),
+                          tl.reshape(i7, [BT]))
+    return i0, i1, i2, i3, i4, i5, i6, i7, m, s
+
+
+@triton.jit
+def _weights(xs, valid, m, s, scale, SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.constexpr,
+             RENORM: tl.constexpr, NEED_MS: tl.constexpr):
+    """Combine weights [BT, KP] from the selected logits xs (valid: real slots), as the
+    reference computes them (gating.select_token_choice)."""
+    if SOFTMAX_AFTER or (not SIGMOID and not NEED_MS):
+        # softmax over the selected logits; with renormalisation this equals the renormalised
+        # full-softmax scores (the full normaliser cancels)
+        xm = tl.where(valid, xs, float("-inf"))
+        mk = tl.max(xm, axis=1)
+        ek = tl.where(valid, tl.exp(xm - mk[:, None]), 0.0)
+        w = ek / tl.sum(ek, axis=1)[:, None]
+    else:
+        if SIGMOID:
+            p = 1.0 / (1.0 + tl.exp(-xs))
+        else:
+            p = tl.exp(xs - m[:, None]) / s[:, None]
+        w = tl.where(valid, p, 0.0)
+        if RENORM:
+            w = w / (tl.sum(w, axis=1) + 1e-20)[:, None]
+    return w * scale
+
+
+@triton.jit
+def _tile_ranks(I, W: tl.constexpr):
+    """Slots I [BT, KP] (expert ids, -4 where unused) -> (in-tile rank [BT, KP]: earlier tokens
+    of the tile that chose the same expert, tile counts as packed words [W])."""
+    wc = tl.arange(0, W)[None, None, :]
+    word = (I >> 2)[:, :, None]  # -1 for unused slots: matches no word
+    one = (1 << ((I & 3) * 8))[:, :, None]
+    acc = tl.sum(tl.where(wc == word, one, 0), axis=1)  # [BT, W]: a token picks an expert once
+    excl = tl.cumsum(acc, axis=0) - acc
+    got = tl.gather(excl, tl.maximum(I >> 2, 0), axis=1)  # [BT, KP] word of the slot's expert
+    return (got >> ((I & 3) * 8)) & 255, tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _unpack_counts(words, cols):
+    """Packed 8-bit counts [W] -> int32 count of each expert in cols [BLOCK_E]."""
+    return (tl.gather(words, cols >> 2, axis=0) >> ((cols & 3) * 8)) & 255
+
+
+@triton.jit
+def _layout(counts, cols, C, E: tl.constexpr, CAPACITY: tl.constexpr, PAD: tl.constexpr):
+    """(kept [BLOCK_E], starts [BLOCK_E], rows in use) from the routed counts: capacity layout
+    e*C with kept = min(count, C), or ragged segments padded to PAD. Padding columns hold 0."""
+    if CAPACITY:
+        kept = tl.minimum(counts, C)
+        starts = cols * C
+        total = E * C
+    else:
+        kept = counts
+        padded = (kept + PAD - 1) // PAD * PAD
+        starts = tl.cumsum(padded, axis=0) - padded
+        total = tl.sum(padded, axis=0)
+    return kept, starts, total
+
+
+@triton.jit
+def _mark_empty_rows(row_to_slot_ptr, r, starts, kept, cols, cmask, R, BLOCK_R: tl.constexpr):
+    """Write -1 to the rows r that no slot fills. A row belongs to the last expert whose segment
+    starts at or before it, and is empty unless it lies within that expert's kept count (rows
+    past the last segment too). Filled rows are written by their slots, never here."""
+    starts_real = tl.where(cmask, starts, 2147483647)
+    e_of_r = tl.sum((starts_real[None, :] <= r[:, None]).to(tl.int32), axis=1) - 1
+    onehot = cols[None, :] == e_of_r[:, None]  # [BLOCK_R, BLOCK_E]
+    start_r = tl.sum(tl.where(onehot, starts[None, :], 0), axis=1)
+    kept_r = tl.sum(tl.where(onehot, kept[None, :], 0), axis=1)
+    tl.store(row_to_slot_ptr + r, tl.full([BLOCK_R], -1, tl.int32),
+             mask=(r < R) & (r - start_r >= kept_r))
+
+
+@triton.jit
+def _gather1(table, idx):
+    """table[idx] for a 1-D table and a 2-D index."""
+    return tl.reshape(tl.gather(table, tl.reshape(idx, [idx.shape[0] * idx.shape[1]]), axis=0),
+                      [idx.shape[0], idx.shape[1]])
+
+
+@triton.jit
+def _place(I, rank, valid, slot, kept, starts, slot_to_row_ptr, row_to_slot_ptr):
+    """Rows of the slots: kept iff rank < kept[e]; row = starts[e] + rank."""
+    e = tl.maximum(I, 0)
+    keep = valid & (rank < _gather1(kept, e))
+    row = _gather1(starts, e) + rank
+    tl.store(slot_to_row_ptr + slot, tl.where(keep, row, -1), mask=valid)
+    tl.store(row_to_slot_ptr + row, slot.to(tl.int32), mask=keep)
+
+
+@triton.jit
+def _select_rows_kernel(
+    logits_ptr,  # (T, E) fp32/bf16/fp16, row stride stride_t, unit column stride
+    bias_ptr,  # (E,) selection bias; read only if HAS_BIAS
+    ids_ptr,  # (T, K) int32 out
+    weights_ptr,  # (T, K) fp32 out
+    lrank_ptr,  # (T, K) int32 out: rank among the tile's earlier tokens (if not FUSED_PLAN)
+    hist_ptr,  # (NT, BLOCK_E) int32 out: each tile's expert counts (if not FUSED_PLAN)
+    counts_ptr, kept_ptr, offsets_ptr,  # (E,), (E,), (E+1,) int32 out (FUSED_PLAN)
+    slot_to_row_ptr, row_to_slot_ptr,  # (T*K,), (R,) int32 out (FUSED_PLAN)
+    T, stride_t, scale, C, R,
+    E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, H: tl.constexpr, EH: tl.constexpr,
+    BT: tl.constexpr, BLOCK_E: tl.constexpr, W: tl.constexpr,
+    SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.constexpr, RENORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, NEED_MS: tl.constexpr,
+    FUSED_PLAN: tl.constexpr,  # one tile holds every token: build the whole plan here
+    CAPACITY: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One program per tile of BT tokens (H threads per token): selection, weights, ids, the
+    slots' in-tile ranks and the tile's expert counts; with FUSED_PLAN the plan too."""
+    pid = tl.program_id(0)
+    rows = pid * BT + tl.arange(0, BT)
+    rmask = rows < T
+    base = logits_ptr + rows.to(tl.int64) * stride_t
+    i0, i1, i2, i3, i4, i5, i6, i7, m, s = _select_rows(
+        base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, SOFTMAX_AFTER, RENORM, HAS_BIAS,
+        KEY_LOGITS, NEED_MS)
+    kc = tl.arange(0, KP)[None, :]
+    valid = rmask[:, None] & (kc < K)
+    I = tl.where(valid, _stack(i0, i1, i2, i3, i4, i5, i6, i7, KP), -4)  # [BT, KP]
+    slot = rows.to(tl.int64)[:, None] * K + kc
+    xs = tl.load(base[:, None] + tl.maximum(I, 0), mask=valid, other=0.0).to(tl.float32)
+    tl.store(ids_ptr + slot, I, mask=valid)
+    tl.store(weights_ptr + slot, _weights(xs, valid, m, s, scale, SIGMOID, SOFTMAX_AFTER,
+                                          RENORM, NEED_MS), mask=valid)
+    rank, words = _tile_ranks(I, W)
+    cols = tl.arange(0, BLOCK_E)
+    cmask = cols < E
+    counts = _unpack_counts(words, cols)
+    if FUSED_PLAN:
+        kept, starts, total = _layout(counts, cols, C, E, CAPACITY, PAD)
+        _place(I, rank, valid, slot, kept, starts, slot_to_row_ptr, row_to_slot_ptr)
+        tl.store(counts_ptr + cols, counts, mask=cmask)
+        tl.store(kept_ptr + cols, kept, mask=cmask)
+        tl.store(offsets_ptr + cols, starts, mask=cmask)
+        tl.store(offsets_ptr + E, total)
+        if CAPACITY or PAD > 1:
+            for r0 in range(0, R, BLOCK_R):
+                _mark_empty_rows(row_to_slot_ptr, r0 + tl.arange(0, BLOCK_R), starts, kept,
+                                 cols, cmask, R, BLOCK_R)
+    else:
+        tl.store(lrank_ptr + slot, rank, mask=valid)
+        tl.store(hist_ptr + pid * BLOCK_E + cols, counts)
+
+
+@triton.jit
+def _place_rows_kernel(
+    ids_ptr, lrank_ptr,  # (T*K,) int32
+    hist_ptr,  # (NT, BLOCK_E) int32 tile counts
+    counts_ptr, kept_ptr, offsets_ptr,  # (E,), (E,), (E+1,) int32 out (program 0)
+    slot_to_row_ptr, row_to_slot_ptr,  # (T*K,), (R,) int32 out
+    T, NT, C, R,
+    E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr, CAPACITY: tl.constexpr, PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Programs < NT: tile pid's slots. Each sums the tile counts itself (totals and the prefix
+    of the earlier tiles; no scan launch), so rank = prefix + in-tile rank, kept iff < C.
+    Programs >= NT mark the empty rows (capacity or padded layouts only)."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_E)
+    cmask = cols < E
+    total = tl.zeros([BLOCK_E], tl.int32)
+    before = tl.zeros([BLOCK_E], tl.int32)
+    for p0 in range(0, NT, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        h = tl.load(hist_ptr + p[:, None] * BLOCK_E + cols[None, :], mask=(p < NT)[:, None],
+                    other=0)
+        total += tl.sum(h, axis=0)
+        before += tl.sum(tl.where((p < pid)[:, None], h, 0), axis=0)
+    kept, starts, used = _layout(total, cols, C, E, CAPACITY, PAD)
+    if pid == 0:
+        tl.store(counts_ptr + cols, total, mask=cmask)
+        tl.store(kept_ptr + cols, kept, mask=cmask)
+        tl.store(offsets_ptr + cols, starts, mask=cmask)
+        tl.store(offsets_ptr + E, used)
+    if pid < NT:
+        rows = pid * BT + tl.arange(0, BT)
+        kc = tl.arange(0, KP)[None, :]
+        valid = (rows < T)[:, None] & (kc < K)
+        slot = rows.to(tl.int64)[:, None] * K + kc
+        I = tl.load(ids_ptr + slot, mask=valid, other=0)
+        rank = tl.load(lrank_ptr + slot, mask=valid, other=0) + _gather1(before, I)
+        _place(I, rank, valid, slot, kept, starts, slot_to_row_ptr, row_to_slot_ptr)
+    else:
+        r = (pid - NT) * BLOCK_R + tl.arange(0, BLOCK_R)
+        _mark_empty_rows(row_to_slot_ptr, r, starts, kept, cols, cmask, R, BLOCK_R)

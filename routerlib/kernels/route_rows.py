@@ -1,0 +1,122 @@
+"""Routing in two launches (one when every token fits one tile), no sort: the fast route.
+
+  1. _select_rows_kernel  one program per tile of BT tokens, H threads per token: score + top-K
+                          by insertion into register lists (no cross-thread reductions),
+                          weights, ids, and each slot's rank among the tile's earlier tokens
+                          (a cumsum of packed 8-bit expert counts), plus the tile's counts.
+  2. _place_rows_kernel   one program per tile: totals and the earlier tiles' prefix from the
+                          tile counts, rank = prefix + in-tile rank, kept iff rank < C, rows;
+                          slot_to_row and row_to_slot; extra programs mark the empty rows.
+When T <= BT, kernel 1 builds the whole plan itself (FUSED_PLAN): one launch (decode).
+
+Scope (`applies`): token choice, drop_policy "position", no group limit, K <= 8, E <= 512,
+fp32/bf16/fp16 logits, no gradient and no loss sums needed (inference), not while torch.compile
+traces. Everything else takes the general path (kernels/topk.py + kernels/plan.py). The results
+equal the general path's and the reference's: the same ids, ranks and rows, integer for integer;
+weights to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from routerlib.config import RouterConfig
+from routerlib.kernels._route_rows_kernels import _place_rows_kernel, _select_rows_kernel
+from routerlib.kernels._topk_kernels import next_pow2
+from routerlib.reference.plan import num_rows
+from routerlib.types import RoutingPlan, Selection
+
+MAX_K = 8
+MAX_E = 512
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_empty = torch.empty  # every output comes from here (tests swap in a poisoning allocator)
+
+
+def enabled() -> bool:
+    """ROUTERLIB_ROW_ROUTE=0 switches the fast route off (the general path then runs)."""
+    return os.environ.get("ROUTERLIB_ROW_ROUTE", "1") != "0"
+
+
+def applies(logits: torch.Tensor, cfg: RouterConfig, need_stats: bool) -> bool:
+    return (cfg.routing == "token_choice" and cfg.drop_policy == "position"
+            and cfg.n_groups == 1 and cfg.top_k <= MAX_K and cfg.num_experts <= MAX_E
+            and logits.dtype in _DTYPES and logits.shape[0] >= 1 and not need_stats
+            and not (torch.is_grad_enabled() and logits.requires_grad)
+            and not torch.compiler.is_compiling())
+
+
+def rows_config(num_experts: int, num_tokens: int) -> tuple[int, int, int]:
+    """(H threads per token, num_warps, BT tokens per tile). ROUTERLIB_ROWS_CONFIG="H,num_warps"
+    pins one. BT = 32 / H * num_warps must stay <= 255 (8-bit counts in the rank table)."""
+    pinned = os.environ.get("ROUTERLIB_ROWS_CONFIG")
+    if pinned:
+        try:
+            h, nw = (int(v) for v in pinned.split(","))
+        except ValueError:
+            raise ValueError(f"ROUTERLIB_ROWS_CONFIG={pinned!r}: expected 'H,num_warps'") from None
+        if h not in (1, 2, 4) or nw not in (1, 2, 4, 8) or 32 // h * nw > 128:
+            raise ValueError(f"ROUTERLIB_ROWS_CONFIG={pinned!r}: H in 1, 2, 4; num_warps in "
+                             "1, 2, 4, 8; 32 / H * num_warps <= 128")
+    else:
+        h = 1 if num_experts <= 64 else 2 if num_experts <= 256 else 4
+        nw = 4
+        while nw > 1 and 32 // h * nw // 2 >= num_tokens:  # decode: no idle warps
+            nw //= 2
+    return h, nw, 32 // h * nw
+
+
+def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None
+               ) -> tuple[Selection, RoutingPlan]:
+    """The fast route; the caller checks `applies` (and validated the inputs). Loss sums are not
+    computed (Selection.prob_sum / zsq_sum are None)."""
+    T, E = logits.shape
+    K = cfg.top_k
+    dev = logits.device
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    C = cfg.capacity(T)
+    R = num_rows(T, cfg)
+    H, num_warps, BT = rows_config(E, T)
+    NT = triton.cdiv(T, BT)
+    EH = triton.cdiv(E, 4 * H) * 4  # columns per thread group, a multiple of 4
+    block_e = max(2, next_pow2(E))
+    W = next_pow2(triton.cdiv(E, 4))
+    i32 = dict(dtype=torch.int32, device=dev)
+    empty = _empty
+    ids, slot_to_row = empty((T, K), **i32), empty((T, K), **i32)
+    weights = empty((T, K), dtype=torch.float32, device=dev)
+    counts, kept = empty((E,), **i32), empty((E,), **i32)
+    offsets, row_to_slot = empty((E + 1,), **i32), empty((R,), **i32)
+    fused = NT == 1
+    lrank = ids if fused else empty((T, K), **i32)
+    hist = ids if fused else empty((NT, block_e), **i32)
+    softmax_after, renorm = cfg.softmax_after_topk, cfg.renormalize
+    sigmoid = cfg.score_func == "sigmoid"
+    key_logits = softmax_after or bias is None
+    block_r = max(16, min(1024, 8192 // block_e))
+    capacity, pad = C is not None, cfg.pad_to_multiple
+    _select_rows_kernel[(NT,)](
+        logits, bias if bias is not None else logits, ids, weights, lrank, hist,
+        counts, kept, offsets, slot_to_row, row_to_slot,
+        T, logits.stride(0), float(cfg.routed_scaling_factor), C or 0, R,
+        E=E, K=K, KP=next_pow2(K), H=H, EH=EH, BT=BT, BLOCK_E=block_e, W=W,
+        SIGMOID=sigmoid, SOFTMAX_AFTER=softmax_after, RENORM=renorm,
+        HAS_BIAS=bias is not None, KEY_LOGITS=key_logits,
+        NEED_MS=not sigmoid and not softmax_after and not (key_logits and renorm),
+        FUSED_PLAN=fused, CAPACITY=capacity, PAD=pad, BLOCK_R=block_r, num_warps=num_warps)
+    if not fused:
+        mark = capacity or pad > 1
+        _place_rows_kernel[(NT + (triton.cdiv(R, block_r) if mark else 0),)](
+            ids, lrank, hist, counts, kept, offsets, slot_to_row, row_to_slot,
+            T, NT, C or 0, R,
+            E=E, K=K, KP=next_pow2(K), BT=BT, BLOCK_E=block_e,
+            BLOCK_P=max(2, min(next_pow2(NT), 4096 // block_e)), CAPACITY=capacity,
+            PAD=pad, BLOCK_R=block_r, num_warps=4)
+    sel = Selection(topk_ids=ids, topk_weights=weights, scores=None)
+    plan = RoutingPlan(expert_counts=counts, kept_counts=kept, expert_offsets=offsets,
+                       slot_to_row=slot_to_row, row_to_slot=row_to_slot, capacity=C,
+                       num_rows=R)
+    return sel, plan

@@ -1,0 +1,126 @@
+"""The row-wise route (kernels/route_rows.py) equals the reference integer for integer: over every
+thread split H and tile size (so one expert's slots span many tiles: the tile prefix), the fused
+one-launch plan (T <= one tile), ties, low-precision logits, and random configurations. Every
+output is poisoned first, so an entry the kernels forget to write fails."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import assert_route_matches_reference, poison_like
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_triton_backend import router_configs
+
+from routerlib import RouterConfig
+from routerlib.kernels import route, route_rows
+
+CASES = [  # (T, E, K, config) with the edge each covers
+    (1, 8, 2, {}),  # one token, one tile (fused plan)
+    (37, 13, 3, dict(capacity_factor=1.0)),  # odd sizes, drops decided across tiles
+    (300, 8, 2, dict(pad_to_multiple=4)),  # many tiles per expert, padded ragged
+    (100, 64, 8, dict(renormalize=True)),  # k = 8, softmax over the selected
+    (77, 16, 4, dict(score_func="sigmoid", expert_bias=True, renormalize=True,
+                     routed_scaling_factor=2.5)),
+    (70, 20, 3, dict(expert_bias=True)),  # softmax scores + bias: the two-pass key
+    (129, 7, 7, dict(softmax_after_topk=True, capacity_factor=0.5)),  # k = E, heavy drops
+    (50, 130, 1, {}),  # E > 128, not a power of two, k = 1
+    (9, 1, 1, {}),  # E = 1
+]
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every output of the route starts as poison (NaN / -7777)."""
+    monkeypatch.setattr(route_rows, "_empty",
+                        lambda *a, **k: poison_like(torch.empty(*a, **k)))
+
+
+def check(T, E, K, kw, device, dtype=torch.float32, seed=0):
+    cfg = RouterConfig(num_experts=E, top_k=K, **kw)
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(T, E, generator=g) * 2).to(dtype)
+    if T > 3:
+        logits[3] = logits[2]  # identical tokens: arrival order decides their ranks
+    if T > 5:
+        logits[5] = 0.5  # a row of ties: the lowest indices win
+    if T > 6 and E > 4:
+        logits[6, E // 2:] = logits[6, : E - E // 2].clone()  # repeated values across thread groups
+    logits = logits.to(device)
+    bias = (torch.randn(E, generator=g) * 0.05).to(device) if cfg.expert_bias else None
+    assert route_rows.applies(logits, cfg, need_stats=False)
+    sel, plan = route_rows.route_rows(logits, cfg, bias)
+    assert sel.prob_sum is None and sel.zsq_sum is None  # inference: no loss sums
+    assert_route_matches_reference(sel, plan, logits, cfg, bias)
+
+
+@pytest.mark.parametrize("T,E,K,kw", CASES)
+@pytest.mark.parametrize("split", [None, "1,1", "2,2", "4,1"])
+def test_route_rows_equals_reference(T, E, K, kw, split, device, poisoned, monkeypatch):
+    if split:
+        monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
+    check(T, E, K, kw, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_route_rows_low_precision_logits(dtype, device, poisoned):
+    check(200, 24, 4, dict(capacity_factor=1.25), device, dtype)  # many exact ties in bf16
+
+
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # device: a constant
+@given(cfg=router_configs(), T=st.integers(1, 200), split=st.sampled_from(
+    ["1,1", "1,2", "2,1", "2,4", "4,1", "4,2"]), seed=st.integers(0, 2**16))
+def test_route_rows_random_configs(cfg, T, split, seed, device, monkeypatch):
+    kw = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+          if f.name not in ("num_experts", "top_k")}
+    kw.update(drop_policy="position", n_groups=1, topk_groups=1)
+    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
+    check(T, cfg.num_experts, cfg.top_k, kw, device, seed=seed)
+
+
+def test_route_takes_it_for_inference_only(monkeypatch, device):
+    cfg = RouterConfig(num_experts=8, top_k=2, capacity_factor=1.0)
+    logits = torch.randn(40, 8, device=device)
+    calls = []
+    real = route_rows.route_rows
+    monkeypatch.setattr(route_rows, "route_rows", lambda *a, **k: calls.append(1) or real(*a))
+    sel, _ = route(logits, cfg)
+    assert calls == [1] and sel.prob_sum is None
+    sel, _ = route(logits, cfg, need_stats=True)  # the loss sums: the general path
+    assert calls == [1] and sel.prob_sum is not None
+    monkeypatch.setenv("ROUTERLIB_ROW_ROUTE", "0")
+    route(logits, cfg)
+    assert calls == [1]
+    for bad in (RouterConfig(8, 2, capacity_factor=1.0, drop_policy="random"),
+                RouterConfig(8, 2, n_groups=2, topk_groups=1), RouterConfig(16, 9)):
+        assert not route_rows.applies(torch.randn(4, bad.num_experts), bad, need_stats=False)
+    assert not route_rows.applies(logits.double(), cfg, need_stats=False)
+    assert not route_rows.applies(logits.clone().requires_grad_(), cfg, need_stats=False)
+
+
+def test_rows_config_pin_is_validated(monkeypatch):
+    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", "2,8")  # 128 tokens a tile: fine
+    assert route_rows.rows_config(128, 10_000) == (2, 8, 128)
+    for bad in ("3,4", "1,8", "x"):
+        monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", bad)
+        with pytest.raises(ValueError, match="ROUTERLIB_ROWS_CONFIG"):
+            route_rows.rows_config(128, 10_000)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,E,K,kw", [
+    (16384, 128, 8, dict(renormalize=True)),  # the issue's routing target (Qwen3-like)
+    (65536, 128, 8, dict(renormalize=True)),  # 512 tiles: the longest tile prefix
+    (16384, 256, 8, dict(score_func="sigmoid", expert_bias=True, renormalize=True,
+                         routed_scaling_factor=2.5)),  # DeepSeek-like without groups
+    (4099, 512, 4, dict(capacity_factor=1.0)),  # E = 512, 4 thread groups, drops
+    (3000, 100, 6, dict(capacity_factor=1.25, expert_bias=True)),
+    (2048, 64, 8, dict(pad_to_multiple=128)),  # GEMM-block padding
+    (64, 64, 8, {}), (256, 128, 8, dict(renormalize=True)),  # decode sizes
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_rows_full_size(T, E, K, kw, dtype, device, poisoned):
+    check(T, E, K, kw, device, dtype, seed=T + E)
