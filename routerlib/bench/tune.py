@@ -5,7 +5,8 @@
 Each kernel reads its config from an environment pin (ROUTERLIB_TOPK_CONFIG,
 ROUTERLIB_SCATTER_CONFIG, ROUTERLIB_GATHER_CONFIG, ROUTERLIB_ROWS_CONFIG); this sweep sets the
 pin, checks the output against the unpinned run, times it inside a CUDA graph and writes one
-row per (kernel, shape, config). The defaults in the kernel modules come from this sweep; notebook 02 explains them.
+row per (kernel, shape, config). The defaults in the kernel modules come from this sweep;
+notebook 02 explains them.
 """
 
 from __future__ import annotations
