@@ -171,6 +171,31 @@ def sweep_route(rows: list[dict], quick: bool) -> None:
                          us=_time(fn, "ROUTERLIB_ROW_ROUTE", "0")))
 
 
+def kernel_resources() -> list[dict]:
+    """Registers, spills and shared memory of every compiled variant of the routerlib kernels
+    in this process (from Triton's per-device caches; a spill means local-memory traffic)."""
+    import triton
+
+    from routerlib.kernels import _plan_kernels, _route_rows_kernels, _rowmap, _topk_kernels
+
+    out = []
+    for mod in (_route_rows_kernels, _topk_kernels, _plan_kernels, _rowmap):
+        for name, fn in vars(mod).items():
+            if not isinstance(fn, triton.runtime.jit.JITFunction) or not name.endswith("kernel"):
+                continue
+            caches = getattr(fn, "device_caches", {})
+            for dev_cache in caches.values():
+                for ck in dev_cache[0].values():
+                    const = getattr(ck, "src", None)
+                    const = getattr(const, "constants", {}) if const is not None else {}
+                    out.append(dict(kernel=name, n_regs=getattr(ck, "n_regs", None),
+                                    n_spills=getattr(ck, "n_spills", None),
+                                    shared=getattr(ck.metadata, "shared", None),
+                                    num_warps=getattr(ck.metadata, "num_warps", None),
+                                    constants=str({k: v for k, v in const.items()})[:300]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         if name in args.kernels.split(","):
             sweep(rows, args.quick)
             df = save()
+    res = pd.DataFrame(kernel_resources())
+    res.to_csv(args.out + "_resources.csv", index=False)
+    if len(res):
+        print(res[["kernel", "num_warps", "n_regs", "n_spills", "shared"]].to_string(index=False))
     good = df[df["ok"] & df["us"].notna()]
     best = good.loc[good.groupby(["kernel", "T", "E", "D"], dropna=False)["us"].idxmin()]
     dflt = {(r["kernel"], r["T"], r["E"], str(r["D"])): r["us"]

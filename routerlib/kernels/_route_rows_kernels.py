@@ -187,7 +187,7 @@ def _select_rows(
     m = tl.full([BT, H], -3.0e38, tl.float32)  # finite: exp(m - m_new) stays a number
     s = tl.zeros([BT, H], tl.float32)
     KEYS_FIRST: tl.constexpr = KEY_LOGITS or SIGMOID  # keys need no softmax normaliser
-    for c in tl.static_range(0, EH, 4):
+    for c in range(0, EH, 4):  # a loop, not unrolled: small code, fast compile
         col = hcol + c
         x = _load4(base, rmask, col[:, :, None], E)
         if NEED_MS:  # online softmax statistics
@@ -213,7 +213,7 @@ def _select_rows(
         m = tl.max(m, axis=1)
         s = tl.sum(s, axis=1)
     if not KEYS_FIRST:  # softmax scores + bias: a second pass once the normaliser is known
-        for c in tl.static_range(0, EH, 4):
+        for c in range(0, EH, 4):  # a loop, not unrolled: small code, fast compile
             col = hcol + c
             x = _load4(base, rmask, col[:, :, None], E)
             key = tl.exp(x - m[:, None, None]) / s[:, None, None]
@@ -269,16 +269,59 @@ def _weights(xs, valid, m, s, scale, SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.co
 
 
 @triton.jit
-def _tile_ranks(I, W: tl.constexpr):
-    """Slots I [BT, KP] (expert ids, -4 where unused) -> (in-tile rank [BT, KP]: earlier tokens
-    of the tile that chose the same expert, tile counts as packed words [W])."""
-    wc = tl.arange(0, W)[None, None, :]
-    word = (I >> 2)[:, :, None]  # -1 for unused slots: matches no word
-    one = (1 << ((I & 3) * 8))[:, :, None]
-    acc = tl.sum(tl.where(wc == word, one, 0), axis=1)  # [BT, W]: a token picks an expert once
+def _count_word(i, ok, W: tl.constexpr):
+    """[BT, W] packed counts of one slot per token: 1 in field i%4 of word i//4 where ok."""
+    wc = tl.arange(0, W)[None, :]
+    return tl.where((wc == (i >> 2)[:, None]) & ok[:, None], (1 << ((i & 3) * 8))[:, None], 0)
+
+
+@triton.jit
+def _field(excl, i, W: tl.constexpr):
+    """Field i%4 of word i//4 of each token's row of excl [BT, W] -> [BT]."""
+    wc = tl.arange(0, W)[None, :]
+    word = tl.sum(tl.where(wc == (i >> 2)[:, None], excl, 0), axis=1)
+    return (word >> ((i & 3) * 8)) & 255
+
+
+@triton.jit
+def _tile_ranks(i0, i1, i2, i3, i4, i5, i6, i7, rmask, K: tl.constexpr, KP: tl.constexpr,
+                W: tl.constexpr):
+    """The slots' in-tile ranks [BT, KP] (earlier tokens of the tile that chose the same expert)
+    and the tile's counts as packed words [W]. A token picks an expert at most once, so its K
+    one-hot rows add without carries."""
+    acc = _count_word(i0, rmask, W)
+    if K > 1:
+        acc += _count_word(i1, rmask, W)
+    if K > 2:
+        acc += _count_word(i2, rmask, W)
+    if K > 3:
+        acc += _count_word(i3, rmask, W)
+    if K > 4:
+        acc += _count_word(i4, rmask, W)
+    if K > 5:
+        acc += _count_word(i5, rmask, W)
+    if K > 6:
+        acc += _count_word(i6, rmask, W)
+    if K > 7:
+        acc += _count_word(i7, rmask, W)
     excl = tl.cumsum(acc, axis=0) - acc
-    got = tl.gather(excl, tl.maximum(I >> 2, 0), axis=1)  # [BT, KP] word of the slot's expert
-    return (got >> ((I & 3) * 8)) & 255, tl.sum(acc, axis=0)
+    r0 = _field(excl, i0, W)
+    r1, r2, r3, r4, r5, r6, r7 = r0, r0, r0, r0, r0, r0, r0
+    if K > 1:
+        r1 = _field(excl, i1, W)
+    if K > 2:
+        r2 = _field(excl, i2, W)
+    if K > 3:
+        r3 = _field(excl, i3, W)
+    if K > 4:
+        r4 = _field(excl, i4, W)
+    if K > 5:
+        r5 = _field(excl, i5, W)
+    if K > 6:
+        r6 = _field(excl, i6, W)
+    if K > 7:
+        r7 = _field(excl, i7, W)
+    return _stack(r0, r1, r2, r3, r4, r5, r6, r7, KP), tl.sum(acc, axis=0)
 
 
 @triton.jit
@@ -369,7 +412,7 @@ def _select_rows_kernel(
     tl.store(ids_ptr + slot, I, mask=valid)
     tl.store(weights_ptr + slot, _weights(xs, valid, m, s, scale, SIGMOID, SOFTMAX_AFTER,
                                           RENORM, NEED_MS), mask=valid)
-    rank, words = _tile_ranks(I, W)
+    rank, words = _tile_ranks(i0, i1, i2, i3, i4, i5, i6, i7, rmask, K, KP, W)
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
     counts = _unpack_counts(words, cols)
