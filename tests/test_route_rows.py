@@ -103,11 +103,16 @@ def test_route_takes_it_for_inference_only(monkeypatch, device):
 
 def test_rows_config_pin_is_validated(monkeypatch):
     monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", "2,8")  # 128 tokens a tile: fine
-    assert route_rows.rows_config(128, 10_000) == (2, 8, 128)
+    assert route_rows.rows_config(128, 10_000, 8) == (2, 8, 128)
     for bad in ("3,4", "1,8", "x"):
         monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", bad)
         with pytest.raises(ValueError, match="ROUTERLIB_ROWS_CONFIG"):
-            route_rows.rows_config(128, 10_000)
+            route_rows.rows_config(128, 10_000, 8)
+    monkeypatch.delenv("ROUTERLIB_ROWS_CONFIG")
+    for E, T, K in ((128, 16384, 8), (512, 4096, 8), (64, 1, 1), (13, 64, 3)):
+        h, nw, bt = route_rows.rows_config(E, T, K)
+        assert bt == 32 // h * nw <= 128  # 8-bit counts
+        assert bt * K * E // 4 <= 2 * route_rows._MAX_TABLE or nw == 1
 
 
 @pytest.mark.gpu

@@ -269,65 +269,24 @@ def _weights(xs, valid, m, s, scale, SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.co
 
 
 @triton.jit
-def _count_word(i, ok, W: tl.constexpr):
-    """[BT, W] packed counts of one slot per token: 1 in field i%4 of word i//4 where ok."""
+def _slot_ranks(e, valid, W: tl.constexpr):
+    """Slots e [BS] (experts, in slot order t*K + k) -> (rank [BS]: earlier slots of the block
+    with the same expert, counts [W] as packed words). One-hot rows of 8-bit fields (field e%4
+    of word e//4); the block holds at most 255 slots of one expert, so fields never carry."""
     wc = tl.arange(0, W)[None, :]
-    return tl.where((wc == (i >> 2)[:, None]) & ok[:, None], (1 << ((i & 3) * 8))[:, None], 0)
-
-
-@triton.jit
-def _field(excl, i, W: tl.constexpr):
-    """Field i%4 of word i//4 of each token's row of excl [BT, W] -> [BT]."""
-    wc = tl.arange(0, W)[None, :]
-    word = tl.sum(tl.where(wc == (i >> 2)[:, None], excl, 0), axis=1)
-    return (word >> ((i & 3) * 8)) & 255
-
-
-@triton.jit
-def _tile_ranks(i0, i1, i2, i3, i4, i5, i6, i7, rmask, K: tl.constexpr, KP: tl.constexpr,
-                W: tl.constexpr):
-    """The slots' in-tile ranks [BT, KP] (earlier tokens of the tile that chose the same expert)
-    and the tile's counts as packed words [W]. A token picks an expert at most once, so its K
-    one-hot rows add without carries."""
-    acc = _count_word(i0, rmask, W)
-    if K > 1:
-        acc += _count_word(i1, rmask, W)
-    if K > 2:
-        acc += _count_word(i2, rmask, W)
-    if K > 3:
-        acc += _count_word(i3, rmask, W)
-    if K > 4:
-        acc += _count_word(i4, rmask, W)
-    if K > 5:
-        acc += _count_word(i5, rmask, W)
-    if K > 6:
-        acc += _count_word(i6, rmask, W)
-    if K > 7:
-        acc += _count_word(i7, rmask, W)
+    hit = (wc == (e >> 2)[:, None]) & valid[:, None]
+    acc = tl.where(hit, (1 << ((e & 3) * 8))[:, None], 0)  # [BS, W]
     excl = tl.cumsum(acc, axis=0) - acc
-    r0 = _field(excl, i0, W)
-    r1, r2, r3, r4, r5, r6, r7 = r0, r0, r0, r0, r0, r0, r0
-    if K > 1:
-        r1 = _field(excl, i1, W)
-    if K > 2:
-        r2 = _field(excl, i2, W)
-    if K > 3:
-        r3 = _field(excl, i3, W)
-    if K > 4:
-        r4 = _field(excl, i4, W)
-    if K > 5:
-        r5 = _field(excl, i5, W)
-    if K > 6:
-        r6 = _field(excl, i6, W)
-    if K > 7:
-        r7 = _field(excl, i7, W)
-    return _stack(r0, r1, r2, r3, r4, r5, r6, r7, KP), tl.sum(acc, axis=0)
+    word = tl.sum(tl.where(hit, excl, 0), axis=1)
+    return (word >> ((e & 3) * 8)) & 255, tl.sum(acc, axis=0)
 
 
 @triton.jit
-def _unpack_counts(words, cols):
-    """Packed 8-bit counts [W] -> int32 count of each expert in cols [BLOCK_E]."""
-    return (tl.gather(words, cols >> 2, axis=0) >> ((cols & 3) * 8)) & 255
+def _masked_hist(ids, valid, BINS: tl.constexpr):
+    """Histogram of ids[valid] (invalid lanes hold 0 and are taken out of bin 0 again:
+    tl.histogram's mask argument is newer than some supported Tritons)."""
+    hist = tl.histogram(tl.where(valid, ids, 0), BINS)
+    return hist - tl.where(tl.arange(0, BINS) == 0, tl.sum((valid == 0).to(tl.int32), axis=0), 0)
 
 
 @triton.jit
@@ -361,18 +320,11 @@ def _mark_empty_rows(row_to_slot_ptr, r, starts, kept, cols, cmask, R, BLOCK_R: 
 
 
 @triton.jit
-def _gather1(table, idx):
-    """table[idx] for a 1-D table and a 2-D index."""
-    return tl.reshape(tl.gather(table, tl.reshape(idx, [idx.shape[0] * idx.shape[1]]), axis=0),
-                      [idx.shape[0], idx.shape[1]])
-
-
-@triton.jit
-def _place(I, rank, valid, slot, kept, starts, slot_to_row_ptr, row_to_slot_ptr):
+def _place(e, rank, valid, slot, kept, starts, slot_to_row_ptr, row_to_slot_ptr):
     """Rows of the slots: kept iff rank < kept[e]; row = starts[e] + rank."""
-    e = tl.maximum(I, 0)
-    keep = valid & (rank < _gather1(kept, e))
-    row = _gather1(starts, e) + rank
+    e = tl.where(valid, e, 0)
+    keep = valid & (rank < tl.gather(kept, e, axis=0))
+    row = tl.gather(starts, e, axis=0) + rank
     tl.store(slot_to_row_ptr + slot, tl.where(keep, row, -1), mask=valid)
     tl.store(row_to_slot_ptr + row, slot.to(tl.int32), mask=keep)
 
@@ -383,20 +335,19 @@ def _select_rows_kernel(
     bias_ptr,  # (E,) selection bias; read only if HAS_BIAS
     ids_ptr,  # (T, K) int32 out
     weights_ptr,  # (T, K) fp32 out
-    lrank_ptr,  # (T, K) int32 out: rank among the tile's earlier tokens (if not FUSED_PLAN)
     hist_ptr,  # (NT, BLOCK_E) int32 out: each tile's expert counts (if not FUSED_PLAN)
     counts_ptr, kept_ptr, offsets_ptr,  # (E,), (E,), (E+1,) int32 out (FUSED_PLAN)
     slot_to_row_ptr, row_to_slot_ptr,  # (T*K,), (R,) int32 out (FUSED_PLAN)
     T, stride_t, scale, C, R,
     E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, H: tl.constexpr, EH: tl.constexpr,
-    BT: tl.constexpr, BLOCK_E: tl.constexpr, W: tl.constexpr,
+    BT: tl.constexpr, BLOCK_E: tl.constexpr, W: tl.constexpr, BS: tl.constexpr,
     SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.constexpr, RENORM: tl.constexpr,
     HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, NEED_MS: tl.constexpr,
     FUSED_PLAN: tl.constexpr,  # one tile holds every token: build the whole plan here
     CAPACITY: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """One program per tile of BT tokens (H threads per token): selection, weights, ids, the
-    slots' in-tile ranks and the tile's expert counts; with FUSED_PLAN the plan too."""
+    """One program per tile of BT tokens (H threads per token): selection, weights, ids and the
+    tile's expert counts; with FUSED_PLAN (T <= BT) the whole plan as well."""
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
     rmask = rows < T
@@ -406,19 +357,25 @@ def _select_rows_kernel(
         KEY_LOGITS, NEED_MS)
     kc = tl.arange(0, KP)[None, :]
     valid = rmask[:, None] & (kc < K)
-    I = tl.where(valid, _stack(i0, i1, i2, i3, i4, i5, i6, i7, KP), -4)  # [BT, KP]
+    I = tl.where(valid, _stack(i0, i1, i2, i3, i4, i5, i6, i7, KP), 0)  # [BT, KP]
     slot = rows.to(tl.int64)[:, None] * K + kc
-    xs = tl.load(base[:, None] + tl.maximum(I, 0), mask=valid, other=0.0).to(tl.float32)
+    xs = tl.load(base[:, None] + I, mask=valid, other=0.0).to(tl.float32)
     tl.store(ids_ptr + slot, I, mask=valid)
     tl.store(weights_ptr + slot, _weights(xs, valid, m, s, scale, SIGMOID, SOFTMAX_AFTER,
                                           RENORM, NEED_MS), mask=valid)
-    rank, words = _tile_ranks(i0, i1, i2, i3, i4, i5, i6, i7, rmask, K, KP, W)
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
-    counts = _unpack_counts(words, cols)
     if FUSED_PLAN:
+        # every slot is this program's: read the ids back in slot order (visible to the whole
+        # program after the barrier) and rank them; no prefix
+        tl.debug_barrier()
+        j = tl.arange(0, BS)
+        sval = j < T * K
+        e = tl.load(ids_ptr + j, mask=sval, other=0)
+        rank, words = _slot_ranks(e, sval, W)
+        counts = (tl.gather(words, cols >> 2, axis=0) >> ((cols & 3) * 8)) & 255
         kept, starts, total = _layout(counts, cols, C, E, CAPACITY, PAD)
-        _place(I, rank, valid, slot, kept, starts, slot_to_row_ptr, row_to_slot_ptr)
+        _place(e, rank, sval, j, kept, starts, slot_to_row_ptr, row_to_slot_ptr)
         tl.store(counts_ptr + cols, counts, mask=cmask)
         tl.store(kept_ptr + cols, kept, mask=cmask)
         tl.store(offsets_ptr + cols, starts, mask=cmask)
@@ -428,24 +385,39 @@ def _select_rows_kernel(
                 _mark_empty_rows(row_to_slot_ptr, r0 + tl.arange(0, BLOCK_R), starts, kept,
                                  cols, cmask, R, BLOCK_R)
     else:
-        tl.store(lrank_ptr + slot, rank, mask=valid)
-        tl.store(hist_ptr + pid * BLOCK_E + cols, counts)
+        hist = _masked_hist(i0, rmask, BLOCK_E)
+        if K > 1:
+            hist += _masked_hist(i1, rmask, BLOCK_E)
+        if K > 2:
+            hist += _masked_hist(i2, rmask, BLOCK_E)
+        if K > 3:
+            hist += _masked_hist(i3, rmask, BLOCK_E)
+        if K > 4:
+            hist += _masked_hist(i4, rmask, BLOCK_E)
+        if K > 5:
+            hist += _masked_hist(i5, rmask, BLOCK_E)
+        if K > 6:
+            hist += _masked_hist(i6, rmask, BLOCK_E)
+        if K > 7:
+            hist += _masked_hist(i7, rmask, BLOCK_E)
+        tl.store(hist_ptr + pid * BLOCK_E + cols, hist)
 
 
 @triton.jit
 def _place_rows_kernel(
-    ids_ptr, lrank_ptr,  # (T*K,) int32
+    ids_ptr,  # (T*K,) int32
     hist_ptr,  # (NT, BLOCK_E) int32 tile counts
     counts_ptr, kept_ptr, offsets_ptr,  # (E,), (E,), (E+1,) int32 out (program 0)
     slot_to_row_ptr, row_to_slot_ptr,  # (T*K,), (R,) int32 out
-    T, NT, C, R,
-    E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr, CAPACITY: tl.constexpr, PAD: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    N, NT, C, R,
+    E: tl.constexpr, BT: tl.constexpr, K: tl.constexpr, BS: tl.constexpr,
+    BLOCK_E: tl.constexpr, W: tl.constexpr, BLOCK_P: tl.constexpr, CAPACITY: tl.constexpr,
+    PAD: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Programs < NT: tile pid's slots. Each sums the tile counts itself (totals and the prefix
-    of the earlier tiles; no scan launch), so rank = prefix + in-tile rank, kept iff < C.
-    Programs >= NT mark the empty rows (capacity or padded layouts only)."""
+    """Programs < NT: the BT*K slots of tile pid. Each sums the tile counts itself (totals, and
+    the prefix of the earlier tiles: no scan launch); rank = prefix + rank in the tile (packed
+    counts, no sort); kept iff rank < C. Programs >= NT mark the empty rows (capacity or padded
+    layouts only)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
@@ -464,13 +436,13 @@ def _place_rows_kernel(
         tl.store(offsets_ptr + cols, starts, mask=cmask)
         tl.store(offsets_ptr + E, used)
     if pid < NT:
-        rows = pid * BT + tl.arange(0, BT)
-        kc = tl.arange(0, KP)[None, :]
-        valid = (rows < T)[:, None] & (kc < K)
-        slot = rows.to(tl.int64)[:, None] * K + kc
-        I = tl.load(ids_ptr + slot, mask=valid, other=0)
-        rank = tl.load(lrank_ptr + slot, mask=valid, other=0) + _gather1(before, I)
-        _place(I, rank, valid, slot, kept, starts, slot_to_row_ptr, row_to_slot_ptr)
+        j = tl.arange(0, BS)
+        slot = pid.to(tl.int64) * (BT * K) + j
+        valid = (j < BT * K) & (slot < N)
+        e = tl.load(ids_ptr + slot, mask=valid, other=0)
+        rank, _ = _slot_ranks(e, valid, W)
+        rank += tl.gather(before, e, axis=0)
+        _place(e, rank, valid, slot, kept, starts, slot_to_row_ptr, row_to_slot_ptr)
     else:
         r = (pid - NT) * BLOCK_R + tl.arange(0, BLOCK_R)
         _mark_empty_rows(row_to_slot_ptr, r, starts, kept, cols, cmask, R, BLOCK_R)

@@ -32,6 +32,7 @@ from routerlib.types import RoutingPlan, Selection
 MAX_K = 8
 MAX_E = 512
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_TABLE = 16384  # elements of a tile's rank table
 _empty = torch.empty  # every output comes from here (tests swap in a poisoning allocator)
 
 
@@ -48,9 +49,10 @@ def applies(logits: torch.Tensor, cfg: RouterConfig, need_stats: bool) -> bool:
             and not torch.compiler.is_compiling())
 
 
-def rows_config(num_experts: int, num_tokens: int) -> tuple[int, int, int]:
+def rows_config(num_experts: int, num_tokens: int, top_k: int) -> tuple[int, int, int]:
     """(H threads per token, num_warps, BT tokens per tile). ROUTERLIB_ROWS_CONFIG="H,num_warps"
-    pins one. BT = 32 / H * num_warps must stay <= 255 (8-bit counts in the rank table)."""
+    pins one. BT = 32 / H * num_warps <= 128 (8-bit counts in the rank table), and the tile's
+    rank table (BT*K slots x E/4 words) stays within _MAX_TABLE elements."""
     pinned = os.environ.get("ROUTERLIB_ROWS_CONFIG")
     if pinned:
         try:
@@ -60,11 +62,13 @@ def rows_config(num_experts: int, num_tokens: int) -> tuple[int, int, int]:
         if h not in (1, 2, 4) or nw not in (1, 2, 4, 8) or 32 // h * nw > 128:
             raise ValueError(f"ROUTERLIB_ROWS_CONFIG={pinned!r}: H in 1, 2, 4; num_warps in "
                              "1, 2, 4, 8; 32 / H * num_warps <= 128")
-    else:
-        h = 1 if num_experts <= 64 else 2 if num_experts <= 256 else 4
-        nw = 4
-        while nw > 1 and 32 // h * nw // 2 >= num_tokens:  # decode: no idle warps
-            nw //= 2
+        return h, nw, 32 // h * nw
+    h = 1 if num_experts <= 64 else 2 if num_experts <= 256 else 4
+    words = next_pow2(triton.cdiv(num_experts, 4))
+    nw = 4
+    while nw > 1 and (32 // h * nw // 2 >= num_tokens  # decode: no idle warps
+                      or 32 // h * nw * next_pow2(top_k) * words > _MAX_TABLE):
+        nw //= 2
     return h, nw, 32 // h * nw
 
 
@@ -79,7 +83,7 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
         logits = logits.contiguous()
     C = cfg.capacity(T)
     R = num_rows(T, cfg)
-    H, num_warps, BT = rows_config(E, T)
+    H, num_warps, BT = rows_config(E, T, K)
     NT = triton.cdiv(T, BT)
     EH = triton.cdiv(E, 4 * H) * 4  # columns per thread group, a multiple of 4
     block_e = max(2, next_pow2(E))
@@ -91,18 +95,19 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
     counts, kept = empty((E,), **i32), empty((E,), **i32)
     offsets, row_to_slot = empty((E + 1,), **i32), empty((R,), **i32)
     fused = NT == 1
-    lrank = ids if fused else empty((T, K), **i32)
     hist = ids if fused else empty((NT, block_e), **i32)
+    BS = next_pow2(BT * K)  # slots of a tile
     softmax_after, renorm = cfg.softmax_after_topk, cfg.renormalize
     sigmoid = cfg.score_func == "sigmoid"
     key_logits = softmax_after or bias is None
     block_r = max(16, min(1024, 8192 // block_e))
     capacity, pad = C is not None, cfg.pad_to_multiple
     _select_rows_kernel[(NT,)](
-        logits, bias if bias is not None else logits, ids, weights, lrank, hist,
+        logits, bias if bias is not None else logits, ids, weights, hist,
         counts, kept, offsets, slot_to_row, row_to_slot,
         T, logits.stride(0), float(cfg.routed_scaling_factor), C or 0, R,
         E=E, K=K, KP=next_pow2(K), H=H, EH=EH, BT=BT, BLOCK_E=block_e, W=W,
+        BS=next_pow2(T * K) if fused else 2,
         SIGMOID=sigmoid, SOFTMAX_AFTER=softmax_after, RENORM=renorm,
         HAS_BIAS=bias is not None, KEY_LOGITS=key_logits,
         NEED_MS=not sigmoid and not softmax_after and not (key_logits and renorm),
@@ -110,11 +115,11 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
     if not fused:
         mark = capacity or pad > 1
         _place_rows_kernel[(NT + (triton.cdiv(R, block_r) if mark else 0),)](
-            ids, lrank, hist, counts, kept, offsets, slot_to_row, row_to_slot,
-            T, NT, C or 0, R,
-            E=E, K=K, KP=next_pow2(K), BT=BT, BLOCK_E=block_e,
+            ids, hist, counts, kept, offsets, slot_to_row, row_to_slot,
+            T * K, NT, C or 0, R,
+            E=E, BT=BT, K=K, BS=BS, BLOCK_E=block_e, W=W,
             BLOCK_P=max(2, min(next_pow2(NT), 4096 // block_e)), CAPACITY=capacity,
-            PAD=pad, BLOCK_R=block_r, num_warps=4)
+            PAD=pad, BLOCK_R=block_r, num_warps=max(1, min(8, BS * W // 2048)))
     sel = Selection(topk_ids=ids, topk_weights=weights, scores=None)
     plan = RoutingPlan(expert_counts=counts, kept_counts=kept, expert_offsets=offsets,
                        slot_to_row=slot_to_row, row_to_slot=row_to_slot, capacity=C,
