@@ -169,14 +169,38 @@ def _load4(base, rmask, col, E: tl.constexpr):
 
 
 @triton.jit
+def _chunk(x, col, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7,
+           i7, E: tl.constexpr, K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+           KEY_LOGITS: tl.constexpr, NEED_MS: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """One [BT, H, 4] chunk of logits x (columns col + 0..3, col: [1, H]): the online softmax
+    statistics (NEED_MS) and, when the keys need no normaliser, their insertion."""
+    if NEED_MS:
+        m_new = tl.maximum(m, tl.max(x, axis=2))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, :, None]), axis=2)
+        m = m_new
+    if KEYS_FIRST:
+        cols = col[:, :, None] + tl.arange(0, 4)[None, None, :]
+        key = x
+        if SIGMOID and not KEY_LOGITS:
+            key = 1.0 / (1.0 + tl.exp(-x))
+        if HAS_BIAS:
+            key = key + tl.load(bias_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)
+        key = tl.where(cols < E, _sortable(key), _INT32_MIN)
+        k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _insert4(
+            key, col, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7, K)
+    return m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7
+
+
+@triton.jit
 def _select_rows(
     base, rmask, bias_ptr, BT: tl.constexpr,
     E: tl.constexpr, K: tl.constexpr, H: tl.constexpr, EH: tl.constexpr,
     SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.constexpr, RENORM: tl.constexpr,
     HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, NEED_MS: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Top-K of the tokens whose logits rows start at `base` [BT] (row pointers). Thread group
-    h of a token scans columns [h*EH, (h+1)*EH). Returns (ids [BT] x 8, m [BT], s [BT]): the
+    h of a token scans columns [h*EH, (h+1)*EH) (EH a multiple of 16). Returns (ids [BT] x 8, m [BT], s [BT]): the
     selected experts best first (entries past K unused), and the softmax max and sum of exps of
     each row (only if NEED_MS)."""
     hcol = (tl.arange(0, H) * EH)[None, :]  # [1, H] first column of each thread group
@@ -187,24 +211,26 @@ def _select_rows(
     m = tl.full([BT, H], -3.0e38, tl.float32)  # finite: exp(m - m_new) stays a number
     s = tl.zeros([BT, H], tl.float32)
     KEYS_FIRST: tl.constexpr = KEY_LOGITS or SIGMOID  # keys need no softmax normaliser
-    for c in range(0, EH, 4):  # a loop, not unrolled: small code, fast compile
+    # 16 columns per step (four 16-byte loads in flight) and the next step's loads issued while
+    # this one computes (tl.range stages): the loop is bound by load latency otherwise
+    for c in tl.range(0, EH, 16, num_stages=STAGES):
         col = hcol + c
-        x = _load4(base, rmask, col[:, :, None], E)
-        if NEED_MS:  # online softmax statistics
-            m_new = tl.maximum(m, tl.max(x, axis=2))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, :, None]), axis=2)
-            m = m_new
-        if KEYS_FIRST:
-            key = x
-            if SIGMOID and not KEY_LOGITS:
-                key = 1.0 / (1.0 + tl.exp(-x))
-            if HAS_BIAS:
-                cols = col[:, :, None] + tl.arange(0, 4)[None, None, :]
-                key = key + tl.load(bias_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)
-            cols = col[:, :, None] + tl.arange(0, 4)[None, None, :]
-            key = tl.where(cols < E, _sortable(key), _INT32_MIN)
-            k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _insert4(
-                key, col, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7, K)
+        x0 = _load4(base, rmask, col[:, :, None], E)
+        x1 = _load4(base, rmask, col[:, :, None] + 4, E)
+        x2 = _load4(base, rmask, col[:, :, None] + 8, E)
+        x3 = _load4(base, rmask, col[:, :, None] + 12, E)
+        m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
+            x0, col, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7,
+            i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
+        m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
+            x1, col + 4, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6,
+            k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
+        m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
+            x2, col + 8, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6,
+            k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
+        m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
+            x3, col + 12, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6,
+            k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
     if NEED_MS:  # combine the thread groups' statistics
         mt = tl.max(m, axis=1)
         s = tl.sum(s * tl.exp(m - mt[:, None]), axis=1)
@@ -343,6 +369,7 @@ def _select_rows_kernel(
     BT: tl.constexpr, BLOCK_E: tl.constexpr, W: tl.constexpr, BS: tl.constexpr,
     SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.constexpr, RENORM: tl.constexpr,
     HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, NEED_MS: tl.constexpr,
+    STAGES: tl.constexpr,  # software-pipelining stages of the column loop
     FUSED_PLAN: tl.constexpr,  # one tile holds every token: build the whole plan here
     CAPACITY: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -354,7 +381,7 @@ def _select_rows_kernel(
     base = logits_ptr + rows.to(tl.int64) * stride_t
     i0, i1, i2, i3, i4, i5, i6, i7, m, s = _select_rows(
         base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, SOFTMAX_AFTER, RENORM, HAS_BIAS,
-        KEY_LOGITS, NEED_MS)
+        KEY_LOGITS, NEED_MS, STAGES)
     kc = tl.arange(0, KP)[None, :]
     valid = rmask[:, None] & (kc < K)
     I = tl.where(valid, _stack(i0, i1, i2, i3, i4, i5, i6, i7, KP), 0)  # [BT, KP]
@@ -404,31 +431,45 @@ def _select_rows_kernel(
 
 
 @triton.jit
+def _scan_tiles_kernel(
+    hist_ptr,  # (NT, BLOCK_E) int32 tile counts
+    prefix_ptr,  # (NT, BLOCK_E) int32 out: counts of the earlier tiles
+    total_ptr,  # (BLOCK_E,) int32 out: counts of all tiles
+    NT, BLOCK_E: tl.constexpr, BC: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Exclusive scan of the tile counts down the tiles, BC expert columns per program, in a
+    fixed order (O(NT*E) work in all)."""
+    cols = tl.program_id(0) * BC + tl.arange(0, BC)
+    run = tl.zeros([BC], tl.int32)
+    for p0 in range(0, NT, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        msk = (p < NT)[:, None]
+        h = tl.load(hist_ptr + p[:, None] * BLOCK_E + cols[None, :], mask=msk, other=0)
+        tl.store(prefix_ptr + p[:, None] * BLOCK_E + cols[None, :],
+                 tl.cumsum(h, axis=0) - h + run[None, :], mask=msk)
+        run += tl.sum(h, axis=0)
+    tl.store(total_ptr + cols, run)
+
+
+@triton.jit
 def _place_rows_kernel(
     ids_ptr,  # (T*K,) int32
-    hist_ptr,  # (NT, BLOCK_E) int32 tile counts
+    prefix_ptr,  # (NT, BLOCK_E) int32 counts of the earlier tiles
+    total_ptr,  # (BLOCK_E,) int32 counts of all tiles
     counts_ptr, kept_ptr, offsets_ptr,  # (E,), (E,), (E+1,) int32 out (program 0)
     slot_to_row_ptr, row_to_slot_ptr,  # (T*K,), (R,) int32 out
     N, NT, C, R,
     E: tl.constexpr, BT: tl.constexpr, K: tl.constexpr, BS: tl.constexpr,
-    BLOCK_E: tl.constexpr, W: tl.constexpr, BLOCK_P: tl.constexpr, CAPACITY: tl.constexpr,
-    PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_E: tl.constexpr, W: tl.constexpr, CAPACITY: tl.constexpr, PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
-    """Programs < NT: the BT*K slots of tile pid. Each sums the tile counts itself (totals, and
-    the prefix of the earlier tiles: no scan launch); rank = prefix + rank in the tile (packed
-    counts, no sort); kept iff rank < C. Programs >= NT mark the empty rows (capacity or padded
-    layouts only)."""
+    """Programs < NT: the BT*K slots of tile pid: rank = the earlier tiles' count + the rank in
+    the tile (packed counts, no sort); kept iff rank < C. Programs >= NT mark the empty rows
+    (capacity or padded layouts only)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
-    total = tl.zeros([BLOCK_E], tl.int32)
-    before = tl.zeros([BLOCK_E], tl.int32)
-    for p0 in range(0, NT, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        h = tl.load(hist_ptr + p[:, None] * BLOCK_E + cols[None, :], mask=(p < NT)[:, None],
-                    other=0)
-        total += tl.sum(h, axis=0)
-        before += tl.sum(tl.where((p < pid)[:, None], h, 0), axis=0)
+    total = tl.load(total_ptr + cols)
     kept, starts, used = _layout(total, cols, C, E, CAPACITY, PAD)
     if pid == 0:
         tl.store(counts_ptr + cols, total, mask=cmask)
@@ -441,7 +482,7 @@ def _place_rows_kernel(
         valid = (j < BT * K) & (slot < N)
         e = tl.load(ids_ptr + slot, mask=valid, other=0)
         rank, _ = _slot_ranks(e, valid, W)
-        rank += tl.gather(before, e, axis=0)
+        rank += tl.load(prefix_ptr + pid * BLOCK_E + e, mask=valid, other=0)
         _place(e, rank, valid, slot, kept, starts, slot_to_row_ptr, row_to_slot_ptr)
     else:
         r = (pid - NT) * BLOCK_R + tl.arange(0, BLOCK_R)

@@ -24,7 +24,11 @@ import torch
 import triton
 
 from routerlib.config import RouterConfig
-from routerlib.kernels._route_rows_kernels import _place_rows_kernel, _select_rows_kernel
+from routerlib.kernels._route_rows_kernels import (
+    _place_rows_kernel,
+    _scan_tiles_kernel,
+    _select_rows_kernel,
+)
 from routerlib.kernels._topk_kernels import next_pow2
 from routerlib.reference.plan import num_rows
 from routerlib.types import RoutingPlan, Selection
@@ -85,7 +89,7 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
     R = num_rows(T, cfg)
     H, num_warps, BT = rows_config(E, T, K)
     NT = triton.cdiv(T, BT)
-    EH = triton.cdiv(E, 4 * H) * 4  # columns per thread group, a multiple of 4
+    EH = triton.cdiv(E, 16 * H) * 16  # columns per thread group, 16 per loop step
     block_e = max(2, next_pow2(E))
     W = next_pow2(triton.cdiv(E, 4))
     i32 = dict(dtype=torch.int32, device=dev)
@@ -111,14 +115,18 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
         SIGMOID=sigmoid, SOFTMAX_AFTER=softmax_after, RENORM=renorm,
         HAS_BIAS=bias is not None, KEY_LOGITS=key_logits,
         NEED_MS=not sigmoid and not softmax_after and not (key_logits and renorm),
-        FUSED_PLAN=fused, CAPACITY=capacity, PAD=pad, BLOCK_R=block_r, num_warps=num_warps)
+        STAGES=2, FUSED_PLAN=fused, CAPACITY=capacity, PAD=pad, BLOCK_R=block_r, num_warps=num_warps)
     if not fused:
+        prefix, total = empty((NT, block_e), **i32), empty((block_e,), **i32)
+        bc = min(block_e, 32)
+        _scan_tiles_kernel[(block_e // bc,)](
+            hist, prefix, total, NT, BLOCK_E=block_e, BC=bc,
+            BLOCK_P=max(2, min(next_pow2(NT), 4096 // bc)), num_warps=4)
         mark = capacity or pad > 1
         _place_rows_kernel[(NT + (triton.cdiv(R, block_r) if mark else 0),)](
-            ids, hist, counts, kept, offsets, slot_to_row, row_to_slot,
+            ids, prefix, total, counts, kept, offsets, slot_to_row, row_to_slot,
             T * K, NT, C or 0, R,
-            E=E, BT=BT, K=K, BS=BS, BLOCK_E=block_e, W=W,
-            BLOCK_P=max(2, min(next_pow2(NT), 4096 // block_e)), CAPACITY=capacity,
+            E=E, BT=BT, K=K, BS=BS, BLOCK_E=block_e, W=W, CAPACITY=capacity,
             PAD=pad, BLOCK_R=block_r, num_warps=max(1, min(8, BS * W // 2048)))
     sel = Selection(topk_ids=ids, topk_weights=weights, scores=None)
     plan = RoutingPlan(expert_counts=counts, kept_counts=kept, expert_offsets=offsets,
