@@ -200,9 +200,9 @@ def _select_rows(
     STAGES: tl.constexpr,
 ):
     """Top-K of the tokens whose logits rows start at `base` [BT] (row pointers). Thread group
-    h of a token scans columns [h*EH, (h+1)*EH) (EH a multiple of 16). Returns (ids [BT] x 8, m [BT], s [BT]): the
-    selected experts best first (entries past K unused), and the softmax max and sum of exps of
-    each row (only if NEED_MS)."""
+    h of a token scans columns [h*EH, (h+1)*EH) (EH a multiple of 16). Returns (ids [BT] x 8, m
+    [BT], s [BT]): the selected experts best first (entries past K unused), and the softmax max
+    and sum of exps of each row (only if NEED_MS)."""
     hcol = (tl.arange(0, H) * EH)[None, :]  # [1, H] first column of each thread group
     neg = tl.full([BT, H], _INT32_MIN, tl.int32)
     zero = tl.zeros([BT, H], tl.int32)

@@ -115,7 +115,8 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
         SIGMOID=sigmoid, SOFTMAX_AFTER=softmax_after, RENORM=renorm,
         HAS_BIAS=bias is not None, KEY_LOGITS=key_logits,
         NEED_MS=not sigmoid and not softmax_after and not (key_logits and renorm),
-        STAGES=2, FUSED_PLAN=fused, CAPACITY=capacity, PAD=pad, BLOCK_R=block_r, num_warps=num_warps)
+        STAGES=2, FUSED_PLAN=fused, CAPACITY=capacity, PAD=pad, BLOCK_R=block_r,
+        num_warps=num_warps)
     if not fused:
         prefix, total = empty((NT, block_e), **i32), empty((block_e,), **i32)
         bc = min(block_e, 32)
