@@ -67,11 +67,20 @@ def rows_config(num_experts: int, num_tokens: int, top_k: int) -> tuple[int, int
             raise ValueError(f"ROUTERLIB_ROWS_CONFIG={pinned!r}: H in 1, 2, 4; num_warps in "
                              "1, 2, 4, 8; 32 / H * num_warps <= 128")
         return h, nw, 32 // h * nw
-    h = 1 if num_experts <= 64 else 2 if num_experts <= 256 else 4
+    # Measured on an H100 (results/h100/tune_route.csv, CUDA graph): up to ~1k tokens many small
+    # tiles win (4 threads a token, 1 warp: T=64 13.0 us, T=256 15.7 us); for prefill 1 thread
+    # a token and 1 warp a tile at E <= 128 (T=16384 35.4 us, T=65536 92.6 us), 2 threads and
+    # 4 warps at E = 256 (54.6 us)
+    if num_tokens <= 1024:
+        h, nw = 4, 1
+    elif num_experts <= 128:
+        h, nw = 1, 1
+    elif num_experts <= 256:
+        h, nw = 2, 4
+    else:
+        h, nw = 4, 4
     words = next_pow2(triton.cdiv(num_experts, 4))
-    nw = 4
-    while nw > 1 and (32 // h * nw // 2 >= num_tokens  # decode: no idle warps
-                      or 32 // h * nw * next_pow2(top_k) * words > _MAX_TABLE):
+    while nw > 1 and 32 // h * nw * next_pow2(top_k) * words > _MAX_TABLE:
         nw //= 2
     return h, nw, 32 // h * nw
 
