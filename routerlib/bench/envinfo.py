@@ -37,10 +37,11 @@ def _git(*args: str) -> str | None:
 def git_state() -> tuple[str | None, bool | None]:
     """(commit of HEAD, dirty) of the repo routerlib is imported from; (None, None) outside git.
     Dirty counts changes to tracked files only (untracked results files do not make it dirty)."""
-    commit = _git("rev-parse", "HEAD")
-    if not commit and os.environ.get("ROUTERLIB_GIT_COMMIT"):
-        # a copy of the tree without .git (the GPU machines): the caller says which commit
+    if os.environ.get("ROUTERLIB_GIT_COMMIT"):
+        # the GPU machines get a copy of the tree whose .git (if any) may be stale: the caller
+        # says which commit it is
         return os.environ["ROUTERLIB_GIT_COMMIT"], None
+    commit = _git("rev-parse", "HEAD")
     if not commit:
         return None, None
     status = _git("status", "--porcelain", "--untracked-files=no")
