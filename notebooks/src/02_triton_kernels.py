@@ -265,53 +265,96 @@ for T in sorted(t["T"].unique(), reverse=True):
 # the config matters little.
 
 # %% [markdown]
+# ## 6. The row-wise route: top-K with few threads per token, ranks by counting
+#
+# Where the route needs no loss sums (inference: no gradient) and the config allows it (token
+# choice, drop policy "position", no group limit, K ≤ 8, E ≤ 512), `routerlib.kernels.route` runs
+# `kernels/route_rows.py` instead of top-K + plan:
+#
+# 1. `_select_rows_kernel` — H ∈ {1, 2, 4} threads per token, each streaming its share of the
+#    E columns 16 at a time (four 16-byte loads in flight) and inserting every key into a sorted
+#    list of the K best held in registers: one compare and four selects per list entry, no
+#    cross-thread reduction (the general kernel spends K × log2(32) dependent shuffles per token).
+#    A new key lands *below* equal keys, and columns arrive in index order, so ties go to the
+#    lower expert as in the reference. The H lists are merged by the same insertion. It writes
+#    ids, weights and the tile's expert histogram (`tl.histogram`).
+# 2. `_scan_tiles_kernel` — exclusive scan of the tile histograms (O(NT·E)).
+# 3. `_place_rows_kernel` — per tile: the rank of a slot among the tile's earlier slots of its
+#    expert from *packed counts* (8-bit fields, four experts per int32 word; a cumsum of one-hot
+#    words down the slots: no sort), plus the tile's prefix; kept iff rank < C; slot_to_row,
+#    row_to_slot, and the empty rows.
+#
+# When all tokens fit one tile, kernel 1 builds the whole plan itself (one launch). Checked here
+# against the reference (and in `tests/test_route_rows.py`: every H × warps split, ties, poisoned
+# outputs, random configs; on the H100 up to T = 65536 and E = 512):
+
+# %%
+from routerlib.kernels.route_rows import route_rows  # noqa: E402
+
+for T in (6, 300):
+    cfg = RouterConfig(num_experts=24, top_k=4, renormalize=True, capacity_factor=1.25)
+    logits = make_logits("zipf:1.2", T, 24, device=DEVICE, seed=5)
+    sel, plan = route_rows(logits, cfg)
+    want_sel = ref.select(logits, cfg)
+    want = ref.build_plan(want_sel, cfg)
+    assert torch.equal(sel.topk_ids, want_sel.topk_ids)
+    for f in ("expert_counts", "kept_counts", "expert_offsets", "slot_to_row", "row_to_slot"):
+        assert torch.equal(getattr(plan, f), getattr(want, f)), f
+    print(f"route_rows: T={T}, ids and plan equal to the reference, "
+          f"{int(plan.num_dropped())} slots dropped")
+
+# %% [markdown]
+# ### Its launch configs (H100 sweep, `tune_route.csv`)
+#
+# µs per route in a CUDA graph for each (threads per token H, warps per tile); `general path` is
+# top-K + plan measured in the same run.
+
+# %%
+tr = pd.read_csv(RESULTS / "tune_route.csv")
+assert tr["ok"].sum() >= len(tr) - 2  # two configs did not fit (E = 256, 128 tokens a tile)
+tr["shape"] = tr["case"] + " T=" + tr["T"].astype(str) + " E=" + tr["E"].astype(str)
+tr.pivot_table(index="config", columns="shape", values="us").round(1)
+
+# %%
+res = pd.read_csv(RESULTS / "tune_route_resources.csv")
+res = res[res["kernel"].str.contains("rows|scan")]
+print("registers per thread of the compiled variants (H100, triton 3.6):")
+res.groupby("kernel")["n_regs"].describe()[["count", "min", "max"]]
+
+# %% [markdown]
+# * **Why these winners.** For prefill the selection kernel is bound by load latency, not by
+#   arithmetic: one token per thread and one warp per tile (48–64 registers) puts the most
+#   independent warps on each SM (T = 16384: 35.4 µs; T = 65536: 92.6 µs, against 49.9 and 201 µs
+#   for the general path in the same run). With 2 threads per token the merge of the two lists
+#   costs 160–170 registers; it wins only at E = 256 (54.6 vs 97.4 µs). At decode sizes many
+#   small tiles (4 threads per token, 1 warp, 8 tokens a tile) win: T = 64 13.0 µs, T = 256
+#   15.7 µs.
+# * **What failed on the way** (all measured on the H100, in this session):
+#   the column loop fully unrolled (`tl.static_range`) compiled for minutes and spilled
+#   (≈14 KB of stack per thread: 1.45 ms at T = 16384); a [tokens, K, E/4] one-hot rank table
+#   inside the selection kernel did the same; the tile prefix summed by every program was
+#   quadratic in tiles (750 µs at T = 65536) until the scan launch replaced it; the previous
+#   session's one-launch decode route and three-launch fused route were slower than the general
+#   path (34.7 µs and 125 µs, `targets_optin_routes_d8adf02.json`) and are gone.
+
+# %% [markdown]
 # ## Conclusions
 #
 # * **Dispatch and combine meet the targets**: 89–90% and 95–98% of the measured copy bandwidth
 #   (3.0 TB/s) at T = 16384, against 5–8% for the reference, torchtitan and DeepSpeed combines:
 #   combine is 20× faster than the reference and 11–15× faster than the peers, deterministic,
 #   no atomics. torch.compile of the reference fuses the K-way gather-sum and reaches 94–96% on
-#   combine too (`targets_run1.json`; its rows were cut by the time budget in `targets.json`),
-#   but only 56–58% on dispatch, and it does not help the routing (0.84 ms).
-# * **The backward** of route + dispatch + combine costs 1.3× its forward (target ≤ 2×) and is
-#   about 20× faster than the reference's backward.
-# * **Routing misses its latency targets.** Score + top-K + plan takes 49–58 µs in a CUDA graph
-#   (target 10 µs; torchtitan 207 µs) and ~180 µs eager from Python (target 40 µs; the reference
-#   0.9 ms, torchtitan 0.23 ms). The top-K kernel alone is ~27–31 µs (`tune.csv`: K dependent
-#   rounds of an int64 max-reduction per row); the plan is the rest (a per-block `tl.sort` for
-#   the stable local rank, two launches); eager adds four Triton launches from Python. The decode path (T = 64) takes 25 µs in
-#   a graph (target 15 µs). What would close the gap: fold the histogram and in-tile ranks into
-#   the top-K kernel (its K rounds already know each token's experts), leaving one scan + scatter
-#   launch; a 32-bit key per round where E ≤ 65536; and a lighter launcher path for eager calls.
-#   The first two launch-count cuts are written and checked (section 6), not yet measured.
-
-# %% [markdown]
-# ## 6. Prepared, not yet measured: fewer launches for the routing path
-#
-# * `kernels/route_small.py` — decode sizes (T·E fits one program): score + top-K + loss sums +
-#   the whole "position" plan in **one launch**. With one slot per (token, expert), a slot's rank
-#   in its expert is the number of earlier tokens that chose it: an exclusive cumsum of the
-#   chosen mask down the token axis — no sort, no histogram pass.
-# * `kernels/route_fused.py` — any T: the same idea per tile (in-tile ranks and a tile
-#   histogram written by the top-K kernel), a column scan of the tile histograms, then the
-#   scatter: **three launches** instead of four, and no `tl.sort`.
-#
-# Both are opt-in (`ROUTERLIB_SMALL_ROUTE=1`, `ROUTERLIB_FUSED_ROUTE=1`) until the GPU script's
-# `targets_fused` step has measured them; here they are checked against the reference.
-
-# %%
-from routerlib.kernels.route_fused import route_fused  # noqa: E402
-from routerlib.kernels.route_small import route_small  # noqa: E402
-
-for fn, T in ((route_small, 48), (route_fused, 300)):
-    cfg = RouterConfig(num_experts=24, top_k=4, renormalize=True, capacity_factor=1.25)
-    logits = make_logits("zipf:1.2", T, 24, device=DEVICE, seed=5)
-    sel, plan = fn(logits, cfg)
-    want = ref.build_plan(ref.select(logits, cfg), cfg)
-    for f in ("expert_counts", "kept_counts", "expert_offsets", "slot_to_row", "row_to_slot"):
-        assert torch.equal(getattr(plan, f), getattr(want, f)), f
-    print(f"{fn.__name__}: T={T}, plan equal to the reference, "
-          f"{int(plan.num_dropped())} slots dropped")
+#   combine too, but only 56–58% on dispatch, and it does not help the routing (1.0 ms).
+# * **The backward** of route + dispatch + combine costs 1.75× its forward (target ≤ 2×; 1.2–1.3×
+#   in earlier runs of the same kernels) and is 14× faster than the reference's backward.
+# * **Routing misses its latency targets.** Score + top-K + plan (T = 16384, E = 128, K = 8,
+#   fp32 logits) takes 35.6 µs in a CUDA graph with the row-wise route (section 6; 49.8–58.3 µs
+#   with top-K + plan; target 10 µs; torchtitan 207 µs) and 162 µs eager from Python (target
+#   40 µs; reference 1.5 ms, torchtitan 0.24 ms). The decode path (T = 64, D = 4096) takes
+#   25.6 µs in a graph (target 15 µs). Three launches in a graph cost ~12 µs even at decode
+#   sizes (`tune_route.csv`), so 10 µs needs one launch: a grid-wide prefix inside one
+#   persistent kernel (a last-block scan); eager (three launches and the output allocations:
+#   162 µs) needs a launcher that skips Triton's per-call argument binding.
 
 # %%
 tg = targets.set_index("target")
