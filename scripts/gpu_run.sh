@@ -8,6 +8,7 @@
 #   compile    torch.compile of the reference routing stages
 #   kernels    the sweep with the Triton backend
 #   tune       launch-config sweep of the kernels (the defaults are its winners)
+#   breakdown  where the routing time goes: device time per kernel, host time of an eager call
 #   targets    the issue's targets: kernels vs reference, compile and peers, in one run
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -65,6 +66,10 @@ if has kernels; then
 fi
 if has tune; then
   timeout "${TUNE_TIMEOUT:-150}" "$PY" -m routerlib.bench.tune ${TUNE_ARGS:-} --out "$OUT/tune" 2>&1 | tail -n 12
+fi
+if has breakdown; then
+  timeout 180 "$PY" -m routerlib.bench.route_breakdown --out "$OUT/route_breakdown.json" 2>&1 \
+    | tail -n 60
 fi
 if has targets; then
   timeout "${TARGETS_TIMEOUT:-240}" "$PY" -m routerlib.bench.targets ${TARGETS_ARGS:-} --out "$OUT/targets" 2>&1 \

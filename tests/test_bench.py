@@ -405,3 +405,12 @@ def test_failed_capture_leaves_cuda_usable():
         timing.bench_cuda_graph(lambda: torch.autograd.grad(y, (lg,), dy, retain_graph=True))
     assert timing.cuda_state_ok()
     assert torch.randn(3, device=dev).shape == (3,)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_gpu_only_tools_refuse_without_a_gpu(tmp_path):
+    """The GPU tools say so and exit 2 on a CPU instead of failing half-way."""
+    from routerlib.bench import route_breakdown, tune
+
+    assert route_breakdown.main(["--out", str(tmp_path / "b.json")]) == 2
+    assert tune.main(["--out", str(tmp_path / "t")]) == 2

@@ -1,0 +1,107 @@
+"""Where the routing time goes (GPU only): per-kernel device time of each route and the host
+time of an eager call, split into its parts.
+
+    python -m routerlib.bench.route_breakdown --out results/h100/route_breakdown.json
+
+Device side: torch.profiler over repeated calls; the median device time of each kernel name.
+Host side: the wall time of back-to-back eager calls of (a) the whole route, (b) the same with
+the Triton launches replaced by no-ops (allocations + Python logic), (c) one torch.empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+
+from routerlib.bench.envinfo import env_info
+
+CASES = (("qwen3 T=16384", 16384, 128, 8, dict(renormalize=True)),
+         ("decode T=64", 64, 64, 8, {}),
+         ("qwen3 T=65536", 65536, 128, 8, dict(renormalize=True)))
+
+
+def _wall_us(fn: Callable[[], object], reps: int = 200) -> float:
+    """Median per-call wall time of back-to-back calls (synchronised every 20 calls)."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps // 20):
+        t0 = time.perf_counter()
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / 20 * 1e6)
+    return statistics.median(times)
+
+
+def _device_times(fn: Callable[[], object], reps: int = 30) -> dict[str, float]:
+    """Median device time (us) of each kernel launched by fn, over reps calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    per = defaultdict(list)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.name].append(ev.device_time_total if hasattr(ev, "device_time_total")
+                                else ev.cuda_time_total)
+    return {name: statistics.median(v) for name, v in per.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="results/route_breakdown.json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("route_breakdown: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from routerlib.config import RouterConfig
+    from routerlib.kernels import route, route_rows
+
+    out = {"env": env_info(), "cases": []}
+    for name, T, E, K, kw in CASES:
+        cfg = RouterConfig(num_experts=E, top_k=K, check_finite=False, **kw)
+        logits = torch.randn(T, E, device="cuda") * 2
+        case = {"case": name, "T": T, "E": E, "K": K,
+                "config": route_rows.rows_config(E, T, K)}
+        def call(lg=logits, c=cfg):
+            return route(lg, c)
+
+        with torch.no_grad():
+            try:
+                case["device_us"] = _device_times(call)
+            except Exception as e:  # noqa: BLE001 - the host side is still worth having
+                case["device_us"] = f"{type(e).__name__}: {e}"[:300]
+            case["eager_wall_us"] = _wall_us(call)
+            cls = type(route_rows._select_rows_kernel)
+            saved = cls.__getitem__
+            try:  # the launches as no-ops: what the Python path costs by itself
+                cls.__getitem__ = lambda self, grid: (lambda *a, **k: None)
+                case["eager_no_launch_us"] = _wall_us(call)
+            finally:
+                cls.__getitem__ = saved
+            case["empty_alloc_us"] = _wall_us(
+                lambda t=T, k=K: torch.empty((t, k), dtype=torch.int32, device="cuda"))
+        out["cases"].append(case)
+        print(json.dumps(case, indent=1))
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
