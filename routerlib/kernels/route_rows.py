@@ -85,19 +85,10 @@ def rows_config(num_experts: int, num_tokens: int, top_k: int) -> tuple[int, int
     return h, nw, 32 // h * nw
 
 
-def _carve(buf: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    """Consecutive 1-D pieces of buf with the given sizes, each starting 16 elements aligned."""
-    out, start = [], 0
-    for n in sizes:
-        out.append(buf[start:start + n])
-        start += -(-n // 16) * 16
-    return out
-
-
 def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None
                ) -> tuple[Selection, RoutingPlan]:
     """The fast route; the caller checks `applies` (and validated the inputs). Loss sums are not
-    computed (Selection.prob_sum / zsq_sum are None). The outputs share one allocation."""
+    computed (Selection.prob_sum / zsq_sum are None)."""
     T, E = logits.shape
     K = cfg.top_k
     dev = logits.device
@@ -111,17 +102,17 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
     block_e = max(2, next_pow2(E))
     W = next_pow2(triton.cdiv(E, 4))
     fused = NT == 1
-    # One allocation for every output and scratch buffer (a caching-allocator call costs ~5 us
-    # of host time; results/h100/route_breakdown.json), carved into 64-byte aligned pieces.
-    sizes = [T * K, T * K, T * K, E, E, E + 1, R]
-    if not fused:
-        sizes += [NT * block_e, NT * block_e, block_e]
-    pieces = _carve(_empty((sum(-(-n // 16) * 16 for n in sizes),), dtype=torch.int32,
-                           device=dev), sizes)
-    ids, slot_to_row = pieces[0].view(T, K), pieces[1].view(T, K)
-    weights = pieces[2].view(torch.float32).view(T, K)
-    counts, kept, offsets, row_to_slot = pieces[3:7]
-    hist, prefix, total = pieces[7:10] if not fused else (ids, ids, ids)
+    i32 = dict(dtype=torch.int32, device=dev)
+    empty = _empty
+    ids, slot_to_row = empty((T, K), **i32), empty((T, K), **i32)
+    weights = empty((T, K), dtype=torch.float32, device=dev)
+    counts, kept = empty((E,), **i32), empty((E,), **i32)
+    offsets, row_to_slot = empty((E + 1,), **i32), empty((R,), **i32)
+    if fused:
+        hist = prefix = total = ids  # unused
+    else:
+        hist, prefix = empty((NT, block_e), **i32), empty((NT, block_e), **i32)
+        total = empty((block_e,), **i32)
     BS = next_pow2(BT * K)  # slots of a tile
     softmax_after, renorm = cfg.softmax_after_topk, cfg.renormalize
     sigmoid = cfg.score_func == "sigmoid"
