@@ -348,9 +348,11 @@ res.groupby("kernel")["n_regs"].describe()[["count", "min", "max"]]
 # * **The backward** of route + dispatch + combine costs 1.75× its forward (target ≤ 2×; 1.2–1.3×
 #   in earlier runs of the same kernels) and is 14× faster than the reference's backward.
 # * **Routing misses its latency targets.** Score + top-K + plan (T = 16384, E = 128, K = 8,
-#   fp32 logits) takes 35.6 µs in a CUDA graph with the row-wise route (section 6; 49.8–58.3 µs
+#   fp32 logits) takes 35.6 µs in a CUDA graph with the row-wise route (section 6), 31.8 µs
+#   after its tile scan was spread over more programs (`targets_route_3cdfd8b.json`; 49.8–58.3 µs
 #   with top-K + plan; target 10 µs; torchtitan 207 µs) and 162 µs eager from Python (target
-#   40 µs; reference 1.5 ms, torchtitan 0.24 ms). The decode path (T = 64, D = 4096) takes
+#   40 µs; reference 1.5 ms, torchtitan 0.24 ms). Per kernel (`route_breakdown.json`): select
+#   10.0 µs, scan 3.0 µs, place 9.8 µs; the rest is the gaps between three launches. The decode path (T = 64, D = 4096) takes
 #   25.6 µs in a graph (target 15 µs). Three launches in a graph cost ~12 µs even at decode
 #   sizes (`tune_route.csv`), so 10 µs needs one launch: a grid-wide prefix inside one
 #   persistent kernel (a last-block scan); eager (three launches and the output allocations:
