@@ -10,13 +10,16 @@ Columns arrive in increasing index order and a new key lands below the equal key
 the list, so among equal keys the lower expert index wins, as in the reference's stable sort.
 Keys are fp32 turned into order-preserving int32 (-0.0 folded into +0.0).
 
-The in-tile rank of each slot comes from a counting table: per token, its K experts as 8-bit
-fields of E/4 int32 words (field e%4 of word e//4); an exclusive cumsum of the words down the
-tile's tokens gives, in field e, how many earlier tokens of the tile chose e. Fields cannot
-overflow: a tile has at most 255 tokens.
+The place kernel ranks each slot inside its tile with a counting table: per slot, a one-hot
+row of E/4 int32 words holding 8-bit fields (field e%4 of word e//4); an exclusive cumsum of
+the rows down the tile's slots gives, in field e, how many earlier slots of the tile went to e.
+Fields cannot overflow: a tile has at most 128 tokens and a token takes an expert once. (The
+table lives in its own kernel: inside the selection kernel it cost the registers that the
+insertion lists need, and ptxas spilled.)
 
-Bytes: reads T*E*s (+ T*K*s, the K selected logits again, from L1/L2), writes T*K*12 (ids,
-weights, in-tile ranks) + NT*E*4 (tile histograms).
+Bytes: select reads T*E*s (+ T*K*s, the K selected logits again, from L1/L2) and writes T*K*8
+(ids, weights) + NT*E*4 (tile counts); the scan reads and writes NT*E*4; place reads T*K*4 +
+NT*E*4 and writes T*K*4 + R*4.
 """
 
 from __future__ import annotations

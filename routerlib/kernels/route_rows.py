@@ -1,13 +1,17 @@
-"""Routing in two launches (one when every token fits one tile), no sort: the fast route.
+"""Routing in three launches (one when every token fits one tile), no sort: the fast route.
 
   1. _select_rows_kernel  one program per tile of BT tokens, H threads per token: score + top-K
                           by insertion into register lists (no cross-thread reductions),
-                          weights, ids, and each slot's rank among the tile's earlier tokens
-                          (a cumsum of packed 8-bit expert counts), plus the tile's counts.
-  2. _place_rows_kernel   one program per tile: totals and the earlier tiles' prefix from the
-                          tile counts, rank = prefix + in-tile rank, kept iff rank < C, rows;
-                          slot_to_row and row_to_slot; extra programs mark the empty rows.
-When T <= BT, kernel 1 builds the whole plan itself (FUSED_PLAN): one launch (decode).
+                          weights, ids, and the tile's expert counts (tl.histogram).
+  2. _scan_tiles_kernel   exclusive scan of the tile counts down the tiles (>= 16 programs).
+  3. _place_rows_kernel   one program per tile: each slot's rank among the tile's earlier slots
+                          of its expert (a cumsum of packed 8-bit counts, no sort) + the tile's
+                          prefix, kept iff rank < C, rows; slot_to_row and row_to_slot; extra
+                          programs mark the empty rows (capacity or padded layouts).
+When T <= BT, kernel 1 builds the whole plan itself (FUSED_PLAN): one launch.
+
+Measured on an H100 (results/h100/route_breakdown.json, T=16384, E=128, K=8, fp32): select
+10.0 us, scan 3.0 us, place 9.8 us of device time; 31.8 us a route in a CUDA graph.
 
 Scope (`applies`): token choice, drop_policy "position", no group limit, K <= 8, E <= 512,
 fp32/bf16/fp16 logits, no gradient and no loss sums needed (inference), not while torch.compile
