@@ -64,7 +64,7 @@ from routerlib.bench.timing import (
     _recover_after_failed_capture,
     bench,
     bench_cuda_graph,
-    host_sync_error,
+    prepare_capture,
 )
 from routerlib.config import RouterConfig
 from routerlib.types import RoutingPlan, Selection
@@ -279,16 +279,7 @@ class Runner:
     def _graph_check(self, fn: Callable[[], object], check: Checker) -> None:
         """Capture fn, poison its outputs, replay, check them: the graph computes, not only the
         capture-time run."""
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        torch.cuda.synchronize()
-        why = host_sync_error(fn)
-        if why is not None:
-            raise RuntimeError(f"not capturable, host sync: {why}")
+        prepare_capture(fn, warmup=2)
         g = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(g):

@@ -120,6 +120,21 @@ def host_sync_error(fn: Callable[[], object]) -> str | None:
         torch.cuda.synchronize()
 
 
+def prepare_capture(fn: Callable[[], object], warmup: int) -> None:
+    """Get fn ready for CUDA-graph capture: warm it up on a side stream, as capture requires
+    (lazy init, autotuning, cuBLAS workspaces), then refuse it if it syncs with the host."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    why = host_sync_error(fn)
+    if why is not None:
+        raise RuntimeError(f"not capturable, host sync: {why}")
+
+
 def bench_cuda_graph(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: float = 100.0,
                      calls_per_graph: int = 1) -> Timing:
     """Capture fn() in a CUDA graph and time its replays (CUDA only).
@@ -134,17 +149,7 @@ def bench_cuda_graph(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: 
         raise RuntimeError("bench_cuda_graph needs CUDA")
     if calls_per_graph < 1:
         raise ValueError(f"calls_per_graph={calls_per_graph}: must be >= 1")
-    # warm up on a side stream, as capture requires (lazy init, autotuning, cuBLAS workspaces)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    why = host_sync_error(fn)
-    if why is not None:
-        raise RuntimeError(f"not capturable, host sync: {why}")
+    prepare_capture(fn, warmup=3)
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):

@@ -32,13 +32,19 @@ def _masked_hist(ids, valid, E_PAD: tl.constexpr):
 
 
 @triton.jit
-def _sortable_key(key_ptr, slot, valid):
-    """fp32 key -> int32 whose signed order is the float order (-0 == +0, NaN above +inf)."""
-    k = tl.load(key_ptr + slot, mask=valid, other=0.0)
+def _sortable(k):
+    """fp32 -> int32 whose signed order is the float order (-0 == +0, NaN above +inf, as in
+    torch.sort)."""
     bits = k.to(tl.int32, bitcast=True)
     bits = tl.where(k == 0.0, 0, bits)  # -0.0 == +0.0, as a float compare says
     bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: reverse their order
-    return tl.where(k != k, 0x7F800001, bits)  # NaN beats +inf (0x7F800000), as in torch.sort
+    return tl.where(k != k, 0x7F800001, bits)  # NaN beats +inf (0x7F800000)
+
+
+@triton.jit
+def _sortable_key(key_ptr, slot, valid):
+    """The fp32 policy key of each slot as a sortable int32 (see _sortable)."""
+    return _sortable(tl.load(key_ptr + slot, mask=valid, other=0.0))
 
 
 @triton.jit

@@ -8,7 +8,8 @@ list of the K best it has seen, held in registers (per list entry one compare an
 all entries in parallel, no shuffles). The H lists are merged at the end (the same insertion).
 Columns arrive in increasing index order and a new key lands below the equal keys already in
 the list, so among equal keys the lower expert index wins, as in the reference's stable sort.
-Keys are fp32 turned into order-preserving int32 (-0.0 folded into +0.0).
+Keys are fp32 turned into order-preserving int32 (_plan_kernels._sortable: -0.0 == +0.0,
+NaN above +inf as in torch.sort).
 
 The place kernel ranks each slot inside its tile with a counting table: per slot, a one-hot
 row of E/4 int32 words holding 8-bit fields (field e%4 of word e//4); an exclusive cumsum of
@@ -27,15 +28,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from routerlib.kernels._plan_kernels import _masked_hist, _sortable
+
 _INT32_MIN = tl.constexpr(-(2**31))
-
-
-@triton.jit
-def _sortable(key):
-    """int32 that orders like the fp32 `key`; -0.0 and +0.0 map to the same value."""
-    key = tl.where(key == 0.0, 0.0, key)
-    bits = key.to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 @triton.jit
@@ -311,14 +306,6 @@ def _slot_ranks(e, valid, W: tl.constexpr):
 
 
 @triton.jit
-def _masked_hist(ids, valid, BINS: tl.constexpr):
-    """Histogram of ids[valid] (invalid lanes hold 0 and are taken out of bin 0 again:
-    tl.histogram's mask argument is newer than some supported Tritons)."""
-    hist = tl.histogram(tl.where(valid, ids, 0), BINS)
-    return hist - tl.where(tl.arange(0, BINS) == 0, tl.sum((valid == 0).to(tl.int32), axis=0), 0)
-
-
-@triton.jit
 def _layout(counts, cols, C, E: tl.constexpr, CAPACITY: tl.constexpr, PAD: tl.constexpr):
     """(kept [BLOCK_E], starts [BLOCK_E], rows in use) from the routed counts: capacity layout
     e*C with kept = min(count, C), or ragged segments padded to PAD. Padding columns hold 0."""
@@ -415,21 +402,21 @@ def _select_rows_kernel(
                 _mark_empty_rows(row_to_slot_ptr, r0 + tl.arange(0, BLOCK_R), starts, kept,
                                  cols, cmask, R, BLOCK_R)
     else:
-        hist = _masked_hist(i0, rmask, BLOCK_E)
+        hist = _masked_hist(tl.where(rmask, i0, 0), rmask, BLOCK_E)
         if K > 1:
-            hist += _masked_hist(i1, rmask, BLOCK_E)
+            hist += _masked_hist(tl.where(rmask, i1, 0), rmask, BLOCK_E)
         if K > 2:
-            hist += _masked_hist(i2, rmask, BLOCK_E)
+            hist += _masked_hist(tl.where(rmask, i2, 0), rmask, BLOCK_E)
         if K > 3:
-            hist += _masked_hist(i3, rmask, BLOCK_E)
+            hist += _masked_hist(tl.where(rmask, i3, 0), rmask, BLOCK_E)
         if K > 4:
-            hist += _masked_hist(i4, rmask, BLOCK_E)
+            hist += _masked_hist(tl.where(rmask, i4, 0), rmask, BLOCK_E)
         if K > 5:
-            hist += _masked_hist(i5, rmask, BLOCK_E)
+            hist += _masked_hist(tl.where(rmask, i5, 0), rmask, BLOCK_E)
         if K > 6:
-            hist += _masked_hist(i6, rmask, BLOCK_E)
+            hist += _masked_hist(tl.where(rmask, i6, 0), rmask, BLOCK_E)
         if K > 7:
-            hist += _masked_hist(i7, rmask, BLOCK_E)
+            hist += _masked_hist(tl.where(rmask, i7, 0), rmask, BLOCK_E)
         tl.store(hist_ptr + pid * BLOCK_E + cols, hist)
 
 
