@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from routerlib.bench.timing import bench
+from routerlib.bench.timing import bench, bench_cuda_graph
 
 STAGES = ("gate", "route", "dispatch", "experts", "combine", "layer", "backward")
 
@@ -41,14 +41,16 @@ class StageCost:
 
 @dataclass(frozen=True)
 class Roofs:
-    """Measured ceilings: copy bandwidth (read+write, GB/s), matmul TFLOP/s in `dtype`, and the
-    host cost of one tiny kernel launch (us)."""
+    """Measured ceilings: copy bandwidth (read+write, GB/s), matmul TFLOP/s in `dtype`, the host
+    cost of one tiny kernel launch (us), and (CUDA) the time of a CUDA graph holding one tiny
+    kernel, timed as every graph figure is (us): the floor of any "in a CUDA graph" number."""
 
     copy_gbps: float
     matmul_tflops: float
     launch_us: float
     device: str
     dtype: str
+    graph_us: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -158,6 +160,14 @@ def measure_launch_latency(device: torch.device | str, n: int = 2000) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
+def measure_graph_floor(rep_ms: float = 100.0) -> float:
+    """Median us of replaying a CUDA graph of one one-element kernel, timed by bench_cuda_graph
+    (do_bench: CUDA events around each replay, L2 flushed before it), as every graph figure is."""
+
+    x = torch.zeros(1, device="cuda")
+    return bench_cuda_graph(lambda: x.add_(1), rep_ms=rep_ms).median_us
+
+
 def measure_roofs(device: torch.device | str, dtype: torch.dtype | None = None,
                   quick: bool = False) -> Roofs:
     """All three roofs. quick: smaller buffers and shorter runs (CPU tests)."""
@@ -172,4 +182,5 @@ def measure_roofs(device: torch.device | str, dtype: torch.dtype | None = None,
     return Roofs(copy_gbps=measure_copy_bandwidth(device, nbytes, rep_ms=rep),
                  matmul_tflops=measure_matmul_tflops(device, dtype, n, rep_ms=rep),
                  launch_us=measure_launch_latency(device, 200 if quick else 2000),
-                 device=str(device), dtype=str(dtype).replace("torch.", ""))
+                 device=str(device), dtype=str(dtype).replace("torch.", ""),
+                 graph_us=measure_graph_floor(rep) if gpu else None)

@@ -5,7 +5,8 @@ time of an eager call, split into its parts.
 
 Device side: torch.profiler over repeated calls; the median device time of each kernel name.
 Host side: the wall time of back-to-back eager calls of (a) the whole route, (b) the same with
-the Triton launches replaced by no-ops (allocations + Python logic), (c) one torch.empty.
+the Triton launches replaced by no-ops (allocations + Python logic), (c) one torch.empty. Also the
+route in a CUDA graph and the graph floor (one tiny kernel in a graph), timed alike.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from collections.abc import Callable
 import torch
 
 from routerlib.bench.envinfo import env_info
+from routerlib.bench.roofline import measure_graph_floor
+from routerlib.bench.timing import bench_cuda_graph
 
 CASES = (("qwen3 T=16384", 16384, 128, 8, dict(renormalize=True)),
          ("decode T=64", 64, 64, 8, {}),
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from routerlib.config import RouterConfig
     from routerlib.kernels import route, route_rows
 
-    out = {"env": env_info(), "cases": []}
+    out = {"env": env_info(), "graph_floor_us": measure_graph_floor(), "cases": []}
     for name, T, E, K, kw in CASES:
         cfg = RouterConfig(num_experts=E, top_k=K, check_finite=False, **kw)
         logits = torch.randn(T, E, device="cuda") * 2
@@ -93,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                 case["eager_no_launch_us"] = _wall_us(call)
             finally:
                 cls.__getitem__ = saved
+            try:
+                case["graph_us"] = bench_cuda_graph(call).median_us
+            except Exception as e:  # noqa: BLE001
+                case["graph_us"] = f"{type(e).__name__}: {e}"[:300]
             case["empty_alloc_us"] = _wall_us(
                 lambda t=T, k=K: torch.empty((t, k), dtype=torch.int32, device="cuda"))
         out["cases"].append(case)

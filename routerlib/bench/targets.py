@@ -801,7 +801,9 @@ def summary(result: dict) -> str:
     if roofs:
         lines.append(f"roofs: copy {roofs['copy_gbps']:.0f} GB/s, matmul "
                      f"{roofs['matmul_tflops']:.1f} TFLOP/s ({roofs['dtype']}), launch "
-                     f"{roofs['launch_us']:.1f} us; device {result['env']['device']}")
+                     f"{roofs['launch_us']:.1f} us, one-kernel CUDA graph "
+                     f"{roofs.get('graph_us') or float('nan'):.1f} us; device "
+                     f"{result['env']['device']}")
     lines.append("target                                   goal       measured  verified  pass")
     for t in result["targets"]:
         unit = {"us": " us", "graph_us": " us", "frac_copy": "", "ratio": "x"}[t["metric"]]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from routerlib.kernels._plan_kernels import _masked_hist, _sortable
+from routerlib.kernels._plan_kernels import _sortable
 
 _INT32_MIN = tl.constexpr(-(2**31))
 
@@ -293,16 +293,67 @@ def _weights(xs, valid, m, s, scale, SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.co
 
 
 @triton.jit
-def _slot_ranks(e, valid, W: tl.constexpr):
-    """Slots e [BS] (experts, in slot order t*K + k) -> (rank [BS]: earlier slots of the block
-    with the same expert, counts [W] as packed words). One-hot rows of 8-bit fields (field e%4
-    of word e//4); the block holds at most 255 slots of one expert, so fields never carry."""
-    wc = tl.arange(0, W)[None, :]
-    hit = (wc == (e >> 2)[:, None]) & valid[:, None]
-    acc = tl.where(hit, (1 << ((e & 3) * 8))[:, None], 0)  # [BS, W]
-    excl = tl.cumsum(acc, axis=0) - acc
-    word = tl.sum(tl.where(hit, excl, 0), axis=1)
-    return (word >> ((e & 3) * 8)) & 255, tl.sum(acc, axis=0)
+def _onehot_word(i, rmask, wc):
+    """[W, BT]: token t's expert i[t] as a one in field i%4 of word i//4 (0 for masked tokens)."""
+    hit = (wc == (i >> 2)[None, :]) & rmask[None, :]
+    return tl.where(hit, (1 << ((i & 3) * 8))[None, :], 0)
+
+
+@triton.jit
+def _field(excl, i, wc):
+    """[BT]: field i%4 of word i//4 of each token's column of excl [W, BT] (a masked sum down
+    the column, in registers)."""
+    word = tl.sum(tl.where(wc == (i >> 2)[None, :], excl, 0), axis=0)
+    return (word >> ((i & 3) * 8)) & 255
+
+
+@triton.jit
+def _token_ranks(rmask, i0, i1, i2, i3, i4, i5, i6, i7, K: tl.constexpr, KP: tl.constexpr,
+                 W: tl.constexpr):
+    """Rank of each selected slot among the tile's earlier tokens, and the tile's counts.
+
+    i0..i7 [BT]: the experts of each choice (a token's are distinct), rmask [BT] the real
+    tokens. Each token becomes a column of W int32 words of four 8-bit fields (field e%4 of word
+    e//4 holds 1 if the token chose expert e); an exclusive cumsum of the columns along the tile
+    gives, in field e of column t, how many earlier tokens chose e. A token takes an expert once
+    and a tile holds at most 128 tokens, so no field carries. The table is [W, BT], not [BT, W]:
+    Triton then lays the tokens along the lanes and a token's words in its thread's registers
+    (the other way round each thread holds every token's ids: ptxas spilled). Returns (rank
+    [BT, KP], words [W]: the tile's counts, packed the same way)."""
+    wc = tl.arange(0, W)[:, None]
+    row = _onehot_word(i0, rmask, wc)
+    if K > 1:
+        row += _onehot_word(i1, rmask, wc)
+    if K > 2:
+        row += _onehot_word(i2, rmask, wc)
+    if K > 3:
+        row += _onehot_word(i3, rmask, wc)
+    if K > 4:
+        row += _onehot_word(i4, rmask, wc)
+    if K > 5:
+        row += _onehot_word(i5, rmask, wc)
+    if K > 6:
+        row += _onehot_word(i6, rmask, wc)
+    if K > 7:
+        row += _onehot_word(i7, rmask, wc)
+    excl = tl.cumsum(row, axis=1) - row
+    r0 = _field(excl, i0, wc)
+    r1, r2, r3, r4, r5, r6, r7 = r0, r0, r0, r0, r0, r0, r0
+    if K > 1:
+        r1 = _field(excl, i1, wc)
+    if K > 2:
+        r2 = _field(excl, i2, wc)
+    if K > 3:
+        r3 = _field(excl, i3, wc)
+    if K > 4:
+        r4 = _field(excl, i4, wc)
+    if K > 5:
+        r5 = _field(excl, i5, wc)
+    if K > 6:
+        r6 = _field(excl, i6, wc)
+    if K > 7:
+        r7 = _field(excl, i7, wc)
+    return _stack(r0, r1, r2, r3, r4, r5, r6, r7, KP), tl.sum(row, axis=1)
 
 
 @triton.jit
@@ -356,7 +407,7 @@ def _select_rows_kernel(
     slot_to_row_ptr, row_to_slot_ptr,  # (T*K,), (R,) int32 out (FUSED_PLAN)
     T, stride_t, scale, C, R,
     E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, H: tl.constexpr, EH: tl.constexpr,
-    BT: tl.constexpr, BLOCK_E: tl.constexpr, W: tl.constexpr, BS: tl.constexpr,
+    BT: tl.constexpr, BLOCK_E: tl.constexpr, W: tl.constexpr,
     SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.constexpr, RENORM: tl.constexpr,
     HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, NEED_MS: tl.constexpr,
     STAGES: tl.constexpr,  # software-pipelining stages of the column loop
@@ -380,19 +431,15 @@ def _select_rows_kernel(
     tl.store(ids_ptr + slot, I, mask=valid)
     tl.store(weights_ptr + slot, _weights(xs, valid, m, s, scale, SIGMOID, SOFTMAX_AFTER,
                                           RENORM, NEED_MS), mask=valid)
+    rank, words = _token_ranks(rmask, i0, i1, i2, i3, i4, i5, i6, i7, K, KP, W)
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
-    if FUSED_PLAN:
-        # every slot is this program's: read the ids back in slot order (visible to the whole
-        # program after the barrier) and rank them; no prefix
-        tl.debug_barrier()
-        j = tl.arange(0, BS)
-        sval = j < T * K
-        e = tl.load(ids_ptr + j, mask=sval, other=0)
-        rank, words = _slot_ranks(e, sval, W)
-        counts = (tl.gather(words, cols >> 2, axis=0) >> ((cols & 3) * 8)) & 255
+    counts = (tl.gather(words, cols >> 2, axis=0) >> ((cols & 3) * 8)) & 255
+    if FUSED_PLAN:  # every token is this tile's: the ranks are final, no prefix
         kept, starts, total = _layout(counts, cols, C, E, CAPACITY, PAD)
-        _place(e, rank, sval, j, kept, starts, slot_to_row_ptr, row_to_slot_ptr)
+        _place(tl.reshape(I, [BT * KP]), tl.reshape(rank, [BT * KP]),
+               tl.reshape(valid, [BT * KP]), tl.reshape(slot, [BT * KP]), kept, starts,
+               slot_to_row_ptr, row_to_slot_ptr)
         tl.store(counts_ptr + cols, counts, mask=cmask)
         tl.store(kept_ptr + cols, kept, mask=cmask)
         tl.store(offsets_ptr + cols, starts, mask=cmask)
@@ -401,23 +448,9 @@ def _select_rows_kernel(
             for r0 in range(0, R, BLOCK_R):
                 _mark_empty_rows(row_to_slot_ptr, r0 + tl.arange(0, BLOCK_R), starts, kept,
                                  cols, cmask, R, BLOCK_R)
-    else:
-        hist = _masked_hist(tl.where(rmask, i0, 0), rmask, BLOCK_E)
-        if K > 1:
-            hist += _masked_hist(tl.where(rmask, i1, 0), rmask, BLOCK_E)
-        if K > 2:
-            hist += _masked_hist(tl.where(rmask, i2, 0), rmask, BLOCK_E)
-        if K > 3:
-            hist += _masked_hist(tl.where(rmask, i3, 0), rmask, BLOCK_E)
-        if K > 4:
-            hist += _masked_hist(tl.where(rmask, i4, 0), rmask, BLOCK_E)
-        if K > 5:
-            hist += _masked_hist(tl.where(rmask, i5, 0), rmask, BLOCK_E)
-        if K > 6:
-            hist += _masked_hist(tl.where(rmask, i6, 0), rmask, BLOCK_E)
-        if K > 7:
-            hist += _masked_hist(tl.where(rmask, i7, 0), rmask, BLOCK_E)
-        tl.store(hist_ptr + pid * BLOCK_E + cols, hist)
+    else:  # the rank inside the tile goes to slot_to_row; _place_slots_kernel adds the prefix
+        tl.store(hist_ptr + pid * BLOCK_E + cols, counts)
+        tl.store(slot_to_row_ptr + slot, rank, mask=valid)
 
 
 @triton.jit
@@ -442,20 +475,20 @@ def _scan_tiles_kernel(
 
 
 @triton.jit
-def _place_rows_kernel(
-    ids_ptr,  # (T*K,) int32
+def _place_slots_kernel(
+    ids_ptr,  # (T*K,) int32 experts of the slots
     prefix_ptr,  # (NT, BLOCK_E) int32 counts of the earlier tiles
     total_ptr,  # (BLOCK_E,) int32 counts of all tiles
     counts_ptr, kept_ptr, offsets_ptr,  # (E,), (E,), (E+1,) int32 out (program 0)
-    slot_to_row_ptr, row_to_slot_ptr,  # (T*K,), (R,) int32 out
-    N, NT, C, R,
-    E: tl.constexpr, BT: tl.constexpr, K: tl.constexpr, BS: tl.constexpr,
-    BLOCK_E: tl.constexpr, W: tl.constexpr, CAPACITY: tl.constexpr, PAD: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    slot_to_row_ptr,  # (T*K,) int32 in: rank inside the slot's tile; out: the slot's row
+    row_to_slot_ptr,  # (R,) int32 out
+    N, NP, C, R,
+    E: tl.constexpr, BT: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_E: tl.constexpr, CAPACITY: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Programs < NT: the BT*K slots of tile pid: rank = the earlier tiles' count + the rank in
-    the tile (packed counts, no sort); kept iff rank < C. Programs >= NT mark the empty rows
-    (capacity or padded layouts only)."""
+    """Programs < NP: BLOCK_S slots each, elementwise: rank = the earlier tiles' count + the rank
+    in the tile; kept iff rank < C; row = start of the expert + rank. Programs >= NP mark the
+    empty rows (capacity or padded layouts only)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
@@ -466,14 +499,13 @@ def _place_rows_kernel(
         tl.store(kept_ptr + cols, kept, mask=cmask)
         tl.store(offsets_ptr + cols, starts, mask=cmask)
         tl.store(offsets_ptr + E, used)
-    if pid < NT:
-        j = tl.arange(0, BS)
-        slot = pid.to(tl.int64) * (BT * K) + j
-        valid = (j < BT * K) & (slot < N)
+    if pid < NP:
+        slot = pid.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+        valid = slot < N
         e = tl.load(ids_ptr + slot, mask=valid, other=0)
-        rank, _ = _slot_ranks(e, valid, W)
-        rank += tl.load(prefix_ptr + pid * BLOCK_E + e, mask=valid, other=0)
+        rank = tl.load(slot_to_row_ptr + slot, mask=valid, other=0)
+        rank += tl.load(prefix_ptr + slot // (BT * K) * BLOCK_E + e, mask=valid, other=0)
         _place(e, rank, valid, slot, kept, starts, slot_to_row_ptr, row_to_slot_ptr)
     else:
-        r = (pid - NT) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r = (pid - NP) * BLOCK_R + tl.arange(0, BLOCK_R)
         _mark_empty_rows(row_to_slot_ptr, r, starts, kept, cols, cmask, R, BLOCK_R)

@@ -29,7 +29,7 @@ import triton
 
 from routerlib.config import RouterConfig
 from routerlib.kernels._route_rows_kernels import (
-    _place_rows_kernel,
+    _place_slots_kernel,
     _scan_tiles_kernel,
     _select_rows_kernel,
 )
@@ -40,7 +40,7 @@ from routerlib.types import RoutingPlan, Selection
 MAX_K = 8
 MAX_E = 512
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MAX_TABLE = 16384  # elements of a tile's rank table
+_BLOCK_S = 1024  # slots per program of the place kernel
 _empty = torch.empty  # every output comes from here (tests swap in a poisoning allocator)
 
 
@@ -59,8 +59,9 @@ def applies(logits: torch.Tensor, cfg: RouterConfig, need_stats: bool) -> bool:
 
 def rows_config(num_experts: int, num_tokens: int, top_k: int) -> tuple[int, int, int]:
     """(H threads per token, num_warps, BT tokens per tile). ROUTERLIB_ROWS_CONFIG="H,num_warps"
-    pins one. BT = 32 / H * num_warps <= 128 (8-bit counts in the rank table), and the tile's
-    rank table (BT*K slots x E/4 words) stays within _MAX_TABLE elements."""
+    pins one. BT = 32 / H * num_warps <= 128 (8-bit counts in the rank table). A thread holds
+    W/H words of the tile's rank table (W = E/4 rounded up to a power of two): the defaults
+    keep that <= 32."""
     pinned = os.environ.get("ROUTERLIB_ROWS_CONFIG")
     if pinned:
         try:
@@ -83,9 +84,6 @@ def rows_config(num_experts: int, num_tokens: int, top_k: int) -> tuple[int, int
         h, nw = 2, 4
     else:
         h, nw = 4, 4
-    words = next_pow2(triton.cdiv(num_experts, 4))
-    while nw > 1 and 32 // h * nw * next_pow2(top_k) * words > _MAX_TABLE:
-        nw //= 2
     return h, nw, 32 // h * nw
 
 
@@ -117,7 +115,6 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
     else:
         hist, prefix = empty((NT, block_e), **i32), empty((NT, block_e), **i32)
         total = empty((block_e,), **i32)
-    BS = next_pow2(BT * K)  # slots of a tile
     softmax_after, renorm = cfg.softmax_after_topk, cfg.renormalize
     sigmoid = cfg.score_func == "sigmoid"
     key_logits = softmax_after or bias is None
@@ -128,7 +125,6 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
         counts, kept, offsets, slot_to_row, row_to_slot,
         T, logits.stride(0), float(cfg.routed_scaling_factor), C or 0, R,
         E=E, K=K, KP=next_pow2(K), H=H, EH=EH, BT=BT, BLOCK_E=block_e, W=W,
-        BS=next_pow2(T * K) if fused else 2,
         SIGMOID=sigmoid, SOFTMAX_AFTER=softmax_after, RENORM=renorm,
         HAS_BIAS=bias is not None, KEY_LOGITS=key_logits,
         NEED_MS=not sigmoid and not softmax_after and not (key_logits and renorm),
@@ -140,11 +136,13 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
             hist, prefix, total, NT, BLOCK_E=block_e, BC=bc,
             BLOCK_P=max(2, min(next_pow2(NT), 4096 // bc)), num_warps=4)
         mark = capacity or pad > 1
-        _place_rows_kernel[(NT + (triton.cdiv(R, block_r) if mark else 0),)](
+        n = T * K
+        n_place = triton.cdiv(n, _BLOCK_S)
+        _place_slots_kernel[(n_place + (triton.cdiv(R, block_r) if mark else 0),)](
             ids, prefix, total, counts, kept, offsets, slot_to_row, row_to_slot,
-            T * K, NT, C or 0, R,
-            E=E, BT=BT, K=K, BS=BS, BLOCK_E=block_e, W=W, CAPACITY=capacity,
-            PAD=pad, BLOCK_R=block_r, num_warps=max(1, min(8, BS * W // 2048)))
+            n, n_place, C or 0, R,
+            E=E, BT=BT, K=K, BLOCK_S=_BLOCK_S, BLOCK_E=block_e, CAPACITY=capacity,
+            PAD=pad, BLOCK_R=block_r, num_warps=4)
     sel = Selection(topk_ids=ids, topk_weights=weights, scores=None)
     plan = RoutingPlan(expert_counts=counts, kept_counts=kept, expert_offsets=offsets,
                        slot_to_row=slot_to_row, row_to_slot=row_to_slot, capacity=C,
