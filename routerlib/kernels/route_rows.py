@@ -128,7 +128,7 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
         SIGMOID=sigmoid, SOFTMAX_AFTER=softmax_after, RENORM=renorm,
         HAS_BIAS=bias is not None, KEY_LOGITS=key_logits,
         NEED_MS=not sigmoid and not softmax_after and not (key_logits and renorm),
-        STAGES=2, FUSED_PLAN=fused, CAPACITY=capacity, PAD=pad, BLOCK_R=block_r,
+        STAGES=int(os.environ.get("ROUTERLIB_ROWS_STAGES", "2")), FUSED_PLAN=fused, CAPACITY=capacity, PAD=pad, BLOCK_R=block_r,
         num_warps=num_warps)
     if not fused:
         bc = max(2, min(32, block_e // 16))  # >= 16 programs: the scan is latency-bound
