@@ -148,3 +148,55 @@ def test_rows_config_pin_is_validated(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_route_rows_full_size(T, E, K, kw, dtype, device, poisoned):
     check(T, E, K, kw, device, dtype, seed=T + E)
+
+
+def test_thin_launch_keys_on_specialization(monkeypatch):
+    """kernels/_launch.py: a miss goes through kernel[grid] and keeps the compiled kernel; a hit
+    calls it with the constexprs appended in the kernel's order; a change Triton specializes on
+    (alignment, an int's == 1 / % 16 class) is a miss. A fake kernel stands in (no GPU here)."""
+    from routerlib.kernels import _launch
+
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *a, stream: calls.append(("hit", grid, a, stream))
+
+    class Kernel:
+        arg_names = ["x", "n", "A", "B"]
+
+        def __getitem__(self, grid):
+            def run(*a, num_warps, **kw):
+                calls.append(("miss", grid, a, kw, num_warps))
+                return Compiled()
+            return run
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(_launch, "_stream", lambda device: 7)
+    monkeypatch.setattr(_launch, "_cache", {})
+    k, x = Kernel(), torch.zeros(64)
+    _launch.launch(k, (3,), (x, 32), dict(B=2, A=1), 4)
+    _launch.launch(k, (5,), (x, 48), dict(B=2, A=1), 4)  # same classes: a hit
+    _launch.launch(k, (5,), (x[1:], 48), dict(B=2, A=1), 4)  # misaligned pointer: a miss
+    _launch.launch(k, (5,), (x, 1), dict(B=2, A=1), 4)  # n == 1: a miss
+    _launch.launch(k, (5,), (x, 48), dict(B=3, A=1), 4)  # another constexpr: a miss
+    assert [c[0] for c in calls] == ["miss", "hit", "miss", "miss", "miss"]
+    assert calls[0][3] == dict(B=2, A=1) and calls[0][4] == 4
+    assert calls[1][1] == (5,) and calls[1][2][1:] == (48, 1, 2) and calls[1][3] == 7
+    monkeypatch.setenv("ROUTERLIB_THIN_LAUNCH", "0")
+    _launch.launch(k, (5,), (x, 48), dict(B=2, A=1), 4)  # switched off: always kernel[grid]
+    assert calls[-1][0] == "miss"
+
+
+@pytest.mark.gpu
+def test_thin_launch_reuse_on_gpu(device):
+    """The cached compiled kernels serve later calls: new data, another T, a misaligned view."""
+    if device.type != "cuda":
+        pytest.skip("needs a CUDA GPU")
+    cfg = RouterConfig(num_experts=64, top_k=8, capacity_factor=1.25)
+    g = torch.Generator().manual_seed(3)
+    for T in (4096, 4096, 3000, 4096):
+        logits = torch.randn(T, 65, generator=g).to(device)
+        view = logits[:, 1:] if T == 3000 else logits[:, :64]  # 3000: not 16-byte aligned
+        sel, plan = route_rows.route_rows(view, cfg)
+        assert_route_matches_reference(sel, plan, view, cfg, None)
