@@ -66,5 +66,4 @@ def launch(kernel, grid: tuple[int, ...], args: Sequence[object], consts: dict[s
         if compiled is not None:
             _cache[key] = compiled
         return
-    grid3 = (*grid, 1, 1)[:3]  # the compiled kernel's runner reads grid[0..2]
-    compiled[grid3](*args, *tail, stream=_stream(device))
+    compiled[grid](*args, *tail, stream=_stream(device))
