@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -80,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = RouterConfig(num_experts=E, top_k=K, check_finite=False, **kw)
         logits = torch.randn(T, E, device="cuda") * 2
         case = {"case": name, "T": T, "E": E, "K": K,
-                "thin_launch": os.environ.get("ROUTERLIB_THIN_LAUNCH", "1") != "0",
                 "config": route_rows.rows_config(E, T, K)}
         def call(lg=logits, c=cfg):
             return route(lg, c)
@@ -93,17 +91,11 @@ def main(argv: list[str] | None = None) -> int:
             case["eager_wall_us"] = _wall_us(call)
             cls = type(route_rows._select_rows_kernel)
             saved = cls.__getitem__
-            thin = os.environ.get("ROUTERLIB_THIN_LAUNCH")
             try:  # the launches as no-ops: what the Python path costs by itself
-                os.environ["ROUTERLIB_THIN_LAUNCH"] = "0"  # every launch through __getitem__
                 cls.__getitem__ = lambda self, grid: (lambda *a, **k: None)
                 case["eager_no_launch_us"] = _wall_us(call)
             finally:
                 cls.__getitem__ = saved
-                if thin is None:
-                    os.environ.pop("ROUTERLIB_THIN_LAUNCH")
-                else:
-                    os.environ["ROUTERLIB_THIN_LAUNCH"] = thin
             try:
                 case["graph_us"] = bench_cuda_graph(call).median_us
             except Exception as e:  # noqa: BLE001

@@ -28,7 +28,6 @@ import torch
 import triton
 
 from routerlib.config import RouterConfig
-from routerlib.kernels._launch import launch
 from routerlib.kernels._route_rows_kernels import (
     _place_slots_kernel,
     _scan_tiles_kernel,
@@ -133,28 +132,30 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
         total = empty((block_e,), **i32)
     block_r = max(16, min(1024, 8192 // block_e))
     capacity, pad = C is not None, cfg.pad_to_multiple
-    launch(_select_rows_kernel, (NT,), (
+    _select_rows_kernel[(NT,)](
         logits, bias if bias is not None else logits, ids, weights, hist,
         counts, kept, offsets, slot_to_row, row_to_slot,
-        T, logits.stride(0), float(cfg.routed_scaling_factor), C or 0, R), dict(
+        T, logits.stride(0), float(cfg.routed_scaling_factor), C or 0, R,
         E=E, K=K, KP=next_pow2(K), H=H, EH=EH, BT=BT, BLOCK_E=block_e, W=W,
         SIGMOID=sigmoid, SOFTMAX_AFTER=softmax_after, RENORM=renorm,
         HAS_BIAS=bias is not None, KEY_LOGITS=key_logits,
         NEED_MS=not sigmoid and not softmax_after and not (key_logits and renorm),
         STAGES=int(os.environ.get("ROUTERLIB_ROWS_STAGES", "2")), ILP=ilp,
-        FUSED_PLAN=fused, CAPACITY=capacity, PAD=pad, BLOCK_R=block_r), num_warps)
+        FUSED_PLAN=fused, CAPACITY=capacity, PAD=pad, BLOCK_R=block_r,
+        num_warps=num_warps)
     if not fused:
         bc = max(2, min(32, block_e // 16))  # >= 16 programs: the scan is latency-bound
-        launch(_scan_tiles_kernel, (block_e // bc,), (hist, prefix, total, NT), dict(
-            BLOCK_E=block_e, BC=bc, BLOCK_P=max(2, min(next_pow2(NT), 4096 // bc))), 4)
+        _scan_tiles_kernel[(block_e // bc,)](
+            hist, prefix, total, NT, BLOCK_E=block_e, BC=bc,
+            BLOCK_P=max(2, min(next_pow2(NT), 4096 // bc)), num_warps=4)
         mark = capacity or pad > 1
         n = T * K
         n_place = triton.cdiv(n, _BLOCK_S)
-        launch(_place_slots_kernel, (n_place + (triton.cdiv(R, block_r) if mark else 0),), (
+        _place_slots_kernel[(n_place + (triton.cdiv(R, block_r) if mark else 0),)](
             ids, prefix, total, counts, kept, offsets, slot_to_row, row_to_slot,
-            n, n_place, C or 0, R), dict(
+            n, n_place, C or 0, R,
             E=E, BT=BT, K=K, BLOCK_S=_BLOCK_S, BLOCK_E=block_e, CAPACITY=capacity,
-            PAD=pad, BLOCK_R=block_r), 4)
+            PAD=pad, BLOCK_R=block_r, num_warps=4)
     sel = Selection(topk_ids=ids, topk_weights=weights, scores=None)
     plan = RoutingPlan(expert_counts=counts, kept_counts=kept, expert_offsets=offsets,
                        slot_to_row=slot_to_row, row_to_slot=row_to_slot, capacity=C,
