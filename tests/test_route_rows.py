@@ -65,16 +65,6 @@ def test_route_rows_equals_reference(T, E, K, kw, split, device, poisoned, monke
     check(T, E, K, kw, device)
 
 
-@pytest.mark.parametrize("T,E,K,kw", [c for c in CASES if c[1] >= 8])
-@pytest.mark.parametrize("split,ilp", [("1,1", "2"), ("2,2", "2"), ("1,2", "1")])
-def test_route_rows_two_lists(T, E, K, kw, split, ilp, device, poisoned, monkeypatch):
-    """Two insertion lists per thread (columns split in halves, merged at the end), pinned on
-    and off: the same ranks, ties included (the tie rows put equal keys in both halves)."""
-    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
-    monkeypatch.setenv("ROUTERLIB_ROWS_ILP", ilp)
-    check(T, E, K, kw, device)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_route_rows_low_precision_logits(dtype, device, poisoned):
     check(200, 24, 4, dict(capacity_factor=1.25), device, dtype)  # many exact ties in bf16
@@ -115,13 +105,6 @@ def test_route_takes_it_for_inference_only(monkeypatch, device):
 def test_rows_config_pin_is_validated(monkeypatch):
     monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", "2,8")  # 128 tokens a tile: fine
     assert route_rows.rows_config(128, 10_000, 8) == (2, 8, 128)
-    monkeypatch.setenv("ROUTERLIB_ROWS_ILP", "3")
-    with pytest.raises(ValueError, match="ROUTERLIB_ROWS_ILP"):
-        route_rows._ilp(128, 1, keys_first=True)
-    monkeypatch.delenv("ROUTERLIB_ROWS_ILP")
-    assert route_rows._ilp(128, 1, keys_first=True) == 2
-    assert route_rows._ilp(128, 1, keys_first=False) == 1  # softmax + bias: two passes
-    assert route_rows._ilp(128, 4, keys_first=True) == 1  # < 32 columns a list
     for bad in ("3,4", "1,8", "x"):
         monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", bad)
         with pytest.raises(ValueError, match="ROUTERLIB_ROWS_CONFIG"):

@@ -94,10 +94,26 @@ def _insert4(keys, col, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, 
 
 
 @triton.jit
-def _merge2(a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7,
-            b0, l0, b1, l1, b2, l2, b3, l3, b4, l4, b5, l5, b6, l6, b7, l7, K: tl.constexpr):
-    """Merge list b into list a, where every index in b is higher than every index in a:
-    inserting b's entries, best first, keeps the lower index on ties."""
+def _merge(k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7, K: tl.constexpr):
+    """Merge the two lists held along the last axis (size 2) of every entry: entry [..., 1]
+    holds the later (higher-index) columns, so inserting its list, best first, into list
+    [..., 0] keeps the lower index on ties."""
+    a0, b0 = tl.split(k0)
+    j0, l0 = tl.split(i0)
+    a1, b1 = tl.split(k1)
+    j1, l1 = tl.split(i1)
+    a2, b2 = tl.split(k2)
+    j2, l2 = tl.split(i2)
+    a3, b3 = tl.split(k3)
+    j3, l3 = tl.split(i3)
+    a4, b4 = tl.split(k4)
+    j4, l4 = tl.split(i4)
+    a5, b5 = tl.split(k5)
+    j5, l5 = tl.split(i5)
+    a6, b6 = tl.split(k6)
+    j6, l6 = tl.split(i6)
+    a7, b7 = tl.split(k7)
+    j7, l7 = tl.split(i7)
     a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7 = _insert(
         b0, l0, a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7, K)
     if K > 1:
@@ -122,30 +138,6 @@ def _merge2(a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7,
         a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7 = _insert(
             b7, l7, a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7, K)
     return a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7
-
-
-@triton.jit
-def _merge(k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7, K: tl.constexpr):
-    """Merge the two lists held along the last axis (size 2) of every entry: entry [..., 1]
-    holds the later (higher-index) columns."""
-    a0, b0 = tl.split(k0)
-    j0, l0 = tl.split(i0)
-    a1, b1 = tl.split(k1)
-    j1, l1 = tl.split(i1)
-    a2, b2 = tl.split(k2)
-    j2, l2 = tl.split(i2)
-    a3, b3 = tl.split(k3)
-    j3, l3 = tl.split(i3)
-    a4, b4 = tl.split(k4)
-    j4, l4 = tl.split(i4)
-    a5, b5 = tl.split(k5)
-    j5, l5 = tl.split(i5)
-    a6, b6 = tl.split(k6)
-    j6, l6 = tl.split(i6)
-    a7, b7 = tl.split(k7)
-    j7, l7 = tl.split(i7)
-    return _merge2(a0, j0, a1, j1, a2, j2, a3, j3, a4, j4, a5, j5, a6, j6, a7, j7,
-                   b0, l0, b1, l1, b2, l2, b3, l3, b4, l4, b5, l5, b6, l6, b7, l7, K)
 
 
 @triton.jit
@@ -203,13 +195,10 @@ def _select_rows(
     E: tl.constexpr, K: tl.constexpr, H: tl.constexpr, EH: tl.constexpr,
     SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.constexpr, RENORM: tl.constexpr,
     HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, NEED_MS: tl.constexpr,
-    STAGES: tl.constexpr, ILP: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Top-K of the tokens whose logits rows start at `base` [BT] (row pointers). Thread group
-    h of a token scans columns [h*EH, (h+1)*EH) (EH a multiple of 16, of 32 when ILP = 2). With
-    ILP = 2 (keys that need no normaliser only) a thread keeps two lists, one for each half of
-    its columns, fed in the same step: two independent dependency chains, merged at the end (the
-    insertion is latency-bound: ~1 warp per scheduler at T=16384). Returns (ids [BT] x 8, m
+    h of a token scans columns [h*EH, (h+1)*EH) (EH a multiple of 16). Returns (ids [BT] x 8, m
     [BT], s [BT]): the selected experts best first (entries past K unused), and the softmax max
     and sum of exps of each row (only if NEED_MS)."""
     hcol = (tl.arange(0, H) * EH)[None, :]  # [1, H] first column of each thread group
@@ -220,56 +209,26 @@ def _select_rows(
     m = tl.full([BT, H], -3.0e38, tl.float32)  # finite: exp(m - m_new) stays a number
     s = tl.zeros([BT, H], tl.float32)
     KEYS_FIRST: tl.constexpr = KEY_LOGITS or SIGMOID  # keys need no softmax normaliser
-    TWO: tl.constexpr = ILP == 2 and KEYS_FIRST
-    HALF: tl.constexpr = EH // 2 if TWO else EH  # columns of list a; list b takes the rest
-    b0, b1, b2, b3, b4, b5, b6, b7 = neg, neg, neg, neg, neg, neg, neg, neg
-    l0, l1, l2, l3, l4, l5, l6, l7 = zero, zero, zero, zero, zero, zero, zero, zero
-    # 16 columns per step (four 16-byte loads in flight; eight with two lists) and the next
-    # step's loads issued while this one computes (tl.range stages): the loop is bound by load
-    # latency otherwise
-    for c in tl.range(0, HALF, 16, num_stages=STAGES):
+    # 16 columns per step (four 16-byte loads in flight) and the next step's loads issued while
+    # this one computes (tl.range stages): the loop is bound by load latency otherwise
+    for c in tl.range(0, EH, 16, num_stages=STAGES):
         col = hcol + c
         x0 = _load4(base, rmask, col[:, :, None], E)
         x1 = _load4(base, rmask, col[:, :, None] + 4, E)
         x2 = _load4(base, rmask, col[:, :, None] + 8, E)
         x3 = _load4(base, rmask, col[:, :, None] + 12, E)
-        if TWO:
-            y0 = _load4(base, rmask, col[:, :, None] + HALF, E)
-            y1 = _load4(base, rmask, col[:, :, None] + (HALF + 4), E)
-            y2 = _load4(base, rmask, col[:, :, None] + (HALF + 8), E)
-            y3 = _load4(base, rmask, col[:, :, None] + (HALF + 12), E)
         m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
             x0, col, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7,
             i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
-        if TWO:
-            m, s, b0, l0, b1, l1, b2, l2, b3, l3, b4, l4, b5, l5, b6, l6, b7, l7 = _chunk(
-                y0, col + HALF, bias_ptr, m, s, b0, l0, b1, l1, b2, l2, b3, l3, b4, l4, b5, l5,
-                b6, l6, b7, l7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
         m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
             x1, col + 4, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6,
             k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
-        if TWO:
-            m, s, b0, l0, b1, l1, b2, l2, b3, l3, b4, l4, b5, l5, b6, l6, b7, l7 = _chunk(
-                y1, col + (HALF + 4), bias_ptr, m, s, b0, l0, b1, l1, b2, l2, b3, l3, b4, l4, b5,
-                l5, b6, l6, b7, l7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
         m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
             x2, col + 8, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6,
             k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
-        if TWO:
-            m, s, b0, l0, b1, l1, b2, l2, b3, l3, b4, l4, b5, l5, b6, l6, b7, l7 = _chunk(
-                y2, col + (HALF + 8), bias_ptr, m, s, b0, l0, b1, l1, b2, l2, b3, l3, b4, l4, b5,
-                l5, b6, l6, b7, l7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
         m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
             x3, col + 12, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6,
             k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
-        if TWO:
-            m, s, b0, l0, b1, l1, b2, l2, b3, l3, b4, l4, b5, l5, b6, l6, b7, l7 = _chunk(
-                y3, col + (HALF + 12), bias_ptr, m, s, b0, l0, b1, l1, b2, l2, b3, l3, b4, l4,
-                b5, l5, b6, l6, b7, l7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
-    if TWO:  # list b holds the later columns
-        k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _merge2(
-            k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7,
-            b0, l0, b1, l1, b2, l2, b3, l3, b4, l4, b5, l5, b6, l6, b7, l7, K)
     if NEED_MS:  # combine the thread groups' statistics
         mt = tl.max(m, axis=1)
         s = tl.sum(s * tl.exp(m - mt[:, None]), axis=1)
@@ -452,7 +411,6 @@ def _select_rows_kernel(
     SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.constexpr, RENORM: tl.constexpr,
     HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, NEED_MS: tl.constexpr,
     STAGES: tl.constexpr,  # software-pipelining stages of the column loop
-    ILP: tl.constexpr,  # insertion lists per thread (2: two independent chains)
     FUSED_PLAN: tl.constexpr,  # one tile holds every token: build the whole plan here
     CAPACITY: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -464,7 +422,7 @@ def _select_rows_kernel(
     base = logits_ptr + rows.to(tl.int64) * stride_t
     i0, i1, i2, i3, i4, i5, i6, i7, m, s = _select_rows(
         base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, SOFTMAX_AFTER, RENORM, HAS_BIAS,
-        KEY_LOGITS, NEED_MS, STAGES, ILP)
+        KEY_LOGITS, NEED_MS, STAGES)
     kc = tl.arange(0, KP)[None, :]
     valid = rmask[:, None] & (kc < K)
     I = tl.where(valid, _stack(i0, i1, i2, i3, i4, i5, i6, i7, KP), 0)  # [BT, KP]

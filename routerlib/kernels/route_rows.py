@@ -87,17 +87,6 @@ def rows_config(num_experts: int, num_tokens: int, top_k: int) -> tuple[int, int
     return h, nw, 32 // h * nw
 
 
-def _ilp(num_experts: int, h: int, keys_first: bool) -> int:
-    """Insertion lists per thread: 2 (two independent dependency chains) when each list still
-    gets >= 32 columns and the keys need no softmax normaliser; ROUTERLIB_ROWS_ILP=1|2 pins."""
-    pinned = os.environ.get("ROUTERLIB_ROWS_ILP")
-    if pinned:
-        if pinned not in ("1", "2"):
-            raise ValueError(f"ROUTERLIB_ROWS_ILP={pinned!r}: expected 1 or 2")
-        return int(pinned) if keys_first else 1
-    return 2 if keys_first and num_experts >= 64 * h else 1
-
-
 def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None
                ) -> tuple[Selection, RoutingPlan]:
     """The fast route; the caller checks `applies` (and validated the inputs). Loss sums are not
@@ -111,11 +100,7 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
     R = num_rows(T, cfg)
     H, num_warps, BT = rows_config(E, T, K)
     NT = triton.cdiv(T, BT)
-    softmax_after, renorm = cfg.softmax_after_topk, cfg.renormalize
-    sigmoid = cfg.score_func == "sigmoid"
-    key_logits = softmax_after or bias is None
-    ilp = _ilp(E, H, keys_first=key_logits or sigmoid)
-    EH = triton.cdiv(E, 16 * H * ilp) * 16 * ilp  # columns per thread group, 16 per loop step
+    EH = triton.cdiv(E, 16 * H) * 16  # columns per thread group, 16 per loop step
     block_e = max(2, next_pow2(E))
     W = next_pow2(triton.cdiv(E, 4))
     fused = NT == 1
@@ -130,6 +115,9 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
     else:
         hist, prefix = empty((NT, block_e), **i32), empty((NT, block_e), **i32)
         total = empty((block_e,), **i32)
+    softmax_after, renorm = cfg.softmax_after_topk, cfg.renormalize
+    sigmoid = cfg.score_func == "sigmoid"
+    key_logits = softmax_after or bias is None
     block_r = max(16, min(1024, 8192 // block_e))
     capacity, pad = C is not None, cfg.pad_to_multiple
     _select_rows_kernel[(NT,)](
@@ -140,8 +128,7 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
         SIGMOID=sigmoid, SOFTMAX_AFTER=softmax_after, RENORM=renorm,
         HAS_BIAS=bias is not None, KEY_LOGITS=key_logits,
         NEED_MS=not sigmoid and not softmax_after and not (key_logits and renorm),
-        STAGES=int(os.environ.get("ROUTERLIB_ROWS_STAGES", "2")), ILP=ilp,
-        FUSED_PLAN=fused, CAPACITY=capacity, PAD=pad, BLOCK_R=block_r,
+        STAGES=int(os.environ.get("ROUTERLIB_ROWS_STAGES", "2")), FUSED_PLAN=fused, CAPACITY=capacity, PAD=pad, BLOCK_R=block_r,
         num_warps=num_warps)
     if not fused:
         bc = max(2, min(32, block_e // 16))  # >= 16 programs: the scan is latency-bound
