@@ -45,6 +45,24 @@ def _wall_us(fn: Callable[[], object], reps: int = 200) -> float:
     return statistics.median(times)
 
 
+def _host_profile(fn: Callable[[], object], reps: int = 200, top: int = 14) -> list[str]:
+    """cProfile of reps eager calls: the functions with the most own time (where the host's
+    microseconds go), as text lines."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(reps):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return [line for line in buf.getvalue().splitlines() if line.strip()][-top - 1:]
+
+
 def _device_times(fn: Callable[[], object], reps: int = 30) -> dict[str, float]:
     """Median device time (us) of each kernel launched by fn, over reps calls."""
     from torch.profiler import ProfilerActivity, profile
@@ -100,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 case["graph_us"] = bench_cuda_graph(call).median_us
             except Exception as e:  # noqa: BLE001
                 case["graph_us"] = f"{type(e).__name__}: {e}"[:300]
+            case["host_profile"] = _host_profile(call)
             case["empty_alloc_us"] = _wall_us(
                 lambda t=T, k=K: torch.empty((t, k), dtype=torch.int32, device="cuda"))
         out["cases"].append(case)

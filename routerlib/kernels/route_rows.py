@@ -87,6 +87,13 @@ def rows_config(num_experts: int, num_tokens: int, top_k: int) -> tuple[int, int
     return h, nw, 32 // h * nw
 
 
+def _stages() -> int:
+    """Software-pipelining stages of the select kernel's column loop. 3: measured on an H200
+    (results/h200/stages_84e5f4f.txt, ab_ilp_stages_4baec7e.txt), T=16384 E=128 in a CUDA graph,
+    25.8 and 27.1 us vs 28.6 and 28.2 us with 2. ROUTERLIB_ROWS_STAGES pins another."""
+    return int(os.environ.get("ROUTERLIB_ROWS_STAGES", "3"))
+
+
 def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None
                ) -> tuple[Selection, RoutingPlan]:
     """The fast route; the caller checks `applies` (and validated the inputs). Loss sums are not
@@ -128,7 +135,7 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
         SIGMOID=sigmoid, SOFTMAX_AFTER=softmax_after, RENORM=renorm,
         HAS_BIAS=bias is not None, KEY_LOGITS=key_logits,
         NEED_MS=not sigmoid and not softmax_after and not (key_logits and renorm),
-        STAGES=int(os.environ.get("ROUTERLIB_ROWS_STAGES", "2")), FUSED_PLAN=fused, CAPACITY=capacity, PAD=pad, BLOCK_R=block_r,
+        STAGES=_stages(), FUSED_PLAN=fused, CAPACITY=capacity, PAD=pad, BLOCK_R=block_r,
         num_warps=num_warps)
     if not fused:
         bc = max(2, min(32, block_e // 16))  # >= 16 programs: the scan is latency-bound
