@@ -173,7 +173,8 @@ env, roofs = doc["env"], doc["roofs"]
 print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | commit "
       f"{str(env['git_commit'])[:10]} | {env['date']}")
 print(f"roofs measured in the same run: copy {roofs['copy_gbps']:.0f} GB/s (read+write), "
-      f"launch {roofs['launch_us']:.1f} us")
+      f"launch {roofs['launch_us']:.1f} us, a one-kernel CUDA graph "
+      f"{roofs.get('graph_us') or float('nan'):.1f} us")
 rows = pd.DataFrame(doc["rows"])
 assert rows.loc[rows["impl"] == "triton", "verified"].fillna(False).all(), "unverified row"
 targets = pd.DataFrame(doc["targets"])[["target", "cmp", "goal", "measured", "verified", "pass"]]
@@ -277,12 +278,19 @@ for T in sorted(t["T"].unique(), reverse=True):
 #    cross-thread reduction (the general kernel spends K × log2(32) dependent shuffles per token).
 #    A new key lands *below* equal keys, and columns arrive in index order, so ties go to the
 #    lower expert as in the reference. The H lists are merged by the same insertion. It writes
-#    ids, weights and the tile's expert histogram (`tl.histogram`).
-# 2. `_scan_tiles_kernel` — exclusive scan of the tile histograms (O(NT·E)).
-# 3. `_place_rows_kernel` — per tile: the rank of a slot among the tile's earlier slots of its
-#    expert from *packed counts* (8-bit fields, four experts per int32 word; a cumsum of one-hot
-#    words down the slots: no sort), plus the tile's prefix; kept iff rank < C; slot_to_row,
-#    row_to_slot, and the empty rows.
+#    ids and weights, and ranks each chosen slot inside its tile by *counting*: every token
+#    becomes a column of E/4 int32 words of 8-bit fields (field e%4 of word e//4 is 1 if the token
+#    chose e); an exclusive cumsum of the columns along the tile's tokens gives, in field e of
+#    token t, how many earlier tokens of the tile chose e — no sort. The table is [E/4, tokens]
+#    so that Triton puts the tokens on the lanes and a token's words in its registers (the
+#    transposed table made every thread hold every token's ids: ptxas spilled 5.9 KB a thread).
+#    The tile's counts are the table's row sums. The in-tile ranks go to slot_to_row, the counts
+#    to a [tiles, E] table.
+# 2. `_scan_tiles_kernel` — exclusive scan of the tile counts down the tiles (O(NT·E), ≥ 16
+#    programs).
+# 3. `_place_slots_kernel` — elementwise over the slots (1024 a program): rank = the earlier
+#    tiles' count + the in-tile rank; kept iff rank < C; row = the expert's start + rank;
+#    slot_to_row, row_to_slot; extra programs mark the empty rows.
 #
 # When all tokens fit one tile, kernel 1 builds the whole plan itself (one launch). Checked here
 # against the reference (and in `tests/test_route_rows.py`: every H × warps split, ties, poisoned
@@ -304,38 +312,70 @@ for T in (6, 300):
           f"{int(plan.num_dropped())} slots dropped")
 
 # %% [markdown]
-# ### Its launch configs (H100 sweep, `tune_route.csv`)
+# ### Where its time goes (H100, `route_breakdown.json`)
 #
-# µs per route in a CUDA graph for each (threads per token H, warps per tile); `general path` is
-# top-K + plan measured in the same run.
+# Device time of each kernel (torch.profiler), the route in a CUDA graph beside the graph floor
+# (one one-element kernel in a graph, timed the same way), and the host side of an eager call.
 
 # %%
-tr = pd.read_csv(RESULTS / "tune_route.csv")
-assert tr["ok"].sum() >= len(tr) - 2  # two configs did not fit (E = 256, 128 tokens a tile)
+bd = json.loads((RESULTS / "route_breakdown.json").read_text())
+print(f"{bd['env']['device']}, commit {bd['env']['git_commit']}; a one-kernel CUDA graph: "
+      f"{bd['graph_floor_us']:.1f} us")
+pd.DataFrame([{"case": c["case"], **{k.strip("_").replace("_kernel", ""): v
+                                     for k, v in c["device_us"].items()},
+               "graph": c["graph_us"], "eager wall": c["eager_wall_us"],
+               "eager without launches": c["eager_no_launch_us"],
+               "one torch.empty": c["empty_alloc_us"]} for c in bd["cases"]]).round(1)
+
+# %% [markdown]
+# At T = 16384 the three kernels take 13.7 + 3.0 + 4.0 µs of device time; the graph adds its
+# floor (4.8 µs) and ~1 µs between kernels: 26 µs. Eager, ~75 µs of the ~160 µs are Python and
+# ten `torch.empty` calls (~5 µs each on this host) and the rest is three Triton launches
+# (~30 µs each: `JITFunction.run`, specialization, the driver's launcher; the cProfile is in the
+# JSON, `host_profile`).
+#
+# ### Its launch configs (sweep of the current kernels: H200, `../h200/tune_route_84e5f4f.csv`)
+#
+# µs per route in a CUDA graph for each (threads per token H, warps per tile); `general path` is
+# top-K + plan measured in the same run. This sweep ran on the H200 the device tool gave for
+# that call; the H100 sweep of the previous design is `tune_route.csv`.
+
+# %%
+tr = pd.read_csv(RESULTS.parent / "h200" / "tune_route_84e5f4f.csv")
+assert tr["ok"].all()
 tr["shape"] = tr["case"] + " T=" + tr["T"].astype(str) + " E=" + tr["E"].astype(str)
 tr.pivot_table(index="config", columns="shape", values="us").round(1)
 
 # %%
-res = pd.read_csv(RESULTS / "tune_route_resources.csv")
-res = res[res["kernel"].str.contains("rows|scan")]
-print("registers per thread of the compiled variants (H100, triton 3.6):")
-res.groupby("kernel")["n_regs"].describe()[["count", "min", "max"]]
+res = pd.read_csv(RESULTS.parent / "h200" / "tune_route_84e5f4f_resources.csv")
+res = res[res["kernel"].str.contains("rows|scan|slots")]
+print("registers per thread of the compiled variants (triton 3.6, sm_90):")
+res.groupby("kernel")[["n_regs", "n_spills"]].describe().round(0)
 
 # %% [markdown]
-# * **Why these winners.** For prefill the selection kernel is bound by load latency, not by
-#   arithmetic: one token per thread and one warp per tile (48–64 registers) puts the most
-#   independent warps on each SM (T = 16384: 35.4 µs; T = 65536: 92.6 µs, against 49.9 and 201 µs
-#   for the general path in the same run). With 2 threads per token the merge of the two lists
-#   costs 160–170 registers; it wins only at E = 256 (54.6 vs 97.4 µs). At decode sizes many
-#   small tiles (4 threads per token, 1 warp, 8 tokens a tile) win: T = 64 13.0 µs, T = 256
-#   15.7 µs.
-# * **What failed on the way** (all measured on the H100, in this session):
+# * **Why these winners.** Nsight Compute on the selection kernel at T = 16384, 1 thread a
+#   token, 1 warp a tile (`../h200/ncu_route_84e5f4f.txt`): one active warp per scheduler
+#   (512 one-warp programs on 132 SMs, 143 registers), 0.26 instructions issued per cycle, no
+#   eligible warp in 74% of cycles; waits on loads are 1.3 of the 3.8 cycles between two
+#   instructions, the rest is the insertion's dependent compare/select chain. More threads per
+#   token (more warps) add merge work in the same proportion: every split lands within ±10%
+#   (28.3–32.3 µs), (1, 1) and (4, 4) in front. At decode sizes many small tiles win (4 threads
+#   a token, 1 warp: T = 64 11.7 µs, T = 256 15.4 µs on the H200). Three software-pipelining
+#   stages of the column loop beat two on the H100 (26.1 vs 28.9 µs at T = 16384, 65.5 vs
+#   72.2 µs at T = 65536, `stages_1d3dbd6.txt`): the default.
+# * **What failed on the way** (measured):
 #   the column loop fully unrolled (`tl.static_range`) compiled for minutes and spilled
-#   (≈14 KB of stack per thread: 1.45 ms at T = 16384); a [tokens, K, E/4] one-hot rank table
-#   inside the selection kernel did the same; the tile prefix summed by every program was
-#   quadratic in tiles (750 µs at T = 65536) until the scan launch replaced it; the previous
-#   session's one-launch decode route and three-launch fused route were slower than the general
-#   path (34.7 µs and 125 µs, `targets_optin_routes_d8adf02.json`) and are gone.
+#   (≈14 KB of stack per thread: 1.45 ms at T = 16384); a [slots, E/4] rank table inside the
+#   selection kernel did the same (the per-token [E/4, tokens] table above is 8× smaller); the
+#   tile prefix summed by every program was quadratic in tiles (750 µs at T = 65536) until the
+#   scan launch replaced it; a per-tile place kernel with a [slots, E/4] table cost 9.8 µs (the
+#   elementwise one: 4.0 µs, select +3.7 µs for the ranks); two insertion lists per thread (two
+#   independent dependency chains) did not help (28.2 vs 28.4 µs, slower at T = 65536:
+#   `../h200/ab_ilp_stages_4baec7e.txt`); calling Triton's compiled kernel directly, skipping
+#   `JITFunction.run`, did not lower the eager time (170 vs 161 µs,
+#   `../h200/route_breakdown_thin_launch_ee4653c.json`); the previous session's one-launch decode
+#   route and three-launch fused route were slower than the general path
+#   (`targets_optin_routes_d8adf02.json`). All of these were removed.
 
 # %% [markdown]
 # ## Conclusions
@@ -345,18 +385,19 @@ res.groupby("kernel")["n_regs"].describe()[["count", "min", "max"]]
 #   combine is 20× faster than the reference and 11–15× faster than the peers, deterministic,
 #   no atomics. torch.compile of the reference fuses the K-way gather-sum and reaches 94–96% on
 #   combine too, but only 56–58% on dispatch, and it does not help the routing (1.0 ms).
-# * **The backward** of route + dispatch + combine costs 1.75× its forward (target ≤ 2×; 1.2–1.3×
-#   in earlier runs of the same kernels) and is 14× faster than the reference's backward.
+# * **The backward** of route + dispatch + combine costs 1.16× its forward (target ≤ 2×; 1.2–1.75×
+#   in earlier runs of the same kernels) and is 20× faster than the reference's backward.
 # * **Routing misses its latency targets.** Score + top-K + plan (T = 16384, E = 128, K = 8,
-#   fp32 logits) takes 35.6 µs in a CUDA graph with the row-wise route (section 6), 31.8 µs
-#   after its tile scan was spread over more programs (`targets_route_3cdfd8b.json`; 49.8–58.3 µs
-#   with top-K + plan; target 10 µs; torchtitan 207 µs) and 162 µs eager from Python (target
-#   40 µs; reference 1.5 ms, torchtitan 0.24 ms). Per kernel (`route_breakdown.json`): select
-#   10.0 µs, scan 3.0 µs, place 9.8 µs; the rest is the gaps between three launches. The decode path (T = 64, D = 4096) takes
-#   25.6 µs in a graph (target 15 µs). Three launches in a graph cost ~12 µs even at decode
-#   sizes (`tune_route.csv`), so 10 µs needs one launch: a grid-wide prefix inside one
-#   persistent kernel (a last-block scan); eager (three launches and the output allocations:
-#   162 µs) needs a launcher that skips Triton's per-call argument binding.
+#   fp32 logits) takes 26.0 µs in a CUDA graph with the row-wise route (section 6; 49.8–58.3 µs
+#   with top-K + plan two sessions ago, 35.6 and 31.8 µs in the last one; target 10 µs;
+#   torchtitan 207 µs, the reference cannot be captured) and 148 µs eager from Python (target
+#   40 µs; reference 1.06 ms, torchtitan 0.31 ms). A CUDA graph of one tiny kernel already takes
+#   4.8 µs measured this way, and the selection kernel alone 13.7 µs: it is latency-bound with
+#   one warp per scheduler (section 6), so 10 µs needs a cheaper selection, not only fewer
+#   launches. Eager is bound by the host (~5 µs a `torch.empty`, ~30 µs a Triton launch on the
+#   lent machine's CPU). The decode path (T = 64, D = 4096) takes 24.5 µs in a graph (target
+#   15 µs): six kernels in one graph (the route's three, dispatch, the experts' stand-in
+#   multiply, combine).
 
 # %%
 tg = targets.set_index("target")
