@@ -56,7 +56,8 @@ def main() -> None:
                                renormalize=True, pad_to_multiple=8), 257, 64)]
     for i, (cfg, T, D) in enumerate(cases):  # one dtype each: the sanitizer is slow
         run(cfg, T, D, torch.bfloat16 if i % 2 == 0 else torch.float32)
-    # the row-wise route: one launch (T fits one tile) and two launches, capacity and padding
+    # the row-wise route: one launch (T fits one tile), two (the place kernel scans the few tile
+    # counts: T=64 and E=13), three (a scan launch: T=1000 E=128), capacity and padding
     from routerlib.kernels.route_rows import route_rows
 
     for T, cfg in ((64, RouterConfig(num_experts=64, top_k=8, capacity_factor=1.0)),

@@ -65,6 +65,15 @@ def test_route_rows_equals_reference(T, E, K, kw, split, device, poisoned, monke
     check(T, E, K, kw, device)
 
 
+@pytest.mark.parametrize("T,E,K,kw", [c for c in CASES if c[0] > 8])
+def test_route_rows_scan_launch(T, E, K, kw, device, poisoned, monkeypatch):
+    """At these sizes the place kernel scans the tile counts itself; the scan launch (what
+    prefill sizes use) forced on must give the same plan."""
+    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", "4,1")  # 8 tokens a tile: many tiles
+    monkeypatch.setenv("ROUTERLIB_ROWS_SCAN", "1")
+    check(T, E, K, kw, device)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_route_rows_low_precision_logits(dtype, device, poisoned):
     check(200, 24, 4, dict(capacity_factor=1.25), device, dtype)  # many exact ties in bf16

@@ -11,16 +11,16 @@ the list, so among equal keys the lower expert index wins, as in the reference's
 Keys are fp32 turned into order-preserving int32 (_plan_kernels._sortable: -0.0 == +0.0,
 NaN above +inf as in torch.sort).
 
-The place kernel ranks each slot inside its tile with a counting table: per slot, a one-hot
-row of E/4 int32 words holding 8-bit fields (field e%4 of word e//4); an exclusive cumsum of
-the rows down the tile's slots gives, in field e, how many earlier slots of the tile went to e.
-Fields cannot overflow: a tile has at most 128 tokens and a token takes an expert once. (The
-table lives in its own kernel: inside the selection kernel it cost the registers that the
-insertion lists need, and ptxas spilled.)
+The select kernel also ranks each chosen slot inside its tile by counting (_token_ranks): per
+token a column of E/4 int32 words holding 8-bit fields (field e%4 of word e//4); an exclusive
+cumsum of the columns along the tile's tokens gives, in field e, how many earlier tokens of the
+tile went to e. Fields cannot overflow: a tile has at most 128 tokens and a token takes an expert
+once. The place kernel is then elementwise: it adds the earlier tiles' counts (from the scan,
+or, with few tiles, from its own scan of the tile counts held in registers).
 
-Bytes: select reads T*E*s (+ T*K*s, the K selected logits again, from L1/L2) and writes T*K*8
-(ids, weights) + NT*E*4 (tile counts); the scan reads and writes NT*E*4; place reads T*K*4 +
-NT*E*4 and writes T*K*4 + R*4.
+Bytes: select reads T*E*s (+ T*K*s, the K selected logits again, from L1/L2) and writes T*K*12
+(ids, weights, in-tile ranks) + NT*E*4 (tile counts); the scan reads and writes NT*E*4; place
+reads T*K*8 + NT*E*4 and writes T*K*4 + R*4.
 """
 
 from __future__ import annotations
@@ -404,7 +404,8 @@ def _select_rows_kernel(
     weights_ptr,  # (T, K) fp32 out
     hist_ptr,  # (NT, BLOCK_E) int32 out: each tile's expert counts (if not FUSED_PLAN)
     counts_ptr, kept_ptr, offsets_ptr,  # (E,), (E,), (E+1,) int32 out (FUSED_PLAN)
-    slot_to_row_ptr, row_to_slot_ptr,  # (T*K,), (R,) int32 out (FUSED_PLAN)
+    slot_to_row_ptr,  # (T*K,) int32 out: rows if FUSED_PLAN, else the ranks inside the tile
+    row_to_slot_ptr,  # (R,) int32 out (FUSED_PLAN)
     T, stride_t, scale, C, R,
     E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, H: tl.constexpr, EH: tl.constexpr,
     BT: tl.constexpr, BLOCK_E: tl.constexpr, W: tl.constexpr,
@@ -414,8 +415,9 @@ def _select_rows_kernel(
     FUSED_PLAN: tl.constexpr,  # one tile holds every token: build the whole plan here
     CAPACITY: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """One program per tile of BT tokens (H threads per token): selection, weights, ids and the
-    tile's expert counts; with FUSED_PLAN (T <= BT) the whole plan as well."""
+    """One program per tile of BT tokens (H threads per token): selection, weights, ids, each
+    slot's rank inside the tile (into slot_to_row) and the tile's expert counts; with FUSED_PLAN
+    (T <= BT) the whole plan as well."""
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
     rmask = rows < T
@@ -477,22 +479,33 @@ def _scan_tiles_kernel(
 @triton.jit
 def _place_slots_kernel(
     ids_ptr,  # (T*K,) int32 experts of the slots
-    prefix_ptr,  # (NT, BLOCK_E) int32 counts of the earlier tiles
-    total_ptr,  # (BLOCK_E,) int32 counts of all tiles
+    prefix_ptr,  # (NT, BLOCK_E) int32: counts of the earlier tiles; the tiles' own counts if
+                 # SUM_TILES (this kernel then scans them itself)
+    total_ptr,  # (BLOCK_E,) int32 counts of all tiles (unused if SUM_TILES)
     counts_ptr, kept_ptr, offsets_ptr,  # (E,), (E,), (E+1,) int32 out (program 0)
     slot_to_row_ptr,  # (T*K,) int32 in: rank inside the slot's tile; out: the slot's row
     row_to_slot_ptr,  # (R,) int32 out
-    N, NP, C, R,
+    N, NP, NT, C, R,
     E: tl.constexpr, BT: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_E: tl.constexpr, CAPACITY: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+    SUM_TILES: tl.constexpr, NTP: tl.constexpr,  # few tiles (NTP >= NT): no scan launch
 ):
     """Programs < NP: BLOCK_S slots each, elementwise: rank = the earlier tiles' count + the rank
     in the tile; kept iff rank < C; row = start of the expert + rank. Programs >= NP mark the
-    empty rows (capacity or padded layouts only)."""
+    empty rows (capacity or padded layouts only). With SUM_TILES every program scans the tile
+    counts ([NTP, BLOCK_E], held in registers) itself: at decode sizes that is cheaper than a
+    scan launch."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
-    total = tl.load(total_ptr + cols)
+    if SUM_TILES:
+        q = tl.arange(0, NTP)
+        h = tl.load(prefix_ptr + q[:, None] * BLOCK_E + cols[None, :], mask=(q < NT)[:, None],
+                    other=0)
+        total = tl.sum(h, axis=0)
+        before = tl.reshape(tl.cumsum(h, axis=0) - h, [NTP * BLOCK_E])
+    else:
+        total = tl.load(total_ptr + cols)
     kept, starts, used = _layout(total, cols, C, E, CAPACITY, PAD)
     if pid == 0:
         tl.store(counts_ptr + cols, total, mask=cmask)
@@ -504,7 +517,11 @@ def _place_slots_kernel(
         valid = slot < N
         e = tl.load(ids_ptr + slot, mask=valid, other=0)
         rank = tl.load(slot_to_row_ptr + slot, mask=valid, other=0)
-        rank += tl.load(prefix_ptr + slot // (BT * K) * BLOCK_E + e, mask=valid, other=0)
+        at = tl.where(valid, slot // (BT * K) * BLOCK_E + e, 0)
+        if SUM_TILES:
+            rank += tl.gather(before, at.to(tl.int32), axis=0)
+        else:
+            rank += tl.load(prefix_ptr + at, mask=valid, other=0)
         _place(e, rank, valid, slot, kept, starts, slot_to_row_ptr, row_to_slot_ptr)
     else:
         r = (pid - NP) * BLOCK_R + tl.arange(0, BLOCK_R)

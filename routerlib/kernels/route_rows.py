@@ -1,17 +1,22 @@
-"""Routing in three launches (one when every token fits one tile), no sort: the fast route.
+"""Routing in three launches (two with few tiles, one when every token fits one tile), no sort:
+the fast route.
 
   1. _select_rows_kernel  one program per tile of BT tokens, H threads per token: score + top-K
                           by insertion into register lists (no cross-thread reductions),
-                          weights, ids, and the tile's expert counts (tl.histogram).
-  2. _scan_tiles_kernel   exclusive scan of the tile counts down the tiles (>= 16 programs).
-  3. _place_rows_kernel   one program per tile: each slot's rank among the tile's earlier slots
-                          of its expert (a cumsum of packed 8-bit counts, no sort) + the tile's
-                          prefix, kept iff rank < C, rows; slot_to_row and row_to_slot; extra
-                          programs mark the empty rows (capacity or padded layouts).
+                          weights, ids; each slot's rank among the tile's earlier tokens of its
+                          expert (a cumsum of packed 8-bit counts along the tile, no sort) into
+                          slot_to_row, and the tile's expert counts.
+  2. _scan_tiles_kernel   exclusive scan of the tile counts down the tiles (>= 16 programs);
+                          skipped when tiles x experts <= _MAX_SUM_TILES (decode sizes): the
+                          place kernel then scans them itself.
+  3. _place_slots_kernel  elementwise over the slots: + the earlier tiles' count, kept iff
+                          rank < C, row = the expert's start + rank; slot_to_row, row_to_slot;
+                          extra programs mark the empty rows (capacity or padded layouts).
 When T <= BT, kernel 1 builds the whole plan itself (FUSED_PLAN): one launch.
 
-Measured on an H100 (results/h100/route_breakdown.json, T=16384, E=128, K=8, fp32): select
-10.0 us, scan 3.0 us, place 9.8 us of device time; 31.8 us a route in a CUDA graph.
+Measured on an H100 (results/h100/route_breakdown.json at 1d3dbd6, T=16384, E=128, K=8, fp32):
+select 13.7 us, scan 3.0 us, place 4.0 us of device time; 26.0 us a route in a CUDA graph
+(results/h100/targets.json), where a one-kernel graph takes 4.8 us.
 
 Scope (`applies`): token choice, drop_policy "position", no group limit, K <= 8, E <= 512,
 fp32/bf16/fp16 logits, no gradient and no loss sums needed (inference), not while torch.compile
@@ -41,6 +46,7 @@ MAX_K = 8
 MAX_E = 512
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK_S = 1024  # slots per program of the place kernel
+_MAX_SUM_TILES = 4096  # tiles x experts up to which the place kernel scans the tile counts
 _empty = torch.empty  # every output comes from here (tests swap in a poisoning allocator)
 
 
@@ -111,6 +117,10 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
     block_e = max(2, next_pow2(E))
     W = next_pow2(triton.cdiv(E, 4))
     fused = NT == 1
+    ntp = next_pow2(NT)
+    # few tiles: the place kernel scans the tile counts itself (one launch less);
+    # ROUTERLIB_ROWS_SCAN=1 forces the scan launch
+    sum_tiles = ntp * block_e <= _MAX_SUM_TILES and os.environ.get("ROUTERLIB_ROWS_SCAN") != "1"
     i32 = dict(dtype=torch.int32, device=dev)
     empty = _empty
     ids, slot_to_row = empty((T, K), **i32), empty((T, K), **i32)
@@ -120,8 +130,11 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
     if fused:
         hist = prefix = total = ids  # unused
     else:
-        hist, prefix = empty((NT, block_e), **i32), empty((NT, block_e), **i32)
-        total = empty((block_e,), **i32)
+        hist = empty((NT, block_e), **i32)
+        if sum_tiles:
+            prefix = total = hist  # unused
+        else:
+            prefix, total = empty((NT, block_e), **i32), empty((block_e,), **i32)
     softmax_after, renorm = cfg.softmax_after_topk, cfg.renormalize
     sigmoid = cfg.score_func == "sigmoid"
     key_logits = softmax_after or bias is None
@@ -138,18 +151,20 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
         STAGES=_stages(), FUSED_PLAN=fused, CAPACITY=capacity, PAD=pad, BLOCK_R=block_r,
         num_warps=num_warps)
     if not fused:
-        bc = max(2, min(32, block_e // 16))  # >= 16 programs: the scan is latency-bound
-        _scan_tiles_kernel[(block_e // bc,)](
-            hist, prefix, total, NT, BLOCK_E=block_e, BC=bc,
-            BLOCK_P=max(2, min(next_pow2(NT), 4096 // bc)), num_warps=4)
+        if not sum_tiles:
+            bc = max(2, min(32, block_e // 16))  # >= 16 programs: the scan is latency-bound
+            _scan_tiles_kernel[(block_e // bc,)](
+                hist, prefix, total, NT, BLOCK_E=block_e, BC=bc,
+                BLOCK_P=max(2, min(ntp, 4096 // bc)), num_warps=4)
         mark = capacity or pad > 1
         n = T * K
         n_place = triton.cdiv(n, _BLOCK_S)
         _place_slots_kernel[(n_place + (triton.cdiv(R, block_r) if mark else 0),)](
-            ids, prefix, total, counts, kept, offsets, slot_to_row, row_to_slot,
-            n, n_place, C or 0, R,
+            ids, hist if sum_tiles else prefix, total, counts, kept, offsets, slot_to_row,
+            row_to_slot, n, n_place, NT, C or 0, R,
             E=E, BT=BT, K=K, BLOCK_S=_BLOCK_S, BLOCK_E=block_e, CAPACITY=capacity,
-            PAD=pad, BLOCK_R=block_r, num_warps=4)
+            PAD=pad, BLOCK_R=block_r, SUM_TILES=sum_tiles, NTP=ntp if sum_tiles else 1,
+            num_warps=4)
     sel = Selection(topk_ids=ids, topk_weights=weights, scores=None)
     plan = RoutingPlan(expert_counts=counts, kept_counts=kept, expert_offsets=offsets,
                        slot_to_row=slot_to_row, row_to_slot=row_to_slot, capacity=C,
