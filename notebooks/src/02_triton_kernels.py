@@ -287,7 +287,10 @@ for T in sorted(t["T"].unique(), reverse=True):
 #    The tile's counts are the table's row sums. The in-tile ranks go to slot_to_row, the counts
 #    to a [tiles, E] table.
 # 2. `_scan_tiles_kernel` — exclusive scan of the tile counts down the tiles (O(NT·E), ≥ 16
-#    programs).
+#    programs). With few tiles (tiles × experts ≤ 4096: decode sizes) there is no scan launch:
+#    every place program loads the [tiles, E] counts into registers and scans them itself
+#    (H100, same run: T = 64 9.9 µs vs 11.8 µs with the scan launch, T = 256 13.7 vs 15.3 µs;
+#    `scan_ab_9727bcd.txt`).
 # 3. `_place_slots_kernel` — elementwise over the slots (1024 a program): rank = the earlier
 #    tiles' count + the in-tile rank; kept iff rank < C; row = the expert's start + rank;
 #    slot_to_row, row_to_slot; extra programs mark the empty rows.
@@ -395,9 +398,10 @@ res.groupby("kernel")[["n_regs", "n_spills"]].describe().round(0)
 #   4.8 µs measured this way, and the selection kernel alone 13.7 µs: it is latency-bound with
 #   one warp per scheduler (section 6), so 10 µs needs a cheaper selection, not only fewer
 #   launches. Eager is bound by the host (~5 µs a `torch.empty`, ~30 µs a Triton launch on the
-#   lent machine's CPU). The decode path (T = 64, D = 4096) takes 24.5 µs in a graph (target
-#   15 µs): six kernels in one graph (the route's three, dispatch, the experts' stand-in
-#   multiply, combine).
+#   lent machine's CPU). The decode path (T = 64, D = 4096) takes 21.8 µs in a graph
+#   (`targets_route_decode_9727bcd.json`; 24.5 µs in `targets.json` before the place kernel took
+#   over the scan at decode sizes; target 15 µs): five kernels in one graph (the route's two,
+#   dispatch, the experts' stand-in multiply, combine) over a 4.8 µs floor.
 
 # %%
 tg = targets.set_index("target")
