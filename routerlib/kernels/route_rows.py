@@ -78,10 +78,11 @@ def rows_config(num_experts: int, num_tokens: int, top_k: int) -> tuple[int, int
             raise ValueError(f"ROUTERLIB_ROWS_CONFIG={pinned!r}: H in 1, 2, 4; num_warps in "
                              "1, 2, 4, 8; 32 / H * num_warps <= 128")
         return h, nw, 32 // h * nw
-    # Measured on an H100 (results/h100/tune_route.csv, CUDA graph): up to ~1k tokens many small
-    # tiles win (4 threads a token, 1 warp: T=64 13.0 us, T=256 15.7 us); for prefill 1 thread
-    # a token and 1 warp a tile at E <= 128 (T=16384 35.4 us, T=65536 92.6 us), 2 threads and
-    # 4 warps at E = 256 (54.6 us)
+    # Measured in CUDA graphs (the current kernels on an H200, results/h200/tune_route_84e5f4f.csv;
+    # the previous design on an H100, results/h100/tune_route.csv, ranked them alike): up to ~1k
+    # tokens many small tiles win (4 threads a token, 1 warp: T=64 11.6 us, T=256 15.4 us); for
+    # prefill 1 thread a token and 1 warp a tile at E <= 128 (T=16384 28.7 us, within 0.4 us of
+    # the best split; T=65536 69.4 us), 2 threads and 4 warps at E = 256 (44.3 us)
     if num_tokens <= 1024:
         h, nw = 4, 1
     elif num_experts <= 128:
@@ -94,9 +95,10 @@ def rows_config(num_experts: int, num_tokens: int, top_k: int) -> tuple[int, int
 
 
 def _stages() -> int:
-    """Software-pipelining stages of the select kernel's column loop. 3: measured on an H200
-    (results/h200/stages_84e5f4f.txt, ab_ilp_stages_4baec7e.txt), T=16384 E=128 in a CUDA graph,
-    25.8 and 27.1 us vs 28.6 and 28.2 us with 2. ROUTERLIB_ROWS_STAGES pins another."""
+    """Software-pipelining stages of the select kernel's column loop. 3, measured against 2 in
+    one run on an H100 (results/h100/stages_1d3dbd6.txt, CUDA graph, E=128): T=16384 26.1 vs
+    28.9 us, T=65536 65.5 vs 72.2 us (and twice on an H200, results/h200/).
+    ROUTERLIB_ROWS_STAGES pins another."""
     return int(os.environ.get("ROUTERLIB_ROWS_STAGES", "3"))
 
 
