@@ -160,10 +160,12 @@ def plot_stage_breakdown(df: pd.DataFrame, title: str | None = None) -> Figure:
 
 
 def plot_bench(df: pd.DataFrame, stage: str | None = None, config: str | None = None,
-               roof_gbps: float | None = None, title: str | None = None) -> Figure:
-    """Left: time per call vs T per backend (log-log). Right: achieved GB/s vs T with the
-    measured copy roof (from the rows' roof_copy_gbps, or roof_gbps). Filter with stage/config;
-    with several stages left the lines are styled by stage."""
+               roof_gbps: float | None = None, title: str | None = None,
+               floor_us: float | None = None) -> Figure:
+    """Left: time per call vs T per backend (log-log), with floor_us (e.g. the measured time of
+    a one-kernel CUDA graph) dotted. Right: achieved GB/s vs T with the measured copy roof (from
+    the rows' roof_copy_gbps, or roof_gbps). Filter with stage/config; with several stages left
+    the lines are styled by stage, else by config."""
     d = df[df["median_us"].notna()].copy()
     if "mode" in d.columns:
         d["backend"] = np.where(d["mode"] == "graph", d["backend"] + " (graph)", d["backend"])
@@ -180,6 +182,11 @@ def plot_bench(df: pd.DataFrame, stage: str | None = None, config: str | None = 
     sns.lineplot(d, x="T", y="median_us", hue="backend", style=style, marker="o", ax=axes[0],
                  errorbar=None)
     axes[0].set(xscale="log", yscale="log", xlabel="tokens T", ylabel="us per call (median)")
+    if floor_us:
+        axes[0].axhline(floor_us, color="tab:red", ls="-.", lw=1, label=f"floor {floor_us:.1f} us")
+        lo, hi = axes[0].get_ylim()
+        axes[0].set_ylim(min(lo, 0.7 * floor_us), hi)  # axhline does not widen the limits
+        axes[0].legend(fontsize="small")
     sns.lineplot(d, x="T", y="gbps", hue="backend", style=style, marker="o", ax=axes[1],
                  errorbar=None, legend=False)
     if roof_gbps is None and "roof_copy_gbps" in d.columns and d.roof_copy_gbps.notna().any():

@@ -358,6 +358,9 @@ def test_bench_plots(tiny_run):
     assert isinstance(fig, Figure) and len(fig.axes) == 2
     roof = df.roof_copy_gbps.iloc[0]
     assert any(line.get_ydata()[0] == pytest.approx(roof) for line in fig.axes[1].get_lines())
+    fig = plot_bench(df, stage="route", floor_us=4.8)  # the graph floor on the time axis
+    assert any(len(line.get_ydata()) and line.get_ydata()[0] == pytest.approx(4.8)
+               for line in fig.axes[0].get_lines())
     # a second backend reuses torch's gate/experts times in its stacked bar
     two = pd.concat([df, df[df.stage.isin(["route", "dispatch", "combine"])].assign(
         backend="triton")])

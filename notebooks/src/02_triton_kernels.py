@@ -229,6 +229,28 @@ bw["backward / forward"] = bw["backward"] / bw["forward"]
 bw.round(2)
 
 # %% [markdown]
+# ### The Triton backend over the standard configurations (`kernels_triton.csv`)
+#
+# `python -m routerlib.bench --backends triton --cuda-graph` at decode and prefill sizes
+# (commit 1d3dbd6; the step's time limit stopped it after Qwen3 T = 16384, so DeepSeek-V3,
+# Switch and T = 65536 are missing). Left: time per call against T, eager and in a CUDA graph,
+# with the graph floor (a one-kernel graph) in red: below ~1k tokens the route sits 1–11 µs
+# above it. Right: achieved bandwidth against the copy roof — combine reaches ~80% of it at
+# T = 4096 and 95–99% from T = 16384 on; the route moves few bytes and is latency-bound at
+# every size.
+
+# %%
+from routerlib import viz  # noqa: E402
+
+kt = pd.read_csv(RESULTS / "kernels_triton.csv")
+floor = json.loads((RESULTS / "kernels_triton.json").read_text())["roofs"]["graph_us"]
+for stage in ("route", "combine"):
+    fig = viz.plot_bench(kt, stage=stage, floor_us=floor,
+                         title=f"{stage}, Triton backend, H100 (standard configurations)")
+    display(fig)
+    matplotlib.pyplot.close(fig)
+
+# %% [markdown]
 # ## 5. Tuning: what was tried and why the winners win
 #
 # `python -m routerlib.bench.tune` pins each launch config through an environment variable,
