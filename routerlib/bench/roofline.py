@@ -163,14 +163,13 @@ def measure_launch_latency(device: torch.device | str, n: int = 2000) -> float:
 def measure_graph_floor(rep_ms: float = 100.0) -> float:
     """Median us of replaying a CUDA graph of one one-element kernel, timed by bench_cuda_graph
     (do_bench: CUDA events around each replay, L2 flushed before it), as every graph figure is."""
-
     x = torch.zeros(1, device="cuda")
     return bench_cuda_graph(lambda: x.add_(1), rep_ms=rep_ms).median_us
 
 
 def measure_roofs(device: torch.device | str, dtype: torch.dtype | None = None,
                   quick: bool = False) -> Roofs:
-    """All three roofs. quick: smaller buffers and shorter runs (CPU tests)."""
+    """All the roofs (the graph floor on CUDA only). quick: smaller buffers and shorter runs (CPU tests)."""
     device = torch.device(device)
     gpu = device.type == "cuda"
     dtype = dtype or (torch.bfloat16 if gpu else torch.float32)

@@ -133,8 +133,8 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
         hist = prefix = total = ids  # unused
     else:
         hist = empty((NT, block_e), **i32)
-        if sum_tiles:
-            prefix = total = hist  # unused
+        if sum_tiles:  # the place kernel reads the tile counts and scans them itself
+            prefix, total = hist, hist  # total: unused
         else:
             prefix, total = empty((NT, block_e), **i32), empty((block_e,), **i32)
     softmax_after, renorm = cfg.softmax_after_topk, cfg.renormalize
@@ -162,8 +162,8 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
         n = T * K
         n_place = triton.cdiv(n, _BLOCK_S)
         _place_slots_kernel[(n_place + (triton.cdiv(R, block_r) if mark else 0),)](
-            ids, hist if sum_tiles else prefix, total, counts, kept, offsets, slot_to_row,
-            row_to_slot, n, n_place, NT, C or 0, R,
+            ids, prefix, total, counts, kept, offsets, slot_to_row, row_to_slot,
+            n, n_place, NT, C or 0, R,
             E=E, BT=BT, K=K, BLOCK_S=_BLOCK_S, BLOCK_E=block_e, CAPACITY=capacity,
             PAD=pad, BLOCK_R=block_r, SUM_TILES=sum_tiles, NTP=ntp if sum_tiles else 1,
             num_warps=4)
