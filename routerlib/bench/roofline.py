@@ -169,7 +169,8 @@ def measure_graph_floor(rep_ms: float = 100.0) -> float:
 
 def measure_roofs(device: torch.device | str, dtype: torch.dtype | None = None,
                   quick: bool = False) -> Roofs:
-    """All the roofs (the graph floor on CUDA only). quick: smaller buffers and shorter runs (CPU tests)."""
+    """All the roofs (the graph floor on CUDA only). quick: smaller buffers and shorter runs
+    (CPU tests)."""
     device = torch.device(device)
     gpu = device.type == "cuda"
     dtype = dtype or (torch.bfloat16 if gpu else torch.float32)
