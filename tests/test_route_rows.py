@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from test_triton_backend import router_configs
 
 from routerlib import RouterConfig
+from routerlib import reference as ref
 from routerlib.kernels import route, route_rows
 
 CASES = [  # (T, E, K, config) with the edge each covers
@@ -89,6 +90,54 @@ def test_route_rows_random_configs(cfg, T, split, seed, device, monkeypatch):
     kw.update(drop_policy="position", n_groups=1, topk_groups=1)
     monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
     check(T, cfg.num_experts, cfg.top_k, kw, device, seed=seed)
+
+
+@pytest.mark.parametrize("T,E,K,kw", [c for c in CASES if c[1] > 1])
+@pytest.mark.parametrize("split", ["1,1", "4,1"])
+def test_packed_selection_alone(T, E, K, kw, split, device, poisoned, monkeypatch):
+    """The packed-key selection by itself (no exact fallback) on continuous logits (no near
+    ties): the fallback must not be what makes the route correct."""
+    monkeypatch.setattr(route_rows, "_TIE_CHECK", False)
+    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
+    cfg = RouterConfig(num_experts=E, top_k=K, **kw)
+    g = torch.Generator().manual_seed(T * E)
+    logits = (torch.randn(T, E, generator=g) * 2).to(device)
+    bias = (torch.randn(E, generator=g) * 0.05).to(device) if cfg.expert_bias else None
+    sel, plan = route_rows.route_rows(logits, cfg, bias)
+    assert_route_matches_reference(sel, plan, logits, cfg, bias)
+
+
+def near_tie_logits(T: int, E: int, device) -> torch.Tensor:
+    """Rows where a higher expert beats a lower one by one ulp: packed keys drop the low bits,
+    so only the exact insertion orders them right."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(T, E, generator=g) * 0.1
+    one = torch.tensor(1.0)
+    logits[1::2, 3] = one  # odd rows: expert 3 at 1.0, expert E-2 one ulp above
+    logits[1::2, E - 2] = torch.nextafter(one, torch.tensor(2.0))
+    return logits.to(device)
+
+
+@pytest.mark.parametrize("K", [1, 2])
+@pytest.mark.parametrize("split", ["1,1", "2,1"])
+def test_near_ties_take_the_exact_insertion(K, split, device, poisoned, monkeypatch):
+    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
+    cfg = RouterConfig(num_experts=24, top_k=K)
+    logits = near_tie_logits(70, 24, device)
+    sel, plan = route_rows.route_rows(logits, cfg)
+    assert_route_matches_reference(sel, plan, logits, cfg)
+    assert (sel.topk_ids[1::2, 0] == 22).all()
+    monkeypatch.setattr(route_rows, "_TIE_CHECK", False)  # the check is what saves them
+    sel, plan = route_rows.route_rows(logits, cfg)
+    assert (sel.topk_ids[1::2, 0] == 3).all()  # the truncated keys tie; the index decides
+    want = ref.select(logits, cfg).topk_ids
+    assert torch.equal(sel.topk_ids[0::2].long(), want[0::2].long())  # the other rows: exact
+
+
+def test_exact_insertion_alone(device, poisoned, monkeypatch):
+    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "0")
+    for T, E, K, kw in CASES[:6]:
+        check(T, E, K, kw, device)
 
 
 def test_route_takes_it_for_inference_only(monkeypatch, device):

@@ -159,11 +159,15 @@ def _stack(i0, i1, i2, i3, i4, i5, i6, i7, KP: tl.constexpr):
 
 
 @triton.jit
-def _load4(base, rmask, col, E: tl.constexpr):
-    """logits [BT, H, 4] of columns col + (0..3) (col: [1, H, 1] int32), -inf past E, fp32."""
+def _load4(base, rmask, col, E: tl.constexpr, EVEN: tl.constexpr = False):
+    """logits [BT, H, 4] of columns col + (0..3) (col: [1, H, 1] int32), -inf past E, fp32.
+    EVEN: the thread groups cover exactly E columns (no column mask)."""
     cols = col + tl.arange(0, 4)[None, None, :]
-    return tl.load(base[:, None, None] + cols, mask=rmask[:, None, None] & (cols < E),
-                   other=float("-inf")).to(tl.float32)
+    if EVEN:
+        mask = rmask[:, None, None]
+    else:
+        mask = rmask[:, None, None] & (cols < E)
+    return tl.load(base[:, None, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
 
 
 @triton.jit
@@ -267,6 +271,207 @@ def _select_rows(
         i4, i5, i6, i7 = (tl.reshape(i4, [BT]), tl.reshape(i5, [BT]), tl.reshape(i6, [BT]),
                           tl.reshape(i7, [BT]))
     return i0, i1, i2, i3, i4, i5, i6, i7, m, s
+
+
+# ---- packed selection: one int32 per key, index included ----------------------------------
+# The sortable key's low SHIFT bits give way to the column's complement (SHIFT = bits of the
+# largest column index): one int32 then orders by key and, among equal keys, by lower index,
+# and is unique per column, so the sorted list needs no index registers and an insertion is a
+# max/min pair per entry (new p_j = max(p_j, min(x, p_{j-1}))): ~2 integer ops per entry
+# against a compare and four selects. Cutting the low bits can only merge keys closer than
+# 2^(SHIFT-23) relative into a tie that the index then decides; the list keeps K + 1 entries, and
+# if any two neighbours among them share their high bits the order or the K-th place may differ
+# from the exact one: such a tile is selected again by the exact insertion (_select_rows). On
+# continuous logits that is rare (random fp32 at E=128: ~1 tile in 100); ties of equal values,
+# e.g. bf16 logits, send their tiles to the exact path.
+
+
+@triton.jit
+def _pack(key, cols, SHIFT: tl.constexpr):
+    """Sortable int32 keys with their low SHIFT bits replaced by (2^SHIFT - 1 - column)."""
+    LOW: tl.constexpr = (1 << SHIFT) - 1
+    HIGH: tl.constexpr = -(1 << SHIFT)
+    return (key & HIGH) | (LOW - cols)
+
+
+@triton.jit
+def _push(x, p0, p1, p2, p3, p4, p5, p6, p7, p8, L: tl.constexpr):
+    """Insert the packed key x into the descending list p0 > p1 > ... (L <= 9 entries used):
+    entry j becomes max(p_j, min(x, p_{j-1})); rewritten bottom-up so each reads its old upper
+    neighbour. Keys are unique, so the order of insertions does not matter."""
+    if L > 8:
+        p8 = tl.maximum(p8, tl.minimum(x, p7))
+    if L > 7:
+        p7 = tl.maximum(p7, tl.minimum(x, p6))
+    if L > 6:
+        p6 = tl.maximum(p6, tl.minimum(x, p5))
+    if L > 5:
+        p5 = tl.maximum(p5, tl.minimum(x, p4))
+    if L > 4:
+        p4 = tl.maximum(p4, tl.minimum(x, p3))
+    if L > 3:
+        p3 = tl.maximum(p3, tl.minimum(x, p2))
+    if L > 2:
+        p2 = tl.maximum(p2, tl.minimum(x, p1))
+    if L > 1:
+        p1 = tl.maximum(p1, tl.minimum(x, p0))
+    p0 = tl.maximum(p0, x)
+    return p0, p1, p2, p3, p4, p5, p6, p7, p8
+
+
+@triton.jit
+def _push4(keys, p0, p1, p2, p3, p4, p5, p6, p7, p8, L: tl.constexpr):
+    """Insert the 4 packed columns of keys [BT, H, 4]."""
+    BT: tl.constexpr = keys.shape[0]
+    H: tl.constexpr = keys.shape[1]
+    a, b = tl.split(tl.reshape(keys, [BT, H, 2, 2]))
+    c0, c2 = tl.split(a)
+    c1, c3 = tl.split(b)
+    p0, p1, p2, p3, p4, p5, p6, p7, p8 = _push(c0, p0, p1, p2, p3, p4, p5, p6, p7, p8, L)
+    p0, p1, p2, p3, p4, p5, p6, p7, p8 = _push(c1, p0, p1, p2, p3, p4, p5, p6, p7, p8, L)
+    p0, p1, p2, p3, p4, p5, p6, p7, p8 = _push(c2, p0, p1, p2, p3, p4, p5, p6, p7, p8, L)
+    return _push(c3, p0, p1, p2, p3, p4, p5, p6, p7, p8, L)
+
+
+@triton.jit
+def _merge_packed(p0, p1, p2, p3, p4, p5, p6, p7, p8, L: tl.constexpr):
+    """Merge the two lists held along the last axis (size 2) of every entry."""
+    a0, b0 = tl.split(p0)
+    a1, b1 = tl.split(p1)
+    a2, b2 = tl.split(p2)
+    a3, b3 = tl.split(p3)
+    a4, b4 = tl.split(p4)
+    a5, b5 = tl.split(p5)
+    a6, b6 = tl.split(p6)
+    a7, b7 = tl.split(p7)
+    a8, b8 = tl.split(p8)
+    a0, a1, a2, a3, a4, a5, a6, a7, a8 = _push(b0, a0, a1, a2, a3, a4, a5, a6, a7, a8, L)
+    if L > 1:
+        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _push(b1, a0, a1, a2, a3, a4, a5, a6, a7, a8, L)
+    if L > 2:
+        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _push(b2, a0, a1, a2, a3, a4, a5, a6, a7, a8, L)
+    if L > 3:
+        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _push(b3, a0, a1, a2, a3, a4, a5, a6, a7, a8, L)
+    if L > 4:
+        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _push(b4, a0, a1, a2, a3, a4, a5, a6, a7, a8, L)
+    if L > 5:
+        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _push(b5, a0, a1, a2, a3, a4, a5, a6, a7, a8, L)
+    if L > 6:
+        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _push(b6, a0, a1, a2, a3, a4, a5, a6, a7, a8, L)
+    if L > 7:
+        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _push(b7, a0, a1, a2, a3, a4, a5, a6, a7, a8, L)
+    if L > 8:
+        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _push(b8, a0, a1, a2, a3, a4, a5, a6, a7, a8, L)
+    return a0, a1, a2, a3, a4, a5, a6, a7, a8
+
+
+@triton.jit
+def _packed_keys(x, col, bias_ptr, m, s, E: tl.constexpr, SIGMOID: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, SOFTMAX_KEYS: tl.constexpr,
+                 EVEN: tl.constexpr, SHIFT: tl.constexpr):
+    """Packed keys [BT, H, 4] of the logits chunk x (columns col + 0..3, col: [1, H]); padding
+    columns get INT32_MIN (below every real key: sortable(-inf) is not that low)."""
+    cols = col[:, :, None] + tl.arange(0, 4)[None, None, :]
+    key = x
+    if SOFTMAX_KEYS:
+        key = tl.exp(x - m[:, :, None]) / s[:, :, None]
+    elif SIGMOID and not KEY_LOGITS:
+        key = 1.0 / (1.0 + tl.exp(-x))
+    if HAS_BIAS:
+        if EVEN:
+            key = key + tl.load(bias_ptr + cols).to(tl.float32)
+        else:
+            key = key + tl.load(bias_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)
+    key = _pack(_sortable(key), cols, SHIFT)
+    if not EVEN:
+        key = tl.where(cols < E, key, _INT32_MIN)
+    return key
+
+
+@triton.jit
+def _select_packed(
+    base, rmask, bias_ptr, BT: tl.constexpr,
+    E: tl.constexpr, K: tl.constexpr, H: tl.constexpr, EH: tl.constexpr,
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr,
+    NEED_MS: tl.constexpr, STAGES: tl.constexpr, SHIFT: tl.constexpr,
+):
+    """_select_rows with packed keys (see above). Returns (ids [BT] x 8, m [BT], s [BT], tie
+    [BT]): tie marks the real tokens whose list holds two neighbours with equal high bits (the
+    exact insertion must decide them)."""
+    L: tl.constexpr = K + 1
+    EVEN: tl.constexpr = E == H * EH
+    hcol = (tl.arange(0, H) * EH)[None, :]  # [1, H] first column of each thread group
+    neg = tl.full([BT, H], _INT32_MIN, tl.int32)
+    p0, p1, p2, p3, p4, p5, p6, p7, p8 = neg, neg, neg, neg, neg, neg, neg, neg, neg
+    m = tl.full([BT, H], -3.0e38, tl.float32)
+    s = tl.zeros([BT, H], tl.float32)
+    KEYS_FIRST: tl.constexpr = KEY_LOGITS or SIGMOID
+    for c in tl.range(0, EH, 16, num_stages=STAGES):
+        for j in tl.static_range(4):
+            col = hcol + c + 4 * j
+            x = _load4(base, rmask, col[:, :, None], E, EVEN)
+            if NEED_MS:
+                m_new = tl.maximum(m, tl.max(x, axis=2))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, :, None]), axis=2)
+                m = m_new
+            if KEYS_FIRST:
+                key = _packed_keys(x, col, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+                                   False, EVEN, SHIFT)
+                p0, p1, p2, p3, p4, p5, p6, p7, p8 = _push4(key, p0, p1, p2, p3, p4, p5, p6,
+                                                            p7, p8, L)
+    if NEED_MS:  # combine the thread groups' statistics
+        mt = tl.max(m, axis=1)
+        s = tl.sum(s * tl.exp(m - mt[:, None]), axis=1)
+        m = mt
+    else:
+        m = tl.max(m, axis=1)
+        s = tl.sum(s, axis=1)
+    if not KEYS_FIRST:  # softmax scores + bias: a second pass once the normaliser is known
+        mh = tl.broadcast_to(m[:, None], [BT, H])
+        sh = tl.broadcast_to(s[:, None], [BT, H])
+        for c in range(0, EH, 4):
+            col = hcol + c
+            x = _load4(base, rmask, col[:, :, None], E, EVEN)
+            key = _packed_keys(x, col, bias_ptr, mh, sh, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+                               True, EVEN, SHIFT)
+            p0, p1, p2, p3, p4, p5, p6, p7, p8 = _push4(key, p0, p1, p2, p3, p4, p5, p6, p7,
+                                                        p8, L)
+    if H == 4:  # [BT, 4] -> [BT, 2, 2]: merge groups (0, 1) and (2, 3)
+        p0, p1, p2 = (tl.reshape(p0, [BT, 2, 2]), tl.reshape(p1, [BT, 2, 2]),
+                      tl.reshape(p2, [BT, 2, 2]))
+        p3, p4, p5 = (tl.reshape(p3, [BT, 2, 2]), tl.reshape(p4, [BT, 2, 2]),
+                      tl.reshape(p5, [BT, 2, 2]))
+        p6, p7, p8 = (tl.reshape(p6, [BT, 2, 2]), tl.reshape(p7, [BT, 2, 2]),
+                      tl.reshape(p8, [BT, 2, 2]))
+        p0, p1, p2, p3, p4, p5, p6, p7, p8 = _merge_packed(p0, p1, p2, p3, p4, p5, p6, p7, p8,
+                                                           L)
+    if H >= 2:
+        p0, p1, p2, p3, p4, p5, p6, p7, p8 = _merge_packed(p0, p1, p2, p3, p4, p5, p6, p7, p8,
+                                                           L)
+    else:
+        p0, p1, p2 = tl.reshape(p0, [BT]), tl.reshape(p1, [BT]), tl.reshape(p2, [BT])
+        p3, p4, p5 = tl.reshape(p3, [BT]), tl.reshape(p4, [BT]), tl.reshape(p5, [BT])
+        p6, p7, p8 = tl.reshape(p6, [BT]), tl.reshape(p7, [BT]), tl.reshape(p8, [BT])
+    # neighbours 0..K: equal high bits (arithmetic shift) mean a possible wrong order / cut
+    tie = (p0 >> SHIFT) == (p1 >> SHIFT)
+    if K > 1:
+        tie = tie | ((p1 >> SHIFT) == (p2 >> SHIFT))
+    if K > 2:
+        tie = tie | ((p2 >> SHIFT) == (p3 >> SHIFT))
+    if K > 3:
+        tie = tie | ((p3 >> SHIFT) == (p4 >> SHIFT))
+    if K > 4:
+        tie = tie | ((p4 >> SHIFT) == (p5 >> SHIFT))
+    if K > 5:
+        tie = tie | ((p5 >> SHIFT) == (p6 >> SHIFT))
+    if K > 6:
+        tie = tie | ((p6 >> SHIFT) == (p7 >> SHIFT))
+    if K > 7:
+        tie = tie | ((p7 >> SHIFT) == (p8 >> SHIFT))
+    LOW: tl.constexpr = (1 << SHIFT) - 1
+    return (LOW - (p0 & LOW), LOW - (p1 & LOW), LOW - (p2 & LOW), LOW - (p3 & LOW),
+            LOW - (p4 & LOW), LOW - (p5 & LOW), LOW - (p6 & LOW), LOW - (p7 & LOW), m, s,
+            tie & rmask)
 
 
 @triton.jit
@@ -412,6 +617,8 @@ def _select_rows_kernel(
     SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.constexpr, RENORM: tl.constexpr,
     HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, NEED_MS: tl.constexpr,
     STAGES: tl.constexpr,  # software-pipelining stages of the column loop
+    PACKED: tl.constexpr, SHIFT: tl.constexpr,  # packed-key selection, index bits
+    TIE_CHECK: tl.constexpr,  # near ties go to the exact insertion (off only in a test)
     FUSED_PLAN: tl.constexpr,  # one tile holds every token: build the whole plan here
     CAPACITY: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -422,9 +629,19 @@ def _select_rows_kernel(
     rows = pid * BT + tl.arange(0, BT)
     rmask = rows < T
     base = logits_ptr + rows.to(tl.int64) * stride_t
-    i0, i1, i2, i3, i4, i5, i6, i7, m, s = _select_rows(
-        base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, SOFTMAX_AFTER, RENORM, HAS_BIAS,
-        KEY_LOGITS, NEED_MS, STAGES)
+    if PACKED:
+        i0, i1, i2, i3, i4, i5, i6, i7, m, s, tie = _select_packed(
+            base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS,
+            STAGES, SHIFT)
+        if TIE_CHECK:
+            if tl.max(tie.to(tl.int32), axis=0) != 0:  # near ties: the exact insertion decides
+                i0, i1, i2, i3, i4, i5, i6, i7, m, s = _select_rows(
+                    base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, SOFTMAX_AFTER, RENORM,
+                    HAS_BIAS, KEY_LOGITS, NEED_MS, STAGES)
+    else:
+        i0, i1, i2, i3, i4, i5, i6, i7, m, s = _select_rows(
+            base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, SOFTMAX_AFTER, RENORM, HAS_BIAS,
+            KEY_LOGITS, NEED_MS, STAGES)
     kc = tl.arange(0, KP)[None, :]
     valid = rmask[:, None] & (kc < K)
     I = tl.where(valid, _stack(i0, i1, i2, i3, i4, i5, i6, i7, KP), 0)  # [BT, KP]

@@ -48,6 +48,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK_S = 1024  # slots per program of the place kernel
 _MAX_SUM_TILES = 4096  # tiles x experts up to which the place kernel scans the tile counts
 _empty = torch.empty  # every output comes from here (tests swap in a poisoning allocator)
+_TIE_CHECK = True  # near ties go to the exact insertion; a test turns it off to see it matter
 
 
 def enabled() -> bool:
@@ -142,6 +143,7 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
     key_logits = softmax_after or bias is None
     block_r = max(16, min(1024, 8192 // block_e))
     capacity, pad = C is not None, cfg.pad_to_multiple
+    packed = os.environ.get("ROUTERLIB_ROWS_PACKED", "1") != "0"
     _select_rows_kernel[(NT,)](
         logits, bias if bias is not None else logits, ids, weights, hist,
         counts, kept, offsets, slot_to_row, row_to_slot,
@@ -150,7 +152,8 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
         SIGMOID=sigmoid, SOFTMAX_AFTER=softmax_after, RENORM=renorm,
         HAS_BIAS=bias is not None, KEY_LOGITS=key_logits,
         NEED_MS=not sigmoid and not softmax_after and not (key_logits and renorm),
-        STAGES=_stages(), FUSED_PLAN=fused, CAPACITY=capacity, PAD=pad, BLOCK_R=block_r,
+        STAGES=_stages(), PACKED=packed, SHIFT=max(1, (H * EH - 1).bit_length()),
+        TIE_CHECK=_TIE_CHECK, FUSED_PLAN=fused, CAPACITY=capacity, PAD=pad, BLOCK_R=block_r,
         num_warps=num_warps)
     if not fused:
         if not sum_tiles:
