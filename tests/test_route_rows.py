@@ -107,29 +107,49 @@ def test_packed_selection_alone(T, E, K, kw, split, device, poisoned, monkeypatc
     assert_route_matches_reference(sel, plan, logits, cfg, bias)
 
 
-def near_tie_logits(T: int, E: int, device) -> torch.Tensor:
-    """Rows where a higher expert beats a lower one by one ulp: packed keys drop the low bits,
-    so only the exact insertion orders them right."""
+def near_tie_logits(T: int, E: int, cols: list[int], device) -> torch.Tensor:
+    """Odd rows: columns cols hold 1.0, 1.0 + 1 ulp, 1.0 + 2 ulp, ... (rising with the index):
+    the packed keys cut their low bits, so they tie there and the index alone would order
+    them (wrongly)."""
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(T, E, generator=g) * 0.1
-    one = torch.tensor(1.0)
-    logits[1::2, 3] = one  # odd rows: expert 3 at 1.0, expert E-2 one ulp above
-    logits[1::2, E - 2] = torch.nextafter(one, torch.tensor(2.0))
+    v = torch.tensor(1.0)
+    for c in cols:
+        logits[1::2, c] = v
+        v = torch.nextafter(v, torch.tensor(2.0))
     return logits.to(device)
 
 
-@pytest.mark.parametrize("K", [1, 2])
+@pytest.mark.parametrize("K", [1, 2, 3])
 @pytest.mark.parametrize("split", ["1,1", "2,1"])
-def test_near_ties_take_the_exact_insertion(K, split, device, poisoned, monkeypatch):
+def test_near_ties_are_finished_exactly(K, split, device, poisoned, monkeypatch):
+    """A run of r <= 4 merged keys at the top, r <= K + 1 (the run ends inside the K + 2
+    packed best): the exact finishing sort orders it, no fallback needed (the check is off)."""
     monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
+    monkeypatch.setattr(route_rows, "_TIE_CHECK", False)
     cfg = RouterConfig(num_experts=24, top_k=K)
-    logits = near_tie_logits(70, 24, device)
+    for cols in ([3, 22], [3, 10, 22], [2, 9, 15, 21])[:K]:
+        logits = near_tie_logits(70, 24, cols, device)
+        sel, plan = route_rows.route_rows(logits, cfg)
+        assert_route_matches_reference(sel, plan, logits, cfg)
+        assert (sel.topk_ids[1::2, 0] == cols[-1]).all()
+
+
+@pytest.mark.parametrize("split", ["1,1", "4,1"])
+def test_near_ties_past_the_list_take_the_exact_insertion(split, device, poisoned,
+                                                          monkeypatch):
+    """Five merged keys with K = 2: the K + 2 = 4 packed best are the four lowest columns, the
+    best key lies outside the list: only the exact insertion finds it."""
+    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
+    cfg = RouterConfig(num_experts=24, top_k=2)
+    cols = [3, 10, 15, 20, 22]
+    logits = near_tie_logits(70, 24, cols, device)
     sel, plan = route_rows.route_rows(logits, cfg)
     assert_route_matches_reference(sel, plan, logits, cfg)
-    assert (sel.topk_ids[1::2, 0] == 22).all()
+    assert (sel.topk_ids[1::2] == torch.tensor([22, 20], device=device)).all()
     monkeypatch.setattr(route_rows, "_TIE_CHECK", False)  # the check is what saves them
     sel, plan = route_rows.route_rows(logits, cfg)
-    assert (sel.topk_ids[1::2, 0] == 3).all()  # the truncated keys tie; the index decides
+    assert (sel.topk_ids[1::2] == torch.tensor([20, 15], device=device)).all()  # the list's best
     want = ref.select(logits, cfg).topk_ids
     assert torch.equal(sel.topk_ids[0::2].long(), want[0::2].long())  # the other rows: exact
 

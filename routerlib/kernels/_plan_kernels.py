@@ -38,7 +38,7 @@ def _sortable(k):
     bits = k.to(tl.int32, bitcast=True)
     bits = tl.where(k == 0.0, 0, bits)  # -0.0 == +0.0, as a float compare says
     bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: reverse their order
-    return tl.where(k != k, 0x7F800001, bits)  # NaN beats +inf (0x7F800000)
+    return tl.where(k != k, 0x7FC00000, bits)  # NaN beats +inf (0x7F800000); low bits 0
 
 
 @triton.jit

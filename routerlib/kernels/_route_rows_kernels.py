@@ -277,13 +277,16 @@ def _select_rows(
 # The sortable key's low SHIFT bits give way to the column's complement (SHIFT = bits of the
 # largest column index): one int32 then orders by key and, among equal keys, by lower index,
 # and is unique per column, so the sorted list needs no index registers and an insertion is a
-# max/min pair per entry (new p_j = max(p_j, min(x, p_{j-1}))): ~2 integer ops per entry
-# against a compare and four selects. Cutting the low bits can only merge keys closer than
-# 2^(SHIFT-23) relative into a tie that the index then decides; the list keeps K + 1 entries, and
-# if any two neighbours among them share their high bits the order or the K-th place may differ
-# from the exact one: such a tile is selected again by the exact insertion (_select_rows). On
-# continuous logits that is rare (random fp32 at E=128: ~1 tile in 100); ties of equal values,
-# e.g. bf16 logits, send their tiles to the exact path.
+# max/min pair per entry (new p_j = max(p_j, min(x, p_{j-1}))) against a compare and four
+# selects. Cutting the low bits can only merge keys closer than ~2^(SHIFT-23) relative into a
+# tie that the index then decides, so the list keeps L = K + 2 entries and is finished exactly:
+# the L keys are recomputed in full (L gathers from L1/L2), four odd-even transposition passes
+# sort them by (key, lower index) (a run of up to 4 merged keys anywhere), and a token is sure
+# when the result is sorted and the K-th packed entry's high bits beat the L-th's (then the
+# first K beat every key outside the list). A tile holding an unsure token (a run of >= 3
+# merged keys at the cut, >= 5 anywhere: ~never on continuous logits; rows of equal fp32 values
+# do) is selected again by the exact insertion (_select_rows). Keys whose low SHIFT bits are
+# always zero (bf16/fp16 logits as keys) lose nothing: EXACT_PACK skips the finishing.
 
 
 @triton.jit
@@ -295,10 +298,12 @@ def _pack(key, cols, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _push(x, p0, p1, p2, p3, p4, p5, p6, p7, p8, L: tl.constexpr):
-    """Insert the packed key x into the descending list p0 > p1 > ... (L <= 9 entries used):
+def _push(x, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L: tl.constexpr):
+    """Insert the packed key x into the descending list p0 > p1 > ... (L <= 10 entries used):
     entry j becomes max(p_j, min(x, p_{j-1})); rewritten bottom-up so each reads its old upper
     neighbour. Keys are unique, so the order of insertions does not matter."""
+    if L > 9:
+        p9 = tl.maximum(p9, tl.minimum(x, p8))
     if L > 8:
         p8 = tl.maximum(p8, tl.minimum(x, p7))
     if L > 7:
@@ -316,25 +321,25 @@ def _push(x, p0, p1, p2, p3, p4, p5, p6, p7, p8, L: tl.constexpr):
     if L > 1:
         p1 = tl.maximum(p1, tl.minimum(x, p0))
     p0 = tl.maximum(p0, x)
-    return p0, p1, p2, p3, p4, p5, p6, p7, p8
+    return p0, p1, p2, p3, p4, p5, p6, p7, p8, p9
 
 
 @triton.jit
-def _push4(keys, p0, p1, p2, p3, p4, p5, p6, p7, p8, L: tl.constexpr):
+def _push4(keys, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L: tl.constexpr):
     """Insert the 4 packed columns of keys [BT, H, 4]."""
     BT: tl.constexpr = keys.shape[0]
     H: tl.constexpr = keys.shape[1]
     a, b = tl.split(tl.reshape(keys, [BT, H, 2, 2]))
     c0, c2 = tl.split(a)
     c1, c3 = tl.split(b)
-    p0, p1, p2, p3, p4, p5, p6, p7, p8 = _push(c0, p0, p1, p2, p3, p4, p5, p6, p7, p8, L)
-    p0, p1, p2, p3, p4, p5, p6, p7, p8 = _push(c1, p0, p1, p2, p3, p4, p5, p6, p7, p8, L)
-    p0, p1, p2, p3, p4, p5, p6, p7, p8 = _push(c2, p0, p1, p2, p3, p4, p5, p6, p7, p8, L)
-    return _push(c3, p0, p1, p2, p3, p4, p5, p6, p7, p8, L)
+    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _push(c0, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
+    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _push(c1, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
+    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _push(c2, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
+    return _push(c3, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
 
 
 @triton.jit
-def _merge_packed(p0, p1, p2, p3, p4, p5, p6, p7, p8, L: tl.constexpr):
+def _merge_packed(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L: tl.constexpr):
     """Merge the two lists held along the last axis (size 2) of every entry."""
     a0, b0 = tl.split(p0)
     a1, b1 = tl.split(p1)
@@ -345,36 +350,38 @@ def _merge_packed(p0, p1, p2, p3, p4, p5, p6, p7, p8, L: tl.constexpr):
     a6, b6 = tl.split(p6)
     a7, b7 = tl.split(p7)
     a8, b8 = tl.split(p8)
-    a0, a1, a2, a3, a4, a5, a6, a7, a8 = _push(b0, a0, a1, a2, a3, a4, a5, a6, a7, a8, L)
+    a9, b9 = tl.split(p9)
+    a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b0, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     if L > 1:
-        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _push(b1, a0, a1, a2, a3, a4, a5, a6, a7, a8, L)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b1, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     if L > 2:
-        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _push(b2, a0, a1, a2, a3, a4, a5, a6, a7, a8, L)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b2, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     if L > 3:
-        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _push(b3, a0, a1, a2, a3, a4, a5, a6, a7, a8, L)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b3, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     if L > 4:
-        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _push(b4, a0, a1, a2, a3, a4, a5, a6, a7, a8, L)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b4, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     if L > 5:
-        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _push(b5, a0, a1, a2, a3, a4, a5, a6, a7, a8, L)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b5, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     if L > 6:
-        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _push(b6, a0, a1, a2, a3, a4, a5, a6, a7, a8, L)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b6, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     if L > 7:
-        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _push(b7, a0, a1, a2, a3, a4, a5, a6, a7, a8, L)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b7, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     if L > 8:
-        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _push(b8, a0, a1, a2, a3, a4, a5, a6, a7, a8, L)
-    return a0, a1, a2, a3, a4, a5, a6, a7, a8
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b8, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
+    if L > 9:
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b9, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
+    return a0, a1, a2, a3, a4, a5, a6, a7, a8, a9
 
 
 @triton.jit
-def _packed_keys(x, col, bias_ptr, m, s, E: tl.constexpr, SIGMOID: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, SOFTMAX_KEYS: tl.constexpr,
-                 EVEN: tl.constexpr, SHIFT: tl.constexpr):
-    """Packed keys [BT, H, 4] of the logits chunk x (columns col + 0..3, col: [1, H]); padding
-    columns get INT32_MIN (below every real key: sortable(-inf) is not that low)."""
-    cols = col[:, :, None] + tl.arange(0, 4)[None, None, :]
+def _key_of(x, cols, bias_ptr, m, s, E: tl.constexpr, SIGMOID: tl.constexpr,
+            HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, SOFTMAX_KEYS: tl.constexpr,
+            EVEN: tl.constexpr):
+    """The fp32 selection key of logits x at columns cols (the same arithmetic wherever it is
+    computed: the pass and the finishing must agree bit for bit)."""
     key = x
     if SOFTMAX_KEYS:
-        key = tl.exp(x - m[:, :, None]) / s[:, :, None]
+        key = tl.exp(x - m) / s
     elif SIGMOID and not KEY_LOGITS:
         key = 1.0 / (1.0 + tl.exp(-x))
     if HAS_BIAS:
@@ -382,10 +389,159 @@ def _packed_keys(x, col, bias_ptr, m, s, E: tl.constexpr, SIGMOID: tl.constexpr,
             key = key + tl.load(bias_ptr + cols).to(tl.float32)
         else:
             key = key + tl.load(bias_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)
+    return key
+
+
+@triton.jit
+def _packed_keys(x, col, bias_ptr, m, s, E: tl.constexpr, SIGMOID: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, SOFTMAX_KEYS: tl.constexpr,
+                 EVEN: tl.constexpr, SHIFT: tl.constexpr):
+    """Packed keys [BT, H, 4] of the logits chunk x (columns col + 0..3, col: [1, H]; m, s:
+    [BT, H]); padding columns get INT32_MIN (below every real key: sortable(-inf) is far
+    above)."""
+    cols = col[:, :, None] + tl.arange(0, 4)[None, None, :]
+    key = _key_of(x, cols, bias_ptr, m[:, :, None], s[:, :, None], E, SIGMOID, HAS_BIAS,
+                  KEY_LOGITS, SOFTMAX_KEYS, EVEN)
     key = _pack(_sortable(key), cols, SHIFT)
     if not EVEN:
         key = tl.where(cols < E, key, _INT32_MIN)
     return key
+
+
+@triton.jit
+def _exact(p, base, rmask, bias_ptr, m, s, E: tl.constexpr, SIGMOID: tl.constexpr,
+           HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, SOFTMAX_KEYS: tl.constexpr,
+           SHIFT: tl.constexpr):
+    """(exact sortable key, column) of the packed entries p [BT]: the logit gathered again and
+    its key recomputed. Empty entries (INT32_MIN) get (INT32_MIN, 2^30): last in any order."""
+    LOW: tl.constexpr = (1 << SHIFT) - 1
+    real = p != _INT32_MIN
+    col = tl.where(real, LOW - (p & LOW), 0)
+    x = tl.load(base + col, mask=rmask & real, other=0.0).to(tl.float32)
+    key = _sortable(_key_of(x, col, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+                            SOFTMAX_KEYS, True))
+    return tl.where(real, key, _INT32_MIN), tl.where(real, col, 1 << 30)
+
+
+@triton.jit
+def _ce(ea, ia, eb, ib):
+    """Compare-exchange of two (key, column) entries: the better (higher key, then lower
+    column) first."""
+    a_first = (ea > eb) | ((ea == eb) & (ia < ib))
+    return (tl.where(a_first, ea, eb), tl.where(a_first, ia, ib), tl.where(a_first, eb, ea),
+            tl.where(a_first, ib, ia))
+
+
+@triton.jit
+def _before(ea, ia, eb, ib):
+    return (ea > eb) | ((ea == eb) & (ia < ib))
+
+
+@triton.jit
+def _finish(base, rmask, bias_ptr, m, s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, K: tl.constexpr, E: tl.constexpr,
+            SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr,
+            SOFTMAX_KEYS: tl.constexpr, SHIFT: tl.constexpr):
+    """The exact top-K columns of the packed top-(K + 2) p0.. [BT] (see the section comment).
+    Returns (columns [BT] x 8, best first; sure [BT])."""
+    L: tl.constexpr = K + 2
+    e0, c0 = _exact(p0, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+                    SOFTMAX_KEYS, SHIFT)
+    e1, c1 = _exact(p1, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+                    SOFTMAX_KEYS, SHIFT)
+    e2, c2, e3, c3, e4, c4, e5, c5 = e1, c1, e1, c1, e1, c1, e1, c1
+    e6, c6, e7, c7, e8, c8, e9, c9 = e1, c1, e1, c1, e1, c1, e1, c1
+    if L > 2:
+        e2, c2 = _exact(p2, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+                        SOFTMAX_KEYS, SHIFT)
+    if L > 3:
+        e3, c3 = _exact(p3, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+                        SOFTMAX_KEYS, SHIFT)
+    if L > 4:
+        e4, c4 = _exact(p4, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+                        SOFTMAX_KEYS, SHIFT)
+    if L > 5:
+        e5, c5 = _exact(p5, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+                        SOFTMAX_KEYS, SHIFT)
+    if L > 6:
+        e6, c6 = _exact(p6, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+                        SOFTMAX_KEYS, SHIFT)
+    if L > 7:
+        e7, c7 = _exact(p7, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+                        SOFTMAX_KEYS, SHIFT)
+    if L > 8:
+        e8, c8 = _exact(p8, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+                        SOFTMAX_KEYS, SHIFT)
+    if L > 9:
+        e9, c9 = _exact(p9, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+                        SOFTMAX_KEYS, SHIFT)
+    # sure of the set: the first K packed entries beat every key outside the list
+    if K == 1:
+        pk = p0
+    elif K == 2:
+        pk = p1
+    elif K == 3:
+        pk = p2
+    elif K == 4:
+        pk = p3
+    elif K == 5:
+        pk = p4
+    elif K == 6:
+        pk = p5
+    elif K == 7:
+        pk = p6
+    else:
+        pk = p7
+    if L == 3:
+        pl = p2
+    elif L == 4:
+        pl = p3
+    elif L == 5:
+        pl = p4
+    elif L == 6:
+        pl = p5
+    elif L == 7:
+        pl = p6
+    elif L == 8:
+        pl = p7
+    elif L == 9:
+        pl = p8
+    else:
+        pl = p9
+    sure = (pl >> SHIFT) < (pk >> SHIFT)
+    for _ in tl.static_range(2):  # 4 passes (even, odd, even, odd): any run of <= 4 sorts
+        e0, c0, e1, c1 = _ce(e0, c0, e1, c1)
+        if L > 3:
+            e2, c2, e3, c3 = _ce(e2, c2, e3, c3)
+        if L > 5:
+            e4, c4, e5, c5 = _ce(e4, c4, e5, c5)
+        if L > 7:
+            e6, c6, e7, c7 = _ce(e6, c6, e7, c7)
+        if L > 9:
+            e8, c8, e9, c9 = _ce(e8, c8, e9, c9)
+        e1, c1, e2, c2 = _ce(e1, c1, e2, c2)
+        if L > 4:
+            e3, c3, e4, c4 = _ce(e3, c3, e4, c4)
+        if L > 6:
+            e5, c5, e6, c6 = _ce(e5, c5, e6, c6)
+        if L > 8:
+            e7, c7, e8, c8 = _ce(e7, c7, e8, c8)
+    # sure of the order: the list came out sorted
+    sure = sure & _before(e0, c0, e1, c1) & _before(e1, c1, e2, c2)
+    if L > 3:
+        sure = sure & _before(e2, c2, e3, c3)
+    if L > 4:
+        sure = sure & _before(e3, c3, e4, c4)
+    if L > 5:
+        sure = sure & _before(e4, c4, e5, c5)
+    if L > 6:
+        sure = sure & _before(e5, c5, e6, c6)
+    if L > 7:
+        sure = sure & _before(e6, c6, e7, c7)
+    if L > 8:
+        sure = sure & _before(e7, c7, e8, c8)
+    if L > 9:
+        sure = sure & _before(e8, c8, e9, c9)
+    return c0, c1, c2, c3, c4, c5, c6, c7, sure
 
 
 @triton.jit
@@ -394,15 +550,15 @@ def _select_packed(
     E: tl.constexpr, K: tl.constexpr, H: tl.constexpr, EH: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr,
     NEED_MS: tl.constexpr, STAGES: tl.constexpr, SHIFT: tl.constexpr,
+    EXACT_PACK: tl.constexpr,
 ):
-    """_select_rows with packed keys (see above). Returns (ids [BT] x 8, m [BT], s [BT], tie
-    [BT]): tie marks the real tokens whose list holds two neighbours with equal high bits (the
-    exact insertion must decide them)."""
-    L: tl.constexpr = K + 1
+    """_select_rows with packed keys (see above). Returns (ids [BT] x 8, m [BT], s [BT], unsure
+    [BT]: the real tokens the exact insertion must decide)."""
+    L: tl.constexpr = K if EXACT_PACK else K + 2
     EVEN: tl.constexpr = E == H * EH
     hcol = (tl.arange(0, H) * EH)[None, :]  # [1, H] first column of each thread group
     neg = tl.full([BT, H], _INT32_MIN, tl.int32)
-    p0, p1, p2, p3, p4, p5, p6, p7, p8 = neg, neg, neg, neg, neg, neg, neg, neg, neg
+    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = neg, neg, neg, neg, neg, neg, neg, neg, neg, neg
     m = tl.full([BT, H], -3.0e38, tl.float32)
     s = tl.zeros([BT, H], tl.float32)
     KEYS_FIRST: tl.constexpr = KEY_LOGITS or SIGMOID
@@ -417,8 +573,7 @@ def _select_packed(
             if KEYS_FIRST:
                 key = _packed_keys(x, col, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
                                    False, EVEN, SHIFT)
-                p0, p1, p2, p3, p4, p5, p6, p7, p8 = _push4(key, p0, p1, p2, p3, p4, p5, p6,
-                                                            p7, p8, L)
+                p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _push4(key, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
     if NEED_MS:  # combine the thread groups' statistics
         mt = tl.max(m, axis=1)
         s = tl.sum(s * tl.exp(m - mt[:, None]), axis=1)
@@ -434,8 +589,7 @@ def _select_packed(
             x = _load4(base, rmask, col[:, :, None], E, EVEN)
             key = _packed_keys(x, col, bias_ptr, mh, sh, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
                                True, EVEN, SHIFT)
-            p0, p1, p2, p3, p4, p5, p6, p7, p8 = _push4(key, p0, p1, p2, p3, p4, p5, p6, p7,
-                                                        p8, L)
+            p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _push4(key, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
     if H == 4:  # [BT, 4] -> [BT, 2, 2]: merge groups (0, 1) and (2, 3)
         p0, p1, p2 = (tl.reshape(p0, [BT, 2, 2]), tl.reshape(p1, [BT, 2, 2]),
                       tl.reshape(p2, [BT, 2, 2]))
@@ -443,35 +597,24 @@ def _select_packed(
                       tl.reshape(p5, [BT, 2, 2]))
         p6, p7, p8 = (tl.reshape(p6, [BT, 2, 2]), tl.reshape(p7, [BT, 2, 2]),
                       tl.reshape(p8, [BT, 2, 2]))
-        p0, p1, p2, p3, p4, p5, p6, p7, p8 = _merge_packed(p0, p1, p2, p3, p4, p5, p6, p7, p8,
-                                                           L)
+        p9 = tl.reshape(p9, [BT, 2, 2])
+        p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _merge_packed(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
     if H >= 2:
-        p0, p1, p2, p3, p4, p5, p6, p7, p8 = _merge_packed(p0, p1, p2, p3, p4, p5, p6, p7, p8,
-                                                           L)
+        p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _merge_packed(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
     else:
         p0, p1, p2 = tl.reshape(p0, [BT]), tl.reshape(p1, [BT]), tl.reshape(p2, [BT])
         p3, p4, p5 = tl.reshape(p3, [BT]), tl.reshape(p4, [BT]), tl.reshape(p5, [BT])
         p6, p7, p8 = tl.reshape(p6, [BT]), tl.reshape(p7, [BT]), tl.reshape(p8, [BT])
-    # neighbours 0..K: equal high bits (arithmetic shift) mean a possible wrong order / cut
-    tie = (p0 >> SHIFT) == (p1 >> SHIFT)
-    if K > 1:
-        tie = tie | ((p1 >> SHIFT) == (p2 >> SHIFT))
-    if K > 2:
-        tie = tie | ((p2 >> SHIFT) == (p3 >> SHIFT))
-    if K > 3:
-        tie = tie | ((p3 >> SHIFT) == (p4 >> SHIFT))
-    if K > 4:
-        tie = tie | ((p4 >> SHIFT) == (p5 >> SHIFT))
-    if K > 5:
-        tie = tie | ((p5 >> SHIFT) == (p6 >> SHIFT))
-    if K > 6:
-        tie = tie | ((p6 >> SHIFT) == (p7 >> SHIFT))
-    if K > 7:
-        tie = tie | ((p7 >> SHIFT) == (p8 >> SHIFT))
-    LOW: tl.constexpr = (1 << SHIFT) - 1
-    return (LOW - (p0 & LOW), LOW - (p1 & LOW), LOW - (p2 & LOW), LOW - (p3 & LOW),
-            LOW - (p4 & LOW), LOW - (p5 & LOW), LOW - (p6 & LOW), LOW - (p7 & LOW), m, s,
-            tie & rmask)
+        p9 = tl.reshape(p9, [BT])
+    if EXACT_PACK:  # nothing was cut: the packed order is the exact one
+        LOW: tl.constexpr = (1 << SHIFT) - 1
+        return (LOW - (p0 & LOW), LOW - (p1 & LOW), LOW - (p2 & LOW), LOW - (p3 & LOW),
+                LOW - (p4 & LOW), LOW - (p5 & LOW), LOW - (p6 & LOW), LOW - (p7 & LOW), m, s,
+                rmask != rmask)
+    i0, i1, i2, i3, i4, i5, i6, i7, sure = _finish(
+        base, rmask, bias_ptr, m, s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, K, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+        not KEYS_FIRST, SHIFT)
+    return i0, i1, i2, i3, i4, i5, i6, i7, m, s, rmask & (sure == 0)
 
 
 @triton.jit
@@ -618,6 +761,7 @@ def _select_rows_kernel(
     HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, NEED_MS: tl.constexpr,
     STAGES: tl.constexpr,  # software-pipelining stages of the column loop
     PACKED: tl.constexpr, SHIFT: tl.constexpr,  # packed-key selection, index bits
+    EXACT_PACK: tl.constexpr,  # the keys' low SHIFT bits are zero: packing cuts nothing
     TIE_CHECK: tl.constexpr,  # near ties go to the exact insertion (off only in a test)
     FUSED_PLAN: tl.constexpr,  # one tile holds every token: build the whole plan here
     CAPACITY: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -630,11 +774,11 @@ def _select_rows_kernel(
     rmask = rows < T
     base = logits_ptr + rows.to(tl.int64) * stride_t
     if PACKED:
-        i0, i1, i2, i3, i4, i5, i6, i7, m, s, tie = _select_packed(
+        i0, i1, i2, i3, i4, i5, i6, i7, m, s, unsure = _select_packed(
             base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS,
-            STAGES, SHIFT)
-        if TIE_CHECK:
-            if tl.max(tie.to(tl.int32), axis=0) != 0:  # near ties: the exact insertion decides
+            STAGES, SHIFT, EXACT_PACK)
+        if TIE_CHECK and not EXACT_PACK:
+            if tl.max(unsure.to(tl.int32), axis=0) != 0:  # the exact insertion decides
                 i0, i1, i2, i3, i4, i5, i6, i7, m, s = _select_rows(
                     base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, SOFTMAX_AFTER, RENORM,
                     HAS_BIAS, KEY_LOGITS, NEED_MS, STAGES)
