@@ -353,23 +353,32 @@ def _merge_packed(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L: tl.constexpr):
     a9, b9 = tl.split(p9)
     a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b0, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     if L > 1:
-        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b1, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(
+            b1, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     if L > 2:
-        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b2, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(
+            b2, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     if L > 3:
-        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b3, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(
+            b3, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     if L > 4:
-        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b4, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(
+            b4, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     if L > 5:
-        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b5, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(
+            b5, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     if L > 6:
-        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b6, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(
+            b6, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     if L > 7:
-        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b7, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(
+            b7, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     if L > 8:
-        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b8, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(
+            b8, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     if L > 9:
-        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b9, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(
+            b9, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     return a0, a1, a2, a3, a4, a5, a6, a7, a8, a9
 
 
@@ -438,9 +447,9 @@ def _before(ea, ia, eb, ib):
 
 
 @triton.jit
-def _finish(base, rmask, bias_ptr, m, s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, K: tl.constexpr, E: tl.constexpr,
-            SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr,
-            SOFTMAX_KEYS: tl.constexpr, SHIFT: tl.constexpr):
+def _finish(base, rmask, bias_ptr, m, s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9,
+            K: tl.constexpr, E: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+            KEY_LOGITS: tl.constexpr, SOFTMAX_KEYS: tl.constexpr, SHIFT: tl.constexpr):
     """The exact top-K columns of the packed top-(K + 2) p0.. [BT] (see the section comment).
     Returns (columns [BT] x 8, best first; sure [BT])."""
     L: tl.constexpr = K + 2
@@ -573,7 +582,8 @@ def _select_packed(
             if KEYS_FIRST:
                 key = _packed_keys(x, col, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
                                    False, EVEN, SHIFT)
-                p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _push4(key, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
+                p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _push4(
+                    key, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
     if NEED_MS:  # combine the thread groups' statistics
         mt = tl.max(m, axis=1)
         s = tl.sum(s * tl.exp(m - mt[:, None]), axis=1)
@@ -589,7 +599,8 @@ def _select_packed(
             x = _load4(base, rmask, col[:, :, None], E, EVEN)
             key = _packed_keys(x, col, bias_ptr, mh, sh, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
                                True, EVEN, SHIFT)
-            p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _push4(key, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
+            p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _push4(
+                key, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
     if H == 4:  # [BT, 4] -> [BT, 2, 2]: merge groups (0, 1) and (2, 3)
         p0, p1, p2 = (tl.reshape(p0, [BT, 2, 2]), tl.reshape(p1, [BT, 2, 2]),
                       tl.reshape(p2, [BT, 2, 2]))
@@ -598,9 +609,11 @@ def _select_packed(
         p6, p7, p8 = (tl.reshape(p6, [BT, 2, 2]), tl.reshape(p7, [BT, 2, 2]),
                       tl.reshape(p8, [BT, 2, 2]))
         p9 = tl.reshape(p9, [BT, 2, 2])
-        p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _merge_packed(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
+        p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _merge_packed(
+            p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
     if H >= 2:
-        p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _merge_packed(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
+        p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _merge_packed(
+            p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
     else:
         p0, p1, p2 = tl.reshape(p0, [BT]), tl.reshape(p1, [BT]), tl.reshape(p2, [BT])
         p3, p4, p5 = tl.reshape(p3, [BT]), tl.reshape(p4, [BT]), tl.reshape(p5, [BT])
@@ -612,7 +625,8 @@ def _select_packed(
                 LOW - (p4 & LOW), LOW - (p5 & LOW), LOW - (p6 & LOW), LOW - (p7 & LOW), m, s,
                 rmask != rmask)
     i0, i1, i2, i3, i4, i5, i6, i7, sure = _finish(
-        base, rmask, bias_ptr, m, s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, K, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+        base, rmask, bias_ptr, m, s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, K, E, SIGMOID,
+        HAS_BIAS, KEY_LOGITS,
         not KEYS_FIRST, SHIFT)
     return i0, i1, i2, i3, i4, i5, i6, i7, m, s, rmask & (sure == 0)
 

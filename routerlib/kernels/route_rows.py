@@ -157,7 +157,8 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
         STAGES=_stages(), PACKED=packed, SHIFT=max(1, (H * EH - 1).bit_length()),
         TIE_CHECK=_TIE_CHECK, FUSED_PLAN=fused,
         # bf16/fp16 logits as the keys: their fp32 low 13 bits are zero, packing cuts nothing
-        EXACT_PACK=bias is None and logits.dtype != torch.float32, CAPACITY=capacity, PAD=pad, BLOCK_R=block_r,
+        EXACT_PACK=bias is None and logits.dtype != torch.float32,
+        CAPACITY=capacity, PAD=pad, BLOCK_R=block_r,
         num_warps=num_warps)
     if not fused:
         if not sum_tiles:
