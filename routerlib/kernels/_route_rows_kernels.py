@@ -421,24 +421,25 @@ def _packed_keys(x, col, bias_ptr, m, s, E: tl.constexpr, SIGMOID: tl.constexpr,
 def _exact(p, base, rmask, bias_ptr, m, s, E: tl.constexpr, SIGMOID: tl.constexpr,
            HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, SOFTMAX_KEYS: tl.constexpr,
            SHIFT: tl.constexpr):
-    """(exact sortable key, column) of the packed entries p [BT]: the logit gathered again and
-    its key recomputed. Empty entries (INT32_MIN) get (INT32_MIN, 2^30): last in any order."""
+    """(exact sortable key, column, logit) of the packed entries p [BT]: the logit gathered
+    again and its key recomputed. Empty entries (INT32_MIN) get (INT32_MIN, 2^30, 0): last in
+    any order."""
     LOW: tl.constexpr = (1 << SHIFT) - 1
     real = p != _INT32_MIN
     col = tl.where(real, LOW - (p & LOW), 0)
     x = tl.load(base + col, mask=rmask & real, other=0.0).to(tl.float32)
     key = _sortable(_key_of(x, col, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
                             SOFTMAX_KEYS, True))
-    return tl.where(real, key, _INT32_MIN), tl.where(real, col, 1 << 30)
+    return tl.where(real, key, _INT32_MIN), tl.where(real, col, 1 << 30), x
 
 
 @triton.jit
-def _ce(ea, ia, eb, ib):
-    """Compare-exchange of two (key, column) entries: the better (higher key, then lower
+def _ce(ea, ia, xa, eb, ib, xb):
+    """Compare-exchange of two (key, column, logit) entries: the better (higher key, then lower
     column) first."""
     a_first = (ea > eb) | ((ea == eb) & (ia < ib))
-    return (tl.where(a_first, ea, eb), tl.where(a_first, ia, ib), tl.where(a_first, eb, ea),
-            tl.where(a_first, ib, ia))
+    return (tl.where(a_first, ea, eb), tl.where(a_first, ia, ib), tl.where(a_first, xa, xb),
+            tl.where(a_first, eb, ea), tl.where(a_first, ib, ia), tl.where(a_first, xb, xa))
 
 
 @triton.jit
@@ -451,37 +452,38 @@ def _finish(base, rmask, bias_ptr, m, s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9,
             K: tl.constexpr, E: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
             KEY_LOGITS: tl.constexpr, SOFTMAX_KEYS: tl.constexpr, SHIFT: tl.constexpr):
     """The exact top-K columns of the packed top-(K + 2) p0.. [BT] (see the section comment).
-    Returns (columns [BT] x 8, best first; sure [BT])."""
+    Returns (columns [BT] x 8, best first; their logits [BT] x 8; sure [BT])."""
     L: tl.constexpr = K + 2
-    e0, c0 = _exact(p0, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+    e0, c0, x0 = _exact(p0, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
                     SOFTMAX_KEYS, SHIFT)
-    e1, c1 = _exact(p1, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+    e1, c1, x1 = _exact(p1, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
                     SOFTMAX_KEYS, SHIFT)
-    e2, c2, e3, c3, e4, c4, e5, c5 = e1, c1, e1, c1, e1, c1, e1, c1
-    e6, c6, e7, c7, e8, c8, e9, c9 = e1, c1, e1, c1, e1, c1, e1, c1
+    e2, c2, x2, e3, c3, x3, e4, c4, x4 = e1, c1, x1, e1, c1, x1, e1, c1, x1
+    e5, c5, x5, e6, c6, x6, e7, c7, x7 = e1, c1, x1, e1, c1, x1, e1, c1, x1
+    e8, c8, x8, e9, c9, x9 = e1, c1, x1, e1, c1, x1
     if L > 2:
-        e2, c2 = _exact(p2, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+        e2, c2, x2 = _exact(p2, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
                         SOFTMAX_KEYS, SHIFT)
     if L > 3:
-        e3, c3 = _exact(p3, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+        e3, c3, x3 = _exact(p3, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
                         SOFTMAX_KEYS, SHIFT)
     if L > 4:
-        e4, c4 = _exact(p4, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+        e4, c4, x4 = _exact(p4, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
                         SOFTMAX_KEYS, SHIFT)
     if L > 5:
-        e5, c5 = _exact(p5, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+        e5, c5, x5 = _exact(p5, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
                         SOFTMAX_KEYS, SHIFT)
     if L > 6:
-        e6, c6 = _exact(p6, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+        e6, c6, x6 = _exact(p6, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
                         SOFTMAX_KEYS, SHIFT)
     if L > 7:
-        e7, c7 = _exact(p7, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+        e7, c7, x7 = _exact(p7, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
                         SOFTMAX_KEYS, SHIFT)
     if L > 8:
-        e8, c8 = _exact(p8, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+        e8, c8, x8 = _exact(p8, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
                         SOFTMAX_KEYS, SHIFT)
     if L > 9:
-        e9, c9 = _exact(p9, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+        e9, c9, x9 = _exact(p9, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
                         SOFTMAX_KEYS, SHIFT)
     # sure of the set: the first K packed entries beat every key outside the list
     if K == 1:
@@ -518,22 +520,22 @@ def _finish(base, rmask, bias_ptr, m, s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9,
         pl = p9
     sure = (pl >> SHIFT) < (pk >> SHIFT)
     for _ in tl.static_range(2):  # 4 passes (even, odd, even, odd): any run of <= 4 sorts
-        e0, c0, e1, c1 = _ce(e0, c0, e1, c1)
+        e0, c0, x0, e1, c1, x1 = _ce(e0, c0, x0, e1, c1, x1)
         if L > 3:
-            e2, c2, e3, c3 = _ce(e2, c2, e3, c3)
+            e2, c2, x2, e3, c3, x3 = _ce(e2, c2, x2, e3, c3, x3)
         if L > 5:
-            e4, c4, e5, c5 = _ce(e4, c4, e5, c5)
+            e4, c4, x4, e5, c5, x5 = _ce(e4, c4, x4, e5, c5, x5)
         if L > 7:
-            e6, c6, e7, c7 = _ce(e6, c6, e7, c7)
+            e6, c6, x6, e7, c7, x7 = _ce(e6, c6, x6, e7, c7, x7)
         if L > 9:
-            e8, c8, e9, c9 = _ce(e8, c8, e9, c9)
-        e1, c1, e2, c2 = _ce(e1, c1, e2, c2)
+            e8, c8, x8, e9, c9, x9 = _ce(e8, c8, x8, e9, c9, x9)
+        e1, c1, x1, e2, c2, x2 = _ce(e1, c1, x1, e2, c2, x2)
         if L > 4:
-            e3, c3, e4, c4 = _ce(e3, c3, e4, c4)
+            e3, c3, x3, e4, c4, x4 = _ce(e3, c3, x3, e4, c4, x4)
         if L > 6:
-            e5, c5, e6, c6 = _ce(e5, c5, e6, c6)
+            e5, c5, x5, e6, c6, x6 = _ce(e5, c5, x5, e6, c6, x6)
         if L > 8:
-            e7, c7, e8, c8 = _ce(e7, c7, e8, c8)
+            e7, c7, x7, e8, c8, x8 = _ce(e7, c7, x7, e8, c8, x8)
     # sure of the order: the list came out sorted
     sure = sure & _before(e0, c0, e1, c1) & _before(e1, c1, e2, c2)
     if L > 3:
@@ -550,7 +552,7 @@ def _finish(base, rmask, bias_ptr, m, s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9,
         sure = sure & _before(e7, c7, e8, c8)
     if L > 9:
         sure = sure & _before(e8, c8, e9, c9)
-    return c0, c1, c2, c3, c4, c5, c6, c7, sure
+    return c0, c1, c2, c3, c4, c5, c6, c7, x0, x1, x2, x3, x4, x5, x6, x7, sure
 
 
 @triton.jit
@@ -561,8 +563,9 @@ def _select_packed(
     NEED_MS: tl.constexpr, STAGES: tl.constexpr, SHIFT: tl.constexpr,
     EXACT_PACK: tl.constexpr,
 ):
-    """_select_rows with packed keys (see above). Returns (ids [BT] x 8, m [BT], s [BT], unsure
-    [BT]: the real tokens the exact insertion must decide)."""
+    """_select_rows with packed keys (see above). Returns (ids [BT] x 8, their logits [BT] x 8
+    (gathered by the finishing; zeros with EXACT_PACK), m [BT], s [BT], unsure [BT]: the real
+    tokens the exact insertion must decide)."""
     L: tl.constexpr = K if EXACT_PACK else K + 2
     EVEN: tl.constexpr = E == H * EH
     hcol = (tl.arange(0, H) * EH)[None, :]  # [1, H] first column of each thread group
@@ -621,14 +624,16 @@ def _select_packed(
         p9 = tl.reshape(p9, [BT])
     if EXACT_PACK:  # nothing was cut: the packed order is the exact one
         LOW: tl.constexpr = (1 << SHIFT) - 1
+        nil = tl.zeros([BT], tl.float32)  # the logits: gathered by the caller
         return (LOW - (p0 & LOW), LOW - (p1 & LOW), LOW - (p2 & LOW), LOW - (p3 & LOW),
-                LOW - (p4 & LOW), LOW - (p5 & LOW), LOW - (p6 & LOW), LOW - (p7 & LOW), m, s,
-                rmask != rmask)
-    i0, i1, i2, i3, i4, i5, i6, i7, sure = _finish(
+                LOW - (p4 & LOW), LOW - (p5 & LOW), LOW - (p6 & LOW), LOW - (p7 & LOW),
+                nil, nil, nil, nil, nil, nil, nil, nil, m, s, rmask != rmask)
+    i0, i1, i2, i3, i4, i5, i6, i7, x0, x1, x2, x3, x4, x5, x6, x7, sure = _finish(
         base, rmask, bias_ptr, m, s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, K, E, SIGMOID,
         HAS_BIAS, KEY_LOGITS,
         not KEYS_FIRST, SHIFT)
-    return i0, i1, i2, i3, i4, i5, i6, i7, m, s, rmask & (sure == 0)
+    return (i0, i1, i2, i3, i4, i5, i6, i7, x0, x1, x2, x3, x4, x5, x6, x7, m, s,
+            rmask & (sure == 0))
 
 
 @triton.jit
@@ -787,24 +792,31 @@ def _select_rows_kernel(
     rows = pid * BT + tl.arange(0, BT)
     rmask = rows < T
     base = logits_ptr + rows.to(tl.int64) * stride_t
+    kc = tl.arange(0, KP)[None, :]
+    valid = rmask[:, None] & (kc < K)
+    slot = rows.to(tl.int64)[:, None] * K + kc
     if PACKED:
-        i0, i1, i2, i3, i4, i5, i6, i7, m, s, unsure = _select_packed(
-            base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS,
-            STAGES, SHIFT, EXACT_PACK)
-        if TIE_CHECK and not EXACT_PACK:
-            if tl.max(unsure.to(tl.int32), axis=0) != 0:  # the exact insertion decides
-                i0, i1, i2, i3, i4, i5, i6, i7, m, s = _select_rows(
-                    base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, SOFTMAX_AFTER, RENORM,
-                    HAS_BIAS, KEY_LOGITS, NEED_MS, STAGES)
+        (i0, i1, i2, i3, i4, i5, i6, i7, x0, x1, x2, x3, x4, x5, x6, x7, m, s,
+         unsure) = _select_packed(base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, HAS_BIAS,
+                                  KEY_LOGITS, NEED_MS, STAGES, SHIFT, EXACT_PACK)
+        I = tl.where(valid, _stack(i0, i1, i2, i3, i4, i5, i6, i7, KP), 0)  # [BT, KP]
+        if EXACT_PACK:
+            xs = tl.load(base[:, None] + I, mask=valid, other=0.0).to(tl.float32)
+        else:  # the finishing gathered the selected logits
+            xs = _stack(x0, x1, x2, x3, x4, x5, x6, x7, KP)
+            if TIE_CHECK:
+                if tl.max(unsure.to(tl.int32), axis=0) != 0:  # the exact insertion decides
+                    i0, i1, i2, i3, i4, i5, i6, i7, m, s = _select_rows(
+                        base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, SOFTMAX_AFTER, RENORM,
+                        HAS_BIAS, KEY_LOGITS, NEED_MS, STAGES)
+                    I = tl.where(valid, _stack(i0, i1, i2, i3, i4, i5, i6, i7, KP), 0)
+                    xs = tl.load(base[:, None] + I, mask=valid, other=0.0).to(tl.float32)
     else:
         i0, i1, i2, i3, i4, i5, i6, i7, m, s = _select_rows(
             base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, SOFTMAX_AFTER, RENORM, HAS_BIAS,
             KEY_LOGITS, NEED_MS, STAGES)
-    kc = tl.arange(0, KP)[None, :]
-    valid = rmask[:, None] & (kc < K)
-    I = tl.where(valid, _stack(i0, i1, i2, i3, i4, i5, i6, i7, KP), 0)  # [BT, KP]
-    slot = rows.to(tl.int64)[:, None] * K + kc
-    xs = tl.load(base[:, None] + I, mask=valid, other=0.0).to(tl.float32)
+        I = tl.where(valid, _stack(i0, i1, i2, i3, i4, i5, i6, i7, KP), 0)  # [BT, KP]
+        xs = tl.load(base[:, None] + I, mask=valid, other=0.0).to(tl.float32)
     tl.store(ids_ptr + slot, I, mask=valid)
     tl.store(weights_ptr + slot, _weights(xs, valid, m, s, scale, SIGMOID, SOFTMAX_AFTER,
                                           RENORM, NEED_MS), mask=valid)
