@@ -27,10 +27,11 @@ def main() -> None:
     ap.add_argument("--T", type=int, default=16384)
     ap.add_argument("--E", type=int, default=128)
     ap.add_argument("--K", type=int, default=8)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--profile", action="store_true", help="6 routes, no timing (for ncu)")
     args = ap.parse_args()
     cfg = RouterConfig(num_experts=args.E, top_k=args.K, renormalize=True, check_finite=False)
-    logits = torch.randn(args.T, args.E, device="cuda") * 2
+    logits = (torch.randn(args.T, args.E, device="cuda") * 2).to(getattr(torch, args.dtype))
     with torch.no_grad():
         if args.profile:
             for _ in range(6):
@@ -41,7 +42,7 @@ def main() -> None:
                          ref.build_plan(ref.select(logits, cfg), cfg).slot_to_row)
         us = bench_cuda_graph(lambda: route(logits, cfg)).median_us
     knobs = {k: v for k, v in os.environ.items() if k.startswith("ROUTERLIB_")}
-    print(f"T={args.T} E={args.E} K={args.K} {knobs} graph {us:.2f} us ok={ok}")
+    print(f"T={args.T} E={args.E} K={args.K} {args.dtype} {knobs} graph {us:.2f} us ok={ok}")
 
 
 if __name__ == "__main__":

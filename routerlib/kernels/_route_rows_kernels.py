@@ -199,7 +199,7 @@ def _select_rows(
     E: tl.constexpr, K: tl.constexpr, H: tl.constexpr, EH: tl.constexpr,
     SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.constexpr, RENORM: tl.constexpr,
     HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, NEED_MS: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, UNROLL: tl.constexpr = 4,
 ):
     """Top-K of the tokens whose logits rows start at `base` [BT] (row pointers). Thread group
     h of a token scans columns [h*EH, (h+1)*EH) (EH a multiple of 16). Returns (ids [BT] x 8, m
@@ -213,26 +213,34 @@ def _select_rows(
     m = tl.full([BT, H], -3.0e38, tl.float32)  # finite: exp(m - m_new) stays a number
     s = tl.zeros([BT, H], tl.float32)
     KEYS_FIRST: tl.constexpr = KEY_LOGITS or SIGMOID  # keys need no softmax normaliser
-    # 16 columns per step (four 16-byte loads in flight) and the next step's loads issued while
-    # this one computes (tl.range stages): the loop is bound by load latency otherwise
-    for c in tl.range(0, EH, 16, num_stages=STAGES):
-        col = hcol + c
-        x0 = _load4(base, rmask, col[:, :, None], E)
-        x1 = _load4(base, rmask, col[:, :, None] + 4, E)
-        x2 = _load4(base, rmask, col[:, :, None] + 8, E)
-        x3 = _load4(base, rmask, col[:, :, None] + 12, E)
-        m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
-            x0, col, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7,
-            i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
-        m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
-            x1, col + 4, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6,
-            k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
-        m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
-            x2, col + 8, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6,
-            k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
-        m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
-            x3, col + 12, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6,
-            k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
+    if UNROLL == 1:  # the packed path's rare fallback: small code, 4 columns a step
+        for c in range(0, EH, 4):
+            col = hcol + c
+            x = _load4(base, rmask, col[:, :, None], E)
+            m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
+                x, col, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6,
+                i6, k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
+    else:
+        # 16 columns per step (four 16-byte loads in flight) and the next step's loads issued while
+        # this one computes (tl.range stages): the loop is bound by load latency otherwise
+        for c in tl.range(0, EH, 16, num_stages=STAGES):
+            col = hcol + c
+            x0 = _load4(base, rmask, col[:, :, None], E)
+            x1 = _load4(base, rmask, col[:, :, None] + 4, E)
+            x2 = _load4(base, rmask, col[:, :, None] + 8, E)
+            x3 = _load4(base, rmask, col[:, :, None] + 12, E)
+            m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
+                x0, col, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7,
+                i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
+            m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
+                x1, col + 4, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6,
+                k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
+            m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
+                x2, col + 8, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6,
+                k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
+            m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
+                x3, col + 12, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6,
+                i6, k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
     if NEED_MS:  # combine the thread groups' statistics
         mt = tl.max(m, axis=1)
         s = tl.sum(s * tl.exp(m - mt[:, None]), axis=1)
@@ -808,7 +816,7 @@ def _select_rows_kernel(
                 if tl.max(unsure.to(tl.int32), axis=0) != 0:  # the exact insertion decides
                     i0, i1, i2, i3, i4, i5, i6, i7, m, s = _select_rows(
                         base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, SOFTMAX_AFTER, RENORM,
-                        HAS_BIAS, KEY_LOGITS, NEED_MS, STAGES)
+                        HAS_BIAS, KEY_LOGITS, NEED_MS, 1, 1)
                     I = tl.where(valid, _stack(i0, i1, i2, i3, i4, i5, i6, i7, KP), 0)
                     xs = tl.load(base[:, None] + I, mask=valid, other=0.0).to(tl.float32)
     else:
