@@ -60,14 +60,22 @@ def main() -> None:
     # counts: T=64 and E=13), three (a scan launch: T=1000 E=128), capacity and padding
     from routerlib.kernels.route_rows import route_rows
 
-    for T, cfg in ((64, RouterConfig(num_experts=64, top_k=8, capacity_factor=1.0)),
-                   (1000, RouterConfig(num_experts=128, top_k=8, capacity_factor=1.0)),
-                   (1000, RouterConfig(num_experts=13, top_k=3, pad_to_multiple=8,
-                                       renormalize=True))):
-        logits = torch.randn(T, cfg.num_experts, device="cuda", dtype=torch.bfloat16)
-        _, plan = route_rows(logits, cfg)
-        want = ref.build_plan(ref.select(logits, cfg), cfg)
-        assert torch.equal(plan.row_to_slot, want.row_to_slot), "row-wise route plan differs"
+    # each with the exact insertion and with packed keys (fp32: the exact finishing, and its
+    # fallback on the rows of equal values; bf16: packed exactly)
+    import os
+
+    for packed, dtype in (("0", torch.bfloat16), ("1", torch.bfloat16), ("1", torch.float32)):
+        os.environ["ROUTERLIB_ROWS_PACKED"] = packed
+        for T, cfg in ((64, RouterConfig(num_experts=64, top_k=8, capacity_factor=1.0)),
+                       (1000, RouterConfig(num_experts=128, top_k=8, capacity_factor=1.0)),
+                       (1000, RouterConfig(num_experts=13, top_k=3, pad_to_multiple=8,
+                                           renormalize=True))):
+            logits = torch.randn(T, cfg.num_experts, device="cuda", dtype=dtype)
+            logits[::97] = 0.5  # rows of ties
+            _, plan = route_rows(logits, cfg)
+            want = ref.build_plan(ref.select(logits, cfg), cfg)
+            assert torch.equal(plan.row_to_slot, want.row_to_slot), "row-wise route differs"
+    del os.environ["ROUTERLIB_ROWS_PACKED"]
     print("sanitize_kernels: all kernels ran and matched the reference")
 
 

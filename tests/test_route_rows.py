@@ -60,7 +60,9 @@ def check(T, E, K, kw, device, dtype=torch.float32, seed=0):
 
 @pytest.mark.parametrize("T,E,K,kw", CASES)
 @pytest.mark.parametrize("split", [None, "1,1", "2,2", "4,1"])
-def test_route_rows_equals_reference(T, E, K, kw, split, device, poisoned, monkeypatch):
+@pytest.mark.parametrize("packed", ["0", "1"])  # the exact insertion / packed keys
+def test_route_rows_equals_reference(T, E, K, kw, split, packed, device, poisoned, monkeypatch):
+    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", packed)
     if split:
         monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
     check(T, E, K, kw, device)
@@ -76,7 +78,9 @@ def test_route_rows_scan_launch(T, E, K, kw, device, poisoned, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_route_rows_low_precision_logits(dtype, device, poisoned):
+@pytest.mark.parametrize("packed", ["0", "1"])  # packed: bf16/fp16 keys pack exactly
+def test_route_rows_low_precision_logits(dtype, packed, device, poisoned, monkeypatch):
+    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", packed)
     check(200, 24, 4, dict(capacity_factor=1.25), device, dtype)  # many exact ties in bf16
 
 
@@ -97,6 +101,7 @@ def test_route_rows_random_configs(cfg, T, split, seed, device, monkeypatch):
 def test_packed_selection_alone(T, E, K, kw, split, device, poisoned, monkeypatch):
     """The packed-key selection by itself (no exact fallback) on continuous logits (no near
     ties): the fallback must not be what makes the route correct."""
+    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "1")
     monkeypatch.setattr(route_rows, "_TIE_CHECK", False)
     monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
     cfg = RouterConfig(num_experts=E, top_k=K, **kw)
@@ -125,6 +130,7 @@ def near_tie_logits(T: int, E: int, cols: list[int], device) -> torch.Tensor:
 def test_near_ties_are_finished_exactly(K, split, device, poisoned, monkeypatch):
     """A run of r <= 4 merged keys at the top, r <= K + 1 (the run ends inside the K + 2
     packed best): the exact finishing sort orders it, no fallback needed (the check is off)."""
+    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "1")
     monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
     monkeypatch.setattr(route_rows, "_TIE_CHECK", False)
     cfg = RouterConfig(num_experts=24, top_k=K)
@@ -140,6 +146,7 @@ def test_near_ties_past_the_list_take_the_exact_insertion(split, device, poisone
                                                           monkeypatch):
     """Five merged keys with K = 2: the K + 2 = 4 packed best are the four lowest columns, the
     best key lies outside the list: only the exact insertion finds it."""
+    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "1")
     monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
     cfg = RouterConfig(num_experts=24, top_k=2)
     cols = [3, 10, 15, 20, 22]
@@ -180,6 +187,17 @@ def test_route_takes_it_for_inference_only(monkeypatch, device):
     assert not route_rows.applies(logits.clone().requires_grad_(), cfg, need_stats=False)
 
 
+def test_packed_where_it_measured_faster(monkeypatch):
+    monkeypatch.delenv("ROUTERLIB_ROWS_PACKED", raising=False)
+    assert route_rows._packed(1, 16384) and route_rows._packed(1, 2000)
+    assert not route_rows._packed(1, 65536) and not route_rows._packed(4, 64)
+    assert not route_rows._packed(2, 16384)
+    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "1")
+    assert route_rows._packed(4, 64)
+    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "0")
+    assert not route_rows._packed(1, 16384)
+
+
 def test_rows_config_pin_is_validated(monkeypatch):
     monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", "2,8")  # 128 tokens a tile: fine
     assert route_rows.rows_config(128, 10_000, 8) == (2, 8, 128)
@@ -209,3 +227,16 @@ def test_rows_config_pin_is_validated(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_route_rows_full_size(T, E, K, kw, dtype, device, poisoned):
     check(T, E, K, kw, device, dtype, seed=T + E)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,E,K,kw", [
+    (65536, 128, 8, dict(renormalize=True)),
+    (4099, 512, 4, dict(capacity_factor=1.0)),
+    (3000, 100, 6, dict(capacity_factor=1.25, expert_bias=True)),  # softmax + bias: two passes
+    (16384, 256, 8, dict(score_func="sigmoid", expert_bias=True, renormalize=True)),
+])
+def test_route_rows_full_size_packed(T, E, K, kw, device, poisoned, monkeypatch):
+    """The packed keys forced on where the default leaves them off."""
+    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "1")
+    check(T, E, K, kw, device, seed=T + E + 1)

@@ -105,6 +105,19 @@ def _stages() -> int:
     return int(os.environ.get("ROUTERLIB_ROWS_STAGES", "3"))
 
 
+def _packed(h: int, num_tokens: int) -> bool:
+    """Packed-key selection (see _route_rows_kernels) where it measured faster: one thread a
+    token, up to 16k tokens. Same-run A/B on an H100 (results/h100/ab_packed_2c62426.txt,
+    CUDA graph, E=128 K=8): T=4096 20.8 vs 22.6 us, T=16384 24.2 vs 26.3 us (bf16 logits 22.1
+    vs 24.7); slower at T=65536 (66.7 vs 65.5), with 4 threads a token (T=64: 12.9 vs 11.9) and
+    at E=256 (2 threads, 51.1 vs 41.6: instruction-cache stalls, ncu). ROUTERLIB_ROWS_PACKED=1
+    or 0 forces it on or off."""
+    pinned = os.environ.get("ROUTERLIB_ROWS_PACKED")
+    if pinned is not None:
+        return pinned != "0"
+    return h == 1 and num_tokens <= 16384
+
+
 def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None
                ) -> tuple[Selection, RoutingPlan]:
     """The fast route; the caller checks `applies` (and validated the inputs). Loss sums are not
@@ -145,7 +158,7 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
     key_logits = softmax_after or bias is None
     block_r = max(16, min(1024, 8192 // block_e))
     capacity, pad = C is not None, cfg.pad_to_multiple
-    packed = os.environ.get("ROUTERLIB_ROWS_PACKED", "1") != "0"
+    packed = _packed(H, T)
     _select_rows_kernel[(NT,)](
         logits, bias if bias is not None else logits, ids, weights, hist,
         counts, kept, offsets, slot_to_row, row_to_slot,
