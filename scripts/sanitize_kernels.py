@@ -62,8 +62,6 @@ def main() -> None:
 
     # each with the exact insertion and with packed keys (fp32: the exact finishing, and its
     # fallback on the rows of equal values; bf16: packed exactly)
-    import os
-
     for packed, dtype in (("0", torch.bfloat16), ("1", torch.bfloat16), ("1", torch.float32)):
         os.environ["ROUTERLIB_ROWS_PACKED"] = packed
         for T, cfg in ((64, RouterConfig(num_experts=64, top_k=8, capacity_factor=1.0)),
