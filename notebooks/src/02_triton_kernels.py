@@ -231,9 +231,11 @@ bw.round(2)
 # %% [markdown]
 # ### The Triton backend over the standard configurations (`kernels_triton.csv`)
 #
-# `python -m routerlib.bench --backends triton --cuda-graph` at decode and prefill sizes
-# (commit 1d3dbd6; the step's time limit stopped it after Qwen3 T = 16384, so DeepSeek-V3,
-# Switch and T = 65536 are missing). Left: time per call against T, eager and in a CUDA graph,
+# `python -m routerlib.bench --backends triton --cuda-graph` at decode and prefill sizes:
+# Mixtral, OLMoE and Qwen3 up to T = 16384 at commit 1d3dbd6 (the step's time limit stopped it
+# there: Qwen3 T = 65536 is missing), DeepSeek-V3 and Switch at ba899a1
+# (`kernels_triton_deepseek_switch.csv`; DeepSeek-V3's group limit takes the general path).
+# Left: time per call against T, eager and in a CUDA graph,
 # with the graph floor (a one-kernel graph) in red: below ~1k tokens the route sits 1–11 µs
 # above it. Right: achieved bandwidth against the copy roof — combine reaches ~80% of it at
 # T = 4096 and 95–99% from T = 16384 on; the route moves few bytes and is latency-bound at
@@ -242,7 +244,8 @@ bw.round(2)
 # %%
 from routerlib import viz  # noqa: E402
 
-kt = pd.read_csv(RESULTS / "kernels_triton.csv")
+kt = pd.concat([pd.read_csv(RESULTS / "kernels_triton.csv"),
+                pd.read_csv(RESULTS / "kernels_triton_deepseek_switch.csv")], ignore_index=True)
 floor = json.loads((RESULTS / "kernels_triton.json").read_text())["roofs"]["graph_us"]
 for stage in ("route", "combine"):
     fig = viz.plot_bench(kt, stage=stage, floor_us=floor,
@@ -307,7 +310,19 @@ for T in sorted(t["T"].unique(), reverse=True):
 #    so that Triton puts the tokens on the lanes and a token's words in its registers (the
 #    transposed table made every thread hold every token's ids: ptxas spilled 5.9 KB a thread).
 #    The tile's counts are the table's row sums. The in-tile ranks go to slot_to_row, the counts
-#    to a [tiles, E] table.
+#    to a [tiles, E] table. **Packed keys** (the default with one thread a token up to 16k
+#    tokens): the sortable int32 key's low SHIFT bits (SHIFT = bits of the largest column index)
+#    give way to the column's complement, so one int32 orders by key, then lower index, and is
+#    unique; an insertion is then a max/min pair per list entry (`p_j = max(p_j, min(x,
+#    p_{j-1}))`) instead of a compare and four selects, and no index registers are needed.
+#    Cutting low bits can merge keys closer than ~2^-16 relative into a tie the index decides, so
+#    the list keeps K + 2 entries and is *finished exactly*: their logits are gathered again
+#    (from L1/L2; the weights reuse them), four odd-even transposition passes sort them by the
+#    exact key, and a token is sure when the result is sorted and the K-th packed entry's high
+#    bits beat the last one's. A tile with an unsure token (≥ 3 merged keys at the cut: never
+#    seen on random fp32 logits, always on rows of equal fp32 values) is selected again by the
+#    exact insertion. bf16/fp16 logits as keys have zero low bits in fp32: they pack exactly
+#    and skip the finishing.
 # 2. `_scan_tiles_kernel` — exclusive scan of the tile counts down the tiles (O(NT·E), ≥ 16
 #    programs). With few tiles (tiles × experts ≤ 4096: decode sizes) there is no scan launch:
 #    every place program loads the [tiles, E] counts into registers and scans them itself
@@ -353,11 +368,13 @@ pd.DataFrame([{"case": c["case"], **{k.strip("_").replace("_kernel", ""): v
                "one torch.empty": c["empty_alloc_us"]} for c in bd["cases"]]).round(1)
 
 # %% [markdown]
-# At T = 16384 the three kernels take 13.7 + 3.0 + 4.0 µs of device time; the graph adds its
-# floor (4.8 µs) and ~1 µs between kernels: 26 µs. Eager, ~75 µs of the ~160 µs are Python and
-# ten `torch.empty` calls (~5 µs each on this host) and the rest is three Triton launches
-# (~30 µs each: `JITFunction.run`, specialization, the driver's launcher; the cProfile is in the
-# JSON, `host_profile`).
+# At T = 16384 the three kernels take 11.4 + 3.0 + 4.0 µs of device time (select 13.7 µs
+# before the packed keys, `route_breakdown_1d3dbd6.json`); the graph adds its floor (4.9 µs)
+# and ~1 µs between kernels: 24.2 µs. Eager is host-bound and varies with the lent machine: at
+# 1d3dbd6 ~75 µs of ~160 µs were Python and ten `torch.empty` calls (~5 µs each) and the rest
+# three Triton launches (~30 µs each: `JITFunction.run`, specialization, the driver's launcher;
+# the cProfile is in the JSON, `host_profile`); the ba899a1 host was slower (a `torch.empty`
+# ~10 µs, the launch roof 9.8 µs against 7.3 µs).
 #
 # ### Its launch configs (sweep of the current kernels: H200, `../h200/tune_route_84e5f4f.csv`)
 #
@@ -388,6 +405,16 @@ res.groupby("kernel")[["n_regs", "n_spills"]].describe().round(0)
 #   a token, 1 warp: T = 64 11.7 µs, T = 256 15.4 µs on the H200). Three software-pipelining
 #   stages of the column loop beat two on the H100 (26.1 vs 28.9 µs at T = 16384, 65.5 vs
 #   72.2 µs at T = 65536, `stages_1d3dbd6.txt`): the default.
+# * **Packed keys** (same-run A/B on the H100, `ab_packed_2c62426.txt`, route in a CUDA graph,
+#   E = 128, K = 8): T = 4096 20.8 vs 22.6 µs, T = 16384 24.2 vs 26.3 µs (bf16 logits: 22.1 vs
+#   24.7), so they are the default with one thread a token up to 16k tokens; slower at
+#   T = 65536 (66.7 vs 65.5), with 4 threads a token (T = 64: 12.9 vs 11.9) and at E = 256
+#   (2 threads, 4 warps: 51.1 vs 41.6 µs; Nsight Compute, `ncu_e256_*_0198a91.txt`: 38% of the
+#   cycles between instructions wait on instruction fetch, the kernel holds both selections and
+#   the finishing). The packed loop alone (no finishing, wrong on near ties) took 23.0 µs: the
+#   exact finishing costs ~1 µs, one L2 round trip. The first version re-ran the exact
+#   selection for a whole tile whenever two neighbours shared their high bits (1–7% of tiles on
+#   random logits): one such tile sets the kernel's time, and the route got slower (31.1 µs).
 # * **What failed on the way** (measured):
 #   the column loop fully unrolled (`tl.static_range`) compiled for minutes and spilled
 #   (≈14 KB of stack per thread: 1.45 ms at T = 16384); a [slots, E/4] rank table inside the
@@ -409,21 +436,25 @@ res.groupby("kernel")[["n_regs", "n_spills"]].describe().round(0)
 #   (3.0 TB/s) at T = 16384, against 5–8% for the reference, torchtitan and DeepSpeed combines:
 #   combine is 20× faster than the reference and 11–15× faster than the peers, deterministic,
 #   no atomics. torch.compile of the reference fuses the K-way gather-sum and reaches 94–96% on
-#   combine too, but only 56–58% on dispatch, and it does not help the routing (1.0 ms).
-# * **The backward** of route + dispatch + combine costs 1.16× its forward (target ≤ 2×; 1.2–1.75×
-#   in earlier runs of the same kernels) and is 20× faster than the reference's backward.
+#   combine too, but only 56–58% on dispatch (`targets_1d3dbd6.json`; the ba899a1 run's time
+#   budget skipped those compiles), and it does not help the routing (1.0–1.8 ms).
+# * **The backward** of route + dispatch + combine costs 1.43× its forward in `targets.json`
+#   (ba899a1; 1.16× at 1d3dbd6 with the same backward kernels, 1.2–1.75× in earlier runs: the
+#   forward with autograd on is host-bound and this host was slower; target ≤ 2×) and is 14×
+#   faster than the reference's backward.
 # * **Routing misses its latency targets.** Score + top-K + plan (T = 16384, E = 128, K = 8,
-#   fp32 logits) takes 26.0 µs in a CUDA graph with the row-wise route (section 6; 49.8–58.3 µs
-#   with top-K + plan two sessions ago, 35.6 and 31.8 µs in the last one; target 10 µs;
-#   torchtitan 207 µs, the reference cannot be captured) and 148 µs eager from Python (target
-#   40 µs; reference 1.06 ms, torchtitan 0.31 ms). A CUDA graph of one tiny kernel already takes
-#   4.8 µs measured this way, and the selection kernel alone 13.7 µs: it is latency-bound with
-#   one warp per scheduler (section 6), so 10 µs needs a cheaper selection, not only fewer
-#   launches. Eager is bound by the host (~5 µs a `torch.empty`, ~30 µs a Triton launch on the
-#   lent machine's CPU). The decode path (T = 64, D = 4096) takes 21.8 µs in a graph
-#   (`targets_route_decode_9727bcd.json`; 24.5 µs in `targets.json` before the place kernel took
-#   over the scan at decode sizes; target 15 µs): five kernels in one graph (the route's two,
-#   dispatch, the experts' stand-in multiply, combine) over a 4.8 µs floor.
+#   fp32 logits) takes 24.2 µs in a CUDA graph with the row-wise route and packed keys
+#   (section 6; 26.0 µs without them at 1d3dbd6, 49.8–58.3 µs with top-K + plan three sessions
+#   ago; target 10 µs; torchtitan 208 µs, the reference cannot be captured) and 169 µs wall
+#   eager from Python on this run's host (107 µs do_bench; 148 µs at 1d3dbd6 on a faster host;
+#   target 40 µs; reference 1.03 ms, torchtitan 0.39 ms). A CUDA graph of one tiny kernel
+#   already takes 4.9 µs measured this way, and the selection kernel alone 11.4 µs: it is bound
+#   by its instruction stream with one warp per scheduler (section 6), so 10 µs needs a much
+#   cheaper selection and rank table, not only fewer launches. Eager is bound by the host (5–10
+#   µs a `torch.empty`, ~30 µs a Triton launch on the lent machines' CPUs). The decode path
+#   (T = 64, D = 4096) takes 22.9 µs in a graph here (21.8 µs at 9727bcd,
+#   `targets_route_decode_9727bcd.json`; target 15 µs): five kernels in one graph (the route's
+#   two, dispatch, the experts' stand-in multiply, combine) over a 4.9 µs floor.
 
 # %%
 tg = targets.set_index("target")

@@ -9,7 +9,9 @@ all entries in parallel, no shuffles). The H lists are merged at the end (the sa
 Columns arrive in increasing index order and a new key lands below the equal keys already in
 the list, so among equal keys the lower expert index wins, as in the reference's stable sort.
 Keys are fp32 turned into order-preserving int32 (_plan_kernels._sortable: -0.0 == +0.0,
-NaN above +inf as in torch.sort).
+NaN above +inf as in torch.sort). With PACKED (the launcher's choice) the lists hold one int32
+per key with the column in its low bits instead, and the result is finished exactly (see the
+"packed selection" section below).
 
 The select kernel also ranks each chosen slot inside its tile by counting (_token_ranks): per
 token a column of E/4 int32 words holding 8-bit fields (field e%4 of word e//4); an exclusive

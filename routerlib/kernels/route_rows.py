@@ -2,7 +2,8 @@
 the fast route.
 
   1. _select_rows_kernel  one program per tile of BT tokens, H threads per token: score + top-K
-                          by insertion into register lists (no cross-thread reductions),
+                          by insertion into register lists (no cross-thread reductions; packed
+                          int32 keys with the index in the low bits where that measured faster),
                           weights, ids; each slot's rank among the tile's earlier tokens of its
                           expert (a cumsum of packed 8-bit counts along the tile, no sort) into
                           slot_to_row, and the tile's expert counts.
@@ -14,9 +15,10 @@ the fast route.
                           extra programs mark the empty rows (capacity or padded layouts).
 When T <= BT, kernel 1 builds the whole plan itself (FUSED_PLAN): one launch.
 
-Measured on an H100 (results/h100/route_breakdown.json at 1d3dbd6, T=16384, E=128, K=8, fp32):
-select 13.7 us, scan 3.0 us, place 4.0 us of device time; 26.0 us a route in a CUDA graph
-(results/h100/targets.json), where a one-kernel graph takes 4.8 us.
+Measured on an H100 (results/h100/route_breakdown.json at ba899a1, T=16384, E=128, K=8, fp32):
+select 11.4 us (packed keys; 13.7 us with the exact insertion at 1d3dbd6), scan 3.0 us, place
+4.0 us of device time; 24.2 us a route in a CUDA graph (results/h100/targets.json), where a
+one-kernel graph takes 4.9 us.
 
 Scope (`applies`): token choice, drop_policy "position", no group limit, K <= 8, E <= 512,
 fp32/bf16/fp16 logits, no gradient and no loss sums needed (inference), not while torch.compile
