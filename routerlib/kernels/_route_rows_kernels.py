@@ -458,6 +458,31 @@ def _before(ea, ia, eb, ib):
 
 
 @triton.jit
+def _nth(j: tl.constexpr, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9):
+    """Entry j (a constant) of the list: Triton has no register arrays."""
+    if j == 0:
+        return p0
+    elif j == 1:
+        return p1
+    elif j == 2:
+        return p2
+    elif j == 3:
+        return p3
+    elif j == 4:
+        return p4
+    elif j == 5:
+        return p5
+    elif j == 6:
+        return p6
+    elif j == 7:
+        return p7
+    elif j == 8:
+        return p8
+    else:
+        return p9
+
+
+@triton.jit
 def _finish(base, rmask, bias_ptr, m, s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9,
             K: tl.constexpr, E: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
             KEY_LOGITS: tl.constexpr, SOFTMAX_KEYS: tl.constexpr, SHIFT: tl.constexpr):
@@ -496,38 +521,8 @@ def _finish(base, rmask, bias_ptr, m, s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9,
         e9, c9, x9 = _exact(p9, base, rmask, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
                         SOFTMAX_KEYS, SHIFT)
     # sure of the set: the first K packed entries beat every key outside the list
-    if K == 1:
-        pk = p0
-    elif K == 2:
-        pk = p1
-    elif K == 3:
-        pk = p2
-    elif K == 4:
-        pk = p3
-    elif K == 5:
-        pk = p4
-    elif K == 6:
-        pk = p5
-    elif K == 7:
-        pk = p6
-    else:
-        pk = p7
-    if L == 3:
-        pl = p2
-    elif L == 4:
-        pl = p3
-    elif L == 5:
-        pl = p4
-    elif L == 6:
-        pl = p5
-    elif L == 7:
-        pl = p6
-    elif L == 8:
-        pl = p7
-    elif L == 9:
-        pl = p8
-    else:
-        pl = p9
+    pk = _nth(K - 1, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9)
+    pl = _nth(L - 1, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9)
     sure = (pl >> SHIFT) < (pk >> SHIFT)
     for _ in tl.static_range(2):  # 4 passes (even, odd, even, odd): any run of <= 4 sorts
         e0, c0, x0, e1, c1, x1 = _ce(e0, c0, x0, e1, c1, x1)
