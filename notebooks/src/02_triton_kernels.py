@@ -430,6 +430,23 @@ res.groupby("kernel")[["n_regs", "n_spills"]].describe().round(0)
 #   (`targets_optin_routes_d8adf02.json`). All of these were removed.
 
 # %% [markdown]
+# The final packed kernel against the exact insertion (`ab_packed_2c62426.txt`, its last block:
+# two rounds each, µs per route in a CUDA graph, H100):
+
+# %%
+import re  # noqa: E402
+
+block = (RESULTS / "ab_packed_2c62426.txt").read_text().split("# 2c62426")[1]
+runs = re.findall(r"T=(\d+) E=(\d+) K=8 (\w+) \{'ROUTERLIB_ROWS_PACKED': '(\d)'.*? graph "
+                  r"([\d.]+) us ok=True", block)
+ab = pd.DataFrame([{"shape": f"T={t} E={e} {dt}", "selection": "packed" if p == "1" else "exact",
+                    "us": float(us)} for t, e, dt, p, us in runs])
+assert len(ab) == 24, "two rounds of 6 shapes x 2 selections"
+ab = ab.pivot_table(index="shape", columns="selection", values="us", aggfunc="median")
+ab["packed / exact"] = ab["packed"] / ab["exact"]
+ab.round(2)
+
+# %% [markdown]
 # ## Conclusions
 #
 # * **Dispatch and combine meet the targets**: 89–90% and 95–98% of the measured copy bandwidth
