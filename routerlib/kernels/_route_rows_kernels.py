@@ -173,6 +173,34 @@ def _load4(base, rmask, col, E: tl.constexpr, EVEN: tl.constexpr = False):
 
 
 @triton.jit
+def _key_of(x, cols, bias_ptr, m, s, E: tl.constexpr, SIGMOID: tl.constexpr,
+            HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, SOFTMAX_KEYS: tl.constexpr,
+            EVEN: tl.constexpr):
+    """The fp32 selection key of logits x at columns cols: the exact insertion, the packed pass
+    and its finishing all compute it here (the last two must agree bit for bit)."""
+    key = x
+    if SOFTMAX_KEYS:
+        key = tl.exp(x - m) / s
+    elif SIGMOID and not KEY_LOGITS:
+        key = 1.0 / (1.0 + tl.exp(-x))
+    if HAS_BIAS:
+        if EVEN:
+            key = key + tl.load(bias_ptr + cols).to(tl.float32)
+        else:
+            key = key + tl.load(bias_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)
+    return key
+
+
+@triton.jit
+def _group_stats(m, s, NEED_MS: tl.constexpr):
+    """The softmax max and sum of exps [BT] of each row from its H thread groups' [BT, H]."""
+    if NEED_MS:
+        mt = tl.max(m, axis=1)
+        return mt, tl.sum(s * tl.exp(m - mt[:, None]), axis=1)
+    return tl.max(m, axis=1), tl.sum(s, axis=1)
+
+
+@triton.jit
 def _chunk(x, col, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7,
            i7, E: tl.constexpr, K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
            KEY_LOGITS: tl.constexpr, NEED_MS: tl.constexpr, KEYS_FIRST: tl.constexpr):
@@ -184,11 +212,7 @@ def _chunk(x, col, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i
         m = m_new
     if KEYS_FIRST:
         cols = col[:, :, None] + tl.arange(0, 4)[None, None, :]
-        key = x
-        if SIGMOID and not KEY_LOGITS:
-            key = 1.0 / (1.0 + tl.exp(-x))
-        if HAS_BIAS:
-            key = key + tl.load(bias_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)
+        key = _key_of(x, cols, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS, False, False)
         key = tl.where(cols < E, _sortable(key), _INT32_MIN)
         k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _insert4(
             key, col, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7, K)
@@ -243,21 +267,14 @@ def _select_rows(
             m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
                 x3, col + 12, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6,
                 i6, k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
-    if NEED_MS:  # combine the thread groups' statistics
-        mt = tl.max(m, axis=1)
-        s = tl.sum(s * tl.exp(m - mt[:, None]), axis=1)
-        m = mt
-    else:
-        m = tl.max(m, axis=1)
-        s = tl.sum(s, axis=1)
+    m, s = _group_stats(m, s, NEED_MS)
     if not KEYS_FIRST:  # softmax scores + bias: a second pass once the normaliser is known
         for c in range(0, EH, 4):  # a loop, not unrolled: small code, fast compile
             col = hcol + c
             x = _load4(base, rmask, col[:, :, None], E)
-            key = tl.exp(x - m[:, None, None]) / s[:, None, None]
             cols = col[:, :, None] + tl.arange(0, 4)[None, None, :]
-            if HAS_BIAS:
-                key = key + tl.load(bias_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)
+            key = _key_of(x, cols, bias_ptr, m[:, None, None], s[:, None, None], E, SIGMOID,
+                          HAS_BIAS, KEY_LOGITS, True, False)
             key = tl.where(cols < E, _sortable(key), _INT32_MIN)
             k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _insert4(
                 key, col, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7, K)
@@ -393,25 +410,6 @@ def _merge_packed(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L: tl.constexpr):
 
 
 @triton.jit
-def _key_of(x, cols, bias_ptr, m, s, E: tl.constexpr, SIGMOID: tl.constexpr,
-            HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, SOFTMAX_KEYS: tl.constexpr,
-            EVEN: tl.constexpr):
-    """The fp32 selection key of logits x at columns cols (the same arithmetic wherever it is
-    computed: the pass and the finishing must agree bit for bit)."""
-    key = x
-    if SOFTMAX_KEYS:
-        key = tl.exp(x - m) / s
-    elif SIGMOID and not KEY_LOGITS:
-        key = 1.0 / (1.0 + tl.exp(-x))
-    if HAS_BIAS:
-        if EVEN:
-            key = key + tl.load(bias_ptr + cols).to(tl.float32)
-        else:
-            key = key + tl.load(bias_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)
-    return key
-
-
-@triton.jit
 def _packed_keys(x, col, bias_ptr, m, s, E: tl.constexpr, SIGMOID: tl.constexpr,
                  HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, SOFTMAX_KEYS: tl.constexpr,
                  EVEN: tl.constexpr, SHIFT: tl.constexpr):
@@ -444,17 +442,20 @@ def _exact(p, base, rmask, bias_ptr, m, s, E: tl.constexpr, SIGMOID: tl.constexp
 
 
 @triton.jit
+def _before(ea, ia, eb, ib):
+    """Entry a ranks before entry b: a higher key, or an equal key and a lower column."""
+    return (ea > eb) | ((ea == eb) & (ia < ib))
+
+
+@triton.jit
 def _ce(ea, ia, xa, eb, ib, xb):
     """Compare-exchange of two (key, column, logit) entries: the better (higher key, then lower
     column) first."""
-    a_first = (ea > eb) | ((ea == eb) & (ia < ib))
+    a_first = _before(ea, ia, eb, ib)
     return (tl.where(a_first, ea, eb), tl.where(a_first, ia, ib), tl.where(a_first, xa, xb),
             tl.where(a_first, eb, ea), tl.where(a_first, ib, ia), tl.where(a_first, xb, xa))
 
 
-@triton.jit
-def _before(ea, ia, eb, ib):
-    return (ea > eb) | ((ea == eb) & (ia < ib))
 
 
 @triton.jit
@@ -592,13 +593,7 @@ def _select_packed(
                                    False, EVEN, SHIFT)
                 p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _push4(
                     key, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
-    if NEED_MS:  # combine the thread groups' statistics
-        mt = tl.max(m, axis=1)
-        s = tl.sum(s * tl.exp(m - mt[:, None]), axis=1)
-        m = mt
-    else:
-        m = tl.max(m, axis=1)
-        s = tl.sum(s, axis=1)
+    m, s = _group_stats(m, s, NEED_MS)
     if not KEYS_FIRST:  # softmax scores + bias: a second pass once the normaliser is known
         mh = tl.broadcast_to(m[:, None], [BT, H])
         sh = tl.broadcast_to(s[:, None], [BT, H])
