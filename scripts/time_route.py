@@ -1,8 +1,10 @@
 """Time one route in a CUDA graph (GPU only), for A/B runs of launch knobs from the shell:
 
     ROUTERLIB_ROWS_STAGES=3 python scripts/time_route.py --T 16384 --E 128 --K 8
-Prints one line: the knobs seen, the median us in a CUDA graph and whether the plan equals the
-reference's. With --profile it only runs a few routes (no timing), for Nsight Compute:
+Prints one line: the knobs seen, the median us in a CUDA graph, the host wall us per eager call
+(back-to-back calls) and whether the plan equals the reference's. With --D the timed function is
+the decode path instead: route + dispatch (+ rows * 0.5 with --stand-in) + combine of bf16 tokens.
+With --profile it only runs a few routes (no timing), for Nsight Compute:
 
     ncu --clock-control none --kernel-name regex:'_rows_|_tiles_|_slots_' --launch-skip 9 \
         --launch-count 6 --section SpeedOfLight --section WarpStateStats \
@@ -13,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import torch
 
 from routerlib import reference as ref
 from routerlib.bench.timing import bench_cuda_graph
 from routerlib.config import RouterConfig
-from routerlib.kernels import route
+from routerlib.kernels import combine, dispatch, route
 
 
 def main() -> None:
@@ -28,6 +31,8 @@ def main() -> None:
     ap.add_argument("--E", type=int, default=128)
     ap.add_argument("--K", type=int, default=8)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--D", type=int, default=0, help="time route + dispatch + combine")
+    ap.add_argument("--stand-in", action="store_true", help="with --D: rows * 0.5 (experts)")
     ap.add_argument("--profile", action="store_true", help="6 routes, no timing (for ncu)")
     args = ap.parse_args()
     cfg = RouterConfig(num_experts=args.E, top_k=args.K, renormalize=True, check_finite=False)
@@ -40,9 +45,33 @@ def main() -> None:
             return
         ok = torch.equal(route(logits, cfg)[1].slot_to_row,
                          ref.build_plan(ref.select(logits, cfg), cfg).slot_to_row)
-        us = bench_cuda_graph(lambda: route(logits, cfg)).median_us
+        fn = lambda: route(logits, cfg)  # noqa: E731
+        if args.D:
+            x = torch.randn(args.T, args.D, device="cuda", dtype=torch.bfloat16)
+
+            def fn():
+                sel, plan = route(logits, cfg)
+                rows = dispatch(x, plan)
+                return combine(rows * 0.5 if args.stand_in else rows, plan, sel.topk_weights)
+
+            sel, plan = route(logits, cfg)
+            scale = 0.5 if args.stand_in else 1.0
+            want = ref.combine(ref.dispatch(x, plan).float() * scale, plan, sel.topk_weights)
+            ok = ok and torch.allclose(fn().float(), want.float(), rtol=2e-2, atol=2e-2)
+        us = bench_cuda_graph(fn).median_us
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        n = 200
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / n * 1e6
     knobs = {k: v for k, v in os.environ.items() if k.startswith("ROUTERLIB_")}
-    print(f"T={args.T} E={args.E} K={args.K} {args.dtype} {knobs} graph {us:.2f} us ok={ok}")
+    what = f"path D={args.D}{' stand-in' if args.stand_in else ''}" if args.D else "route"
+    print(f"{what} T={args.T} E={args.E} K={args.K} {args.dtype} {knobs} graph {us:.2f} us "
+          f"eager wall {wall:.1f} us ok={ok}")
 
 
 if __name__ == "__main__":

@@ -120,6 +120,18 @@ def _packed(h: int, num_tokens: int) -> bool:
     return h == 1 and num_tokens <= 16384
 
 
+def _carve(sizes: tuple[int, ...], dev: torch.device) -> list[torch.Tensor]:
+    """Every int32/fp32 output of a route as views of one int32 allocation, each starting on a
+    128-byte boundary (Triton's 16-byte pointer specialisation holds): a torch.empty costs
+    ~10 us of host time on the lent H100 hosts (results/h100/route_breakdown.json at ba899a1),
+    and the eager route made ten."""
+    lengths = []
+    for n in sizes:
+        lengths += [n, -n % 32]
+    buf = _empty((sum(lengths),), dtype=torch.int32, device=dev)
+    return list(buf.split(lengths)[::2])
+
+
 def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None
                ) -> tuple[Selection, RoutingPlan]:
     """The fast route; the caller checks `applies` (and validated the inputs). Loss sums are not
@@ -141,20 +153,17 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
     # few tiles: the place kernel scans the tile counts itself (one launch less);
     # ROUTERLIB_ROWS_SCAN=1 forces the scan launch
     sum_tiles = ntp * block_e <= _MAX_SUM_TILES and os.environ.get("ROUTERLIB_ROWS_SCAN") != "1"
-    i32 = dict(dtype=torch.int32, device=dev)
-    empty = _empty
-    ids, slot_to_row = empty((T, K), **i32), empty((T, K), **i32)
-    weights = empty((T, K), dtype=torch.float32, device=dev)
-    counts, kept = empty((E,), **i32), empty((E,), **i32)
-    offsets, row_to_slot = empty((E + 1,), **i32), empty((R,), **i32)
+    scan = not fused and not sum_tiles  # the scan launch: its output, the tile counts' prefix
+    n_hist = 0 if fused else NT * block_e
+    (ids, slot_to_row, weights, counts, kept, offsets, row_to_slot, hist, prefix,
+     total) = _carve((T * K, T * K, T * K, E, E, E + 1, R, n_hist, n_hist if scan else 0,
+                      block_e if scan else 0), dev)
+    ids, slot_to_row = ids.view(T, K), slot_to_row.view(T, K)
+    weights = weights.view(torch.float32).view(T, K)
     if fused:
         hist = prefix = total = ids  # unused
-    else:
-        hist = empty((NT, block_e), **i32)
-        if sum_tiles:  # the place kernel reads the tile counts and scans them itself
-            prefix, total = hist, hist  # total: unused
-        else:
-            prefix, total = empty((NT, block_e), **i32), empty((block_e,), **i32)
+    elif sum_tiles:  # the place kernel reads the tile counts and scans them itself
+        prefix = total = hist  # total: unused
     softmax_after, renorm = cfg.softmax_after_topk, cfg.renormalize
     sigmoid = cfg.score_func == "sigmoid"
     key_logits = softmax_after or bias is None
@@ -176,7 +185,7 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
         CAPACITY=capacity, PAD=pad, BLOCK_R=block_r,
         num_warps=num_warps)
     if not fused:
-        if not sum_tiles:
+        if scan:
             bc = max(2, min(32, block_e // 16))  # >= 16 programs: the scan is latency-bound
             _scan_tiles_kernel[(block_e // bc,)](
                 hist, prefix, total, NT, BLOCK_E=block_e, BC=bc,
