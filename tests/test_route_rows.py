@@ -77,6 +77,32 @@ def test_route_rows_scan_launch(T, E, K, kw, device, poisoned, monkeypatch):
     check(T, E, K, kw, device)
 
 
+@pytest.mark.parametrize("T,E,K,kw", [
+    (100, 128, 8, {}),  # four mask words, a partial last tile
+    (96, 96, 5, dict(pad_to_multiple=8)),  # three words; the count row's last word is zeros
+    (65, 33, 3, dict(capacity_factor=0.5)),  # two words, drops by position
+    (64, 20, 2, {}),  # one word, BLOCK_E < 32
+    (40, 7, 7, {}),  # K = E
+    (33, 128, 1, dict(renormalize=True)),  # k = 1, one token in the last tile
+])
+@pytest.mark.parametrize("lane", ["0", "1"])  # the one-hot table / bit-transposed ranks
+def test_bit_transposed_ranks(T, E, K, kw, lane, device, poisoned, monkeypatch):
+    """One warp of 32 tokens a tile: the ranks from the transposed membership bits equal the
+    reference's (and the one-hot table's), ties and identical tokens included."""
+    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", "1,1")
+    monkeypatch.setenv("ROUTERLIB_ROWS_LANE_RANKS", lane)
+    assert route_rows._lane_ranks(1, 1, E, False) == (lane == "1")
+    check(T, E, K, kw, device)
+
+
+def test_bit_transposed_ranks_apply_to_one_warp_tiles(monkeypatch):
+    monkeypatch.delenv("ROUTERLIB_ROWS_LANE_RANKS", raising=False)
+    assert route_rows._lane_ranks(1, 1, 128, False)
+    assert not route_rows._lane_ranks(1, 1, 129, False)  # more than four mask words
+    assert not route_rows._lane_ranks(1, 1, 64, True)  # one tile: the fused plan
+    assert not route_rows._lane_ranks(4, 1, 64, False) and not route_rows._lane_ranks(1, 2, 64, False)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("packed", ["0", "1"])  # packed: bf16/fp16 keys pack exactly
 def test_route_rows_low_precision_logits(dtype, packed, device, poisoned, monkeypatch):

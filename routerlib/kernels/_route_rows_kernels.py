@@ -723,6 +723,135 @@ def _token_ranks(rmask, i0, i1, i2, i3, i4, i5, i6, i7, K: tl.constexpr, KP: tl.
     return _stack(r0, r1, r2, r3, r4, r5, r6, r7, KP), tl.sum(row, axis=1)
 
 
+# ----------------------------------------------------------------------------------------------
+# bit-transposed ranks (one warp of 32 tokens, E <= 128)
+# ----------------------------------------------------------------------------------------------
+# With one thread a token and one warp a tile (the prefill default at E <= 128), a token's
+# choices fit a 128-bit membership mask: word w (w < 4) holds bit b for expert 32w + b. Each
+# 32 x 32 bit block of the warp's masks (lane t = token t) is transposed across the lanes in five
+# butterfly stages (tl.gather of a lane's partner: one SHFL each on sm_90), after which lane b of
+# word w holds L = the tile's tokens that chose expert 32w + b, one bit a token. Then a slot's
+# rank in the tile is popc(L & (bits below its token)) with L fetched from lane e % 32 (one more
+# shuffle per word), and the tile's count of e is popc(L). About 300 instructions a token at K=8
+# against ~3,000 for the one-hot table of packed 8-bit counts above (_token_ranks).
+
+
+@triton.jit
+def _popc(x):
+    """Set bits of each int32 (SWAR; LLVM turns the pattern into one POPC)."""
+    x = x.to(tl.uint32, bitcast=True)
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
+def _butterfly(x, lane, S: tl.constexpr, M: tl.constexpr):
+    """One stage of the 32 x 32 bit transpose: lanes t and t ^ S swap the S-bit blocks in which
+    their bit indices and lane indices disagree (M: the blocks with bit S of the index clear)."""
+    o = tl.gather(x, lane ^ S, axis=0)
+    x_up = x.to(tl.uint32, bitcast=True)
+    o_up = o.to(tl.uint32, bitcast=True)
+    low = (x_up & M) | ((o_up & M) << S)
+    high = (((x_up >> S) & M) << S) | ((o_up >> S) & M)  # the complement of M is M << S
+    return tl.where((lane & S) != 0, high, low).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _transpose32(x, lane):
+    """[32] int32 -> [32]: bit t of element b = bit b of element t."""
+    x = _butterfly(x, lane, 16, 0x0000FFFF)
+    x = _butterfly(x, lane, 8, 0x00FF00FF)
+    x = _butterfly(x, lane, 4, 0x0F0F0F0F)
+    x = _butterfly(x, lane, 2, 0x33333333)
+    return _butterfly(x, lane, 1, 0x55555555)
+
+
+@triton.jit
+def _member_word(i, rmask, w: tl.constexpr):
+    """Bit i % 32 if choice i falls in word w (and the token is real), else 0."""
+    return tl.where(((i >> 5) == w) & rmask, 1 << (i & 31), 0)
+
+
+@triton.jit
+def _chosen_by(rmask, i0, i1, i2, i3, i4, i5, i6, i7, K: tl.constexpr, w: tl.constexpr, lane):
+    """Word w of the tile's transposed membership: element b = the tokens that chose 32w + b."""
+    m = _member_word(i0, rmask, w)
+    if K > 1:
+        m |= _member_word(i1, rmask, w)
+    if K > 2:
+        m |= _member_word(i2, rmask, w)
+    if K > 3:
+        m |= _member_word(i3, rmask, w)
+    if K > 4:
+        m |= _member_word(i4, rmask, w)
+    if K > 5:
+        m |= _member_word(i5, rmask, w)
+    if K > 6:
+        m |= _member_word(i6, rmask, w)
+    if K > 7:
+        m |= _member_word(i7, rmask, w)
+    return _transpose32(m, lane)
+
+
+@triton.jit
+def _lane_rank(i, below, l0, l1, l2, l3, NW: tl.constexpr):
+    """Rank of choice i of each token among the tile's earlier tokens: popc of its expert's
+    token bits (from lane i % 32 of word i // 32) below the token."""
+    src = i & 31
+    word = tl.gather(l0, src, axis=0)
+    if NW > 1:
+        word = tl.where((i >> 5) == 1, tl.gather(l1, src, axis=0), word)
+    if NW > 2:
+        word = tl.where((i >> 5) == 2, tl.gather(l2, src, axis=0), word)
+    if NW > 3:
+        word = tl.where((i >> 5) == 3, tl.gather(l3, src, axis=0), word)
+    return _popc(word & below)
+
+
+@triton.jit
+def _lane_ranks(rmask, i0, i1, i2, i3, i4, i5, i6, i7, hist_ptr, K: tl.constexpr,
+                KP: tl.constexpr, E: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Bit-transposed ranks of a tile of 32 tokens (E <= 128): returns rank [32, KP] and stores
+    the tile's expert counts to hist_ptr[0:BLOCK_E]."""
+    NW: tl.constexpr = (E + 31) // 32
+    lane = tl.arange(0, 32)
+    l0 = _chosen_by(rmask, i0, i1, i2, i3, i4, i5, i6, i7, K, 0, lane)
+    l1, l2, l3 = l0, l0, l0
+    if NW > 1:
+        l1 = _chosen_by(rmask, i0, i1, i2, i3, i4, i5, i6, i7, K, 1, lane)
+    if NW > 2:
+        l2 = _chosen_by(rmask, i0, i1, i2, i3, i4, i5, i6, i7, K, 2, lane)
+    if NW > 3:
+        l3 = _chosen_by(rmask, i0, i1, i2, i3, i4, i5, i6, i7, K, 3, lane)
+    # every column of the tile's count row, zeros past E (the scan sums whole rows)
+    tl.store(hist_ptr + lane, _popc(l0), mask=lane < BLOCK_E)
+    if BLOCK_E > 32:
+        tl.store(hist_ptr + 32 + lane, _popc(l1) if NW > 1 else tl.zeros_like(lane))
+    if BLOCK_E > 64:
+        tl.store(hist_ptr + 64 + lane, _popc(l2) if NW > 2 else tl.zeros_like(lane))
+        tl.store(hist_ptr + 96 + lane, _popc(l3) if NW > 3 else tl.zeros_like(lane))
+    below = ((1 << lane) - 1).to(tl.int32)
+    r0 = _lane_rank(i0, below, l0, l1, l2, l3, NW)
+    r1, r2, r3, r4, r5, r6, r7 = r0, r0, r0, r0, r0, r0, r0
+    if K > 1:
+        r1 = _lane_rank(i1, below, l0, l1, l2, l3, NW)
+    if K > 2:
+        r2 = _lane_rank(i2, below, l0, l1, l2, l3, NW)
+    if K > 3:
+        r3 = _lane_rank(i3, below, l0, l1, l2, l3, NW)
+    if K > 4:
+        r4 = _lane_rank(i4, below, l0, l1, l2, l3, NW)
+    if K > 5:
+        r5 = _lane_rank(i5, below, l0, l1, l2, l3, NW)
+    if K > 6:
+        r6 = _lane_rank(i6, below, l0, l1, l2, l3, NW)
+    if K > 7:
+        r7 = _lane_rank(i7, below, l0, l1, l2, l3, NW)
+    return _stack(r0, r1, r2, r3, r4, r5, r6, r7, KP)
+
+
 @triton.jit
 def _layout(counts, cols, C, E: tl.constexpr, CAPACITY: tl.constexpr, PAD: tl.constexpr):
     """(kept [BLOCK_E], starts [BLOCK_E], rows in use) from the routed counts: capacity layout
@@ -783,6 +912,7 @@ def _select_rows_kernel(
     EXACT_PACK: tl.constexpr,  # the keys' low SHIFT bits are zero: packing cuts nothing
     TIE_CHECK: tl.constexpr,  # near ties go to the exact insertion (off only in a test)
     FUSED_PLAN: tl.constexpr,  # one tile holds every token: build the whole plan here
+    LANE_RANKS: tl.constexpr,  # bit-transposed ranks (BT == 32 tokens a warp, E <= 128)
     CAPACITY: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """One program per tile of BT tokens (H threads per token): selection, weights, ids, each
@@ -820,26 +950,31 @@ def _select_rows_kernel(
     tl.store(ids_ptr + slot, I, mask=valid)
     tl.store(weights_ptr + slot, _weights(xs, valid, m, s, scale, SIGMOID, SOFTMAX_AFTER,
                                           RENORM, NEED_MS), mask=valid)
-    rank, words = _token_ranks(rmask, i0, i1, i2, i3, i4, i5, i6, i7, K, KP, W)
-    cols = tl.arange(0, BLOCK_E)
-    cmask = cols < E
-    counts = (tl.gather(words, cols >> 2, axis=0) >> ((cols & 3) * 8)) & 255
-    if FUSED_PLAN:  # every token is this tile's: the ranks are final, no prefix
-        kept, starts, total = _layout(counts, cols, C, E, CAPACITY, PAD)
-        _place(tl.reshape(I, [BT * KP]), tl.reshape(rank, [BT * KP]),
-               tl.reshape(valid, [BT * KP]), tl.reshape(slot, [BT * KP]), kept, starts,
-               slot_to_row_ptr, row_to_slot_ptr)
-        tl.store(counts_ptr + cols, counts, mask=cmask)
-        tl.store(kept_ptr + cols, kept, mask=cmask)
-        tl.store(offsets_ptr + cols, starts, mask=cmask)
-        tl.store(offsets_ptr + E, total)
-        if CAPACITY or PAD > 1:
-            for r0 in range(0, R, BLOCK_R):
-                _mark_empty_rows(row_to_slot_ptr, r0 + tl.arange(0, BLOCK_R), starts, kept,
-                                 cols, cmask, R, BLOCK_R)
-    else:  # the rank inside the tile goes to slot_to_row; _place_slots_kernel adds the prefix
-        tl.store(hist_ptr + pid * BLOCK_E + cols, counts)
+    if LANE_RANKS:  # BT == 32, E <= 128, not FUSED_PLAN: the tile counts go to hist here
+        rank = _lane_ranks(rmask, i0, i1, i2, i3, i4, i5, i6, i7, hist_ptr + pid * BLOCK_E,
+                           K, KP, E, BLOCK_E)
         tl.store(slot_to_row_ptr + slot, rank, mask=valid)
+    else:
+        rank, words = _token_ranks(rmask, i0, i1, i2, i3, i4, i5, i6, i7, K, KP, W)
+        cols = tl.arange(0, BLOCK_E)
+        cmask = cols < E
+        counts = (tl.gather(words, cols >> 2, axis=0) >> ((cols & 3) * 8)) & 255
+        if FUSED_PLAN:  # every token is this tile's: the ranks are final, no prefix
+            kept, starts, total = _layout(counts, cols, C, E, CAPACITY, PAD)
+            _place(tl.reshape(I, [BT * KP]), tl.reshape(rank, [BT * KP]),
+                   tl.reshape(valid, [BT * KP]), tl.reshape(slot, [BT * KP]), kept, starts,
+                   slot_to_row_ptr, row_to_slot_ptr)
+            tl.store(counts_ptr + cols, counts, mask=cmask)
+            tl.store(kept_ptr + cols, kept, mask=cmask)
+            tl.store(offsets_ptr + cols, starts, mask=cmask)
+            tl.store(offsets_ptr + E, total)
+            if CAPACITY or PAD > 1:
+                for r0 in range(0, R, BLOCK_R):
+                    _mark_empty_rows(row_to_slot_ptr, r0 + tl.arange(0, BLOCK_R), starts, kept,
+                                     cols, cmask, R, BLOCK_R)
+        else:  # the rank inside the tile goes to slot_to_row; _place_slots_kernel adds the prefix
+            tl.store(hist_ptr + pid * BLOCK_E + cols, counts)
+            tl.store(slot_to_row_ptr + slot, rank, mask=valid)
 
 
 @triton.jit

@@ -120,6 +120,15 @@ def _packed(h: int, num_tokens: int) -> bool:
     return h == 1 and num_tokens <= 16384
 
 
+def _lane_ranks(h: int, num_warps: int, num_experts: int, fused: bool) -> bool:
+    """Bit-transposed ranks (see _route_rows_kernels): a tile of one warp with one thread a token
+    (32 tokens), E <= 128, several tiles. ROUTERLIB_ROWS_LANE_RANKS=0 keeps the one-hot table
+    (A/B runs)."""
+    if os.environ.get("ROUTERLIB_ROWS_LANE_RANKS") == "0":
+        return False
+    return h == 1 and num_warps == 1 and num_experts <= 128 and not fused
+
+
 def _carve(sizes: tuple[int, ...], dev: torch.device) -> list[torch.Tensor]:
     """Every int32/fp32 output of a route as views of one int32 allocation, each starting on a
     128-byte boundary (Triton's 16-byte pointer specialisation holds): a torch.empty costs
@@ -179,7 +188,7 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
         HAS_BIAS=bias is not None, KEY_LOGITS=key_logits,
         NEED_MS=not sigmoid and not softmax_after and not (key_logits and renorm),
         STAGES=_stages(), PACKED=packed, SHIFT=max(1, (H * EH - 1).bit_length()),
-        TIE_CHECK=_TIE_CHECK, FUSED_PLAN=fused,
+        TIE_CHECK=_TIE_CHECK, FUSED_PLAN=fused, LANE_RANKS=_lane_ranks(H, num_warps, E, fused),
         # bf16/fp16 logits as the keys: their fp32 low 13 bits are zero, packing cuts nothing
         EXACT_PACK=bias is None and logits.dtype != torch.float32,
         CAPACITY=capacity, PAD=pad, BLOCK_R=block_r,
