@@ -100,7 +100,8 @@ def test_bit_transposed_ranks_apply_to_one_warp_tiles(monkeypatch):
     assert route_rows._lane_ranks(1, 1, 128, False)
     assert not route_rows._lane_ranks(1, 1, 129, False)  # more than four mask words
     assert not route_rows._lane_ranks(1, 1, 64, True)  # one tile: the fused plan
-    assert not route_rows._lane_ranks(4, 1, 64, False) and not route_rows._lane_ranks(1, 2, 64, False)
+    assert not route_rows._lane_ranks(4, 1, 64, False)  # 4 threads a token
+    assert not route_rows._lane_ranks(1, 2, 64, False)  # two warps a tile
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
