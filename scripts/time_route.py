@@ -25,29 +25,20 @@ from routerlib.config import RouterConfig
 from routerlib.kernels import combine, dispatch, route
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--T", type=int, default=16384)
-    ap.add_argument("--E", type=int, default=128)
-    ap.add_argument("--K", type=int, default=8)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--D", type=int, default=0, help="time route + dispatch + combine")
-    ap.add_argument("--stand-in", action="store_true", help="with --D: rows * 0.5 (experts)")
-    ap.add_argument("--profile", action="store_true", help="6 routes, no timing (for ncu)")
-    args = ap.parse_args()
+def _time(args: argparse.Namespace, T: int) -> str:
     cfg = RouterConfig(num_experts=args.E, top_k=args.K, renormalize=True, check_finite=False)
-    logits = (torch.randn(args.T, args.E, device="cuda") * 2).to(getattr(torch, args.dtype))
+    logits = (torch.randn(T, args.E, device="cuda") * 2).to(getattr(torch, args.dtype))
     with torch.no_grad():
         if args.profile:
             for _ in range(6):
                 route(logits, cfg)
             torch.cuda.synchronize()
-            return
+            return "profiled"
         ok = torch.equal(route(logits, cfg)[1].slot_to_row,
                          ref.build_plan(ref.select(logits, cfg), cfg).slot_to_row)
         fn = lambda: route(logits, cfg)  # noqa: E731
         if args.D:
-            x = torch.randn(args.T, args.D, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(T, args.D, device="cuda", dtype=torch.bfloat16)
 
             def fn():
                 sel, plan = route(logits, cfg)
@@ -70,8 +61,37 @@ def main() -> None:
         wall = (time.perf_counter() - t0) / n * 1e6
     knobs = {k: v for k, v in os.environ.items() if k.startswith("ROUTERLIB_")}
     what = f"path D={args.D}{' stand-in' if args.stand_in else ''}" if args.D else "route"
-    print(f"{what} T={args.T} E={args.E} K={args.K} {args.dtype} {knobs} graph {us:.2f} us "
-          f"eager wall {wall:.1f} us ok={ok}")
+    return (f"{what} T={T} E={args.E} K={args.K} {args.dtype} {knobs} graph {us:.2f} us "
+            f"eager wall {wall:.1f} us ok={ok}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", default="16384", help="token counts, comma separated")
+    ap.add_argument("--E", type=int, default=128)
+    ap.add_argument("--K", type=int, default=8)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--D", type=int, default=0, help="time route + dispatch + combine")
+    ap.add_argument("--stand-in", action="store_true", help="with --D: rows * 0.5 (experts)")
+    ap.add_argument("--variants", default="",
+                    help="knob sets to time in turn, '|' between sets, e.g. 'ROUTERLIB_ROWS_"
+                         "CONFIG=1,1|ROUTERLIB_ROWS_CONFIG=1,4 ROUTERLIB_ROWS_SCAN=1' ('-' for "
+                         "none); the launchers read the knobs at each call")
+    ap.add_argument("--profile", action="store_true", help="6 routes, no timing (for ncu)")
+    args = ap.parse_args()
+    for T in (int(t) for t in args.T.split(",")):
+        for variant in (args.variants or "-").split("|"):
+            knobs = dict(kv.split("=", 1) for kv in variant.split() if kv != "-")
+            saved = {k: os.environ.get(k) for k in knobs}
+            os.environ.update(knobs)
+            try:
+                print(_time(args, T), flush=True)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
 
 
 if __name__ == "__main__":

@@ -86,10 +86,11 @@ def test_route_rows_scan_launch(T, E, K, kw, device, poisoned, monkeypatch):
     (33, 128, 1, dict(renormalize=True)),  # k = 1, one token in the last tile
 ])
 @pytest.mark.parametrize("lane", ["0", "1"])  # the one-hot table / bit-transposed ranks
-def test_bit_transposed_ranks(T, E, K, kw, lane, device, poisoned, monkeypatch):
-    """One warp of 32 tokens a tile: the ranks from the transposed membership bits equal the
-    reference's (and the one-hot table's), ties and identical tokens included."""
-    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", "1,1")
+@pytest.mark.parametrize("warps", ["1", "2"])  # a tile of 32 or 64 tokens (rows of 32)
+def test_bit_transposed_ranks(T, E, K, kw, lane, warps, device, poisoned, monkeypatch):
+    """One thread a token: the ranks from the transposed membership bits equal the reference's
+    (and the one-hot table's), ties and identical tokens included."""
+    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", f"1,{warps}")
     monkeypatch.setenv("ROUTERLIB_ROWS_LANE_RANKS", lane)
     assert route_rows._lane_ranks(1, 1, E, False) == (lane == "1")
     check(T, E, K, kw, device)
@@ -101,7 +102,7 @@ def test_bit_transposed_ranks_apply_to_one_warp_tiles(monkeypatch):
     assert not route_rows._lane_ranks(1, 1, 129, False)  # more than four mask words
     assert not route_rows._lane_ranks(1, 1, 64, True)  # one tile: the fused plan
     assert not route_rows._lane_ranks(4, 1, 64, False)  # 4 threads a token
-    assert not route_rows._lane_ranks(1, 2, 64, False)  # two warps a tile
+    assert route_rows._lane_ranks(1, 4, 64, False)  # four warps a tile: rows of 32 tokens
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

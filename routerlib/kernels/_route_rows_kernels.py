@@ -724,16 +724,17 @@ def _token_ranks(rmask, i0, i1, i2, i3, i4, i5, i6, i7, K: tl.constexpr, KP: tl.
 
 
 # ----------------------------------------------------------------------------------------------
-# bit-transposed ranks (one warp of 32 tokens, E <= 128)
+# bit-transposed ranks (one thread a token, E <= 128)
 # ----------------------------------------------------------------------------------------------
-# With one thread a token and one warp a tile (the prefill default at E <= 128), a token's
-# choices fit a 128-bit membership mask: word w (w < 4) holds bit b for expert 32w + b. Each
-# 32 x 32 bit block of the warp's masks (lane t = token t) is transposed across the lanes in five
-# butterfly stages (tl.gather of a lane's partner: one SHFL each on sm_90), after which lane b of
-# word w holds L = the tile's tokens that chose expert 32w + b, one bit a token. Then a slot's
-# rank in the tile is popc(L & (bits below its token)) with L fetched from lane e % 32 (one more
-# shuffle per word), and the tile's count of e is popc(L). About 300 instructions a token at K=8
-# against ~3,000 for the one-hot table of packed 8-bit counts above (_token_ranks).
+# With one thread a token (the prefill default at E <= 128) a token's choices fit a 128-bit
+# membership mask: word w (w < 4) holds bit b for expert 32w + b. The tile is seen as R rows of
+# 32 tokens (a row is a warp). Each row's 32 x 32 bit blocks are transposed across its lanes in
+# five butterfly stages (tl.gather of a lane's partner: one SHFL each on sm_90), after which lane
+# b of word w holds L = the row's tokens that chose expert 32w + b, one bit a token. A slot's rank
+# in the tile is then popc(L & (bits below its token)) with L fetched from lane e % 32 (one more
+# shuffle per word), plus the counts of e in the earlier rows (a cumsum over the R rows of
+# popc(L)); the tile's count of e is the sum of popc(L) over the rows. About 300 instructions a
+# token at K=8 against ~3,000 for the one-hot table of packed 8-bit counts (_token_ranks).
 
 
 @triton.jit
@@ -748,19 +749,20 @@ def _popc(x):
 
 @triton.jit
 def _butterfly(x, lane, S: tl.constexpr, M: tl.constexpr):
-    """One stage of the 32 x 32 bit transpose: lanes t and t ^ S swap the S-bit blocks in which
-    their bit indices and lane indices disagree (M: the blocks with bit S of the index clear)."""
-    o = tl.gather(x, lane ^ S, axis=0)
-    x_up = x.to(tl.uint32, bitcast=True)
-    o_up = o.to(tl.uint32, bitcast=True)
-    low = (x_up & M) | ((o_up & M) << S)
-    high = (((x_up >> S) & M) << S) | ((o_up >> S) & M)  # the complement of M is M << S
+    """One stage of the 32 x 32 bit transpose along axis 1 of x [R, 32]: lanes t and t ^ S swap
+    the S-bit blocks in which their bit and lane indices disagree (M: the blocks whose bit
+    index has bit S clear; its complement is M << S)."""
+    o = tl.gather(x, tl.broadcast_to(lane ^ S, x.shape), axis=1)
+    xu = x.to(tl.uint32, bitcast=True)
+    ou = o.to(tl.uint32, bitcast=True)
+    low = (xu & M) | ((ou & M) << S)
+    high = (((xu >> S) & M) << S) | ((ou >> S) & M)
     return tl.where((lane & S) != 0, high, low).to(tl.int32, bitcast=True)
 
 
 @triton.jit
 def _transpose32(x, lane):
-    """[32] int32 -> [32]: bit t of element b = bit b of element t."""
+    """[R, 32] int32 -> [R, 32]: bit t of element (r, b) = bit b of element (r, t)."""
     x = _butterfly(x, lane, 16, 0x0000FFFF)
     x = _butterfly(x, lane, 8, 0x00FF00FF)
     x = _butterfly(x, lane, 4, 0x0F0F0F0F)
@@ -776,7 +778,8 @@ def _member_word(i, rmask, w: tl.constexpr):
 
 @triton.jit
 def _chosen_by(rmask, i0, i1, i2, i3, i4, i5, i6, i7, K: tl.constexpr, w: tl.constexpr, lane):
-    """Word w of the tile's transposed membership: element b = the tokens that chose 32w + b."""
+    """Word w of each row's transposed membership [R, 32]: element (r, b) = the tokens of row r
+    that chose expert 32w + b, and their popcount (the row's count of that expert)."""
     m = _member_word(i0, rmask, w)
     if K > 1:
         m |= _member_word(i1, rmask, w)
@@ -792,64 +795,97 @@ def _chosen_by(rmask, i0, i1, i2, i3, i4, i5, i6, i7, K: tl.constexpr, w: tl.con
         m |= _member_word(i6, rmask, w)
     if K > 7:
         m |= _member_word(i7, rmask, w)
-    return _transpose32(m, lane)
+    bits = _transpose32(m, lane)
+    return bits, _popc(bits)
 
 
 @triton.jit
-def _lane_rank(i, below, l0, l1, l2, l3, NW: tl.constexpr):
-    """Rank of choice i of each token among the tile's earlier tokens: popc of its expert's
-    token bits (from lane i % 32 of word i // 32) below the token."""
+def _earlier_rows(c, R: tl.constexpr):
+    """Counts in the earlier rows (exclusive cumsum down axis 0 of [R, 32])."""
+    if R > 1:
+        return tl.cumsum(c, axis=0) - c
+    return tl.zeros_like(c)
+
+
+@triton.jit
+def _word_rank(i, w: tl.constexpr, bits, before, below, rank, R: tl.constexpr):
+    """The rank of choice i [R, 32] where its expert falls in word w."""
     src = i & 31
-    word = tl.gather(l0, src, axis=0)
+    r = _popc(tl.gather(bits, src, axis=1) & below)
+    if R > 1:
+        r += tl.gather(before, src, axis=1)
+    return tl.where((i >> 5) == w, r, rank)
+
+
+@triton.jit
+def _lane_rank(i, below, b0, b1, b2, b3, p0, p1, p2, p3, NW: tl.constexpr, R: tl.constexpr):
+    """Rank of choice i [R, 32] of each token among the tile's earlier tokens."""
+    rank = _word_rank(i, 0, b0, p0, below, i, R)
     if NW > 1:
-        word = tl.where((i >> 5) == 1, tl.gather(l1, src, axis=0), word)
+        rank = _word_rank(i, 1, b1, p1, below, rank, R)
     if NW > 2:
-        word = tl.where((i >> 5) == 2, tl.gather(l2, src, axis=0), word)
+        rank = _word_rank(i, 2, b2, p2, below, rank, R)
     if NW > 3:
-        word = tl.where((i >> 5) == 3, tl.gather(l3, src, axis=0), word)
-    return _popc(word & below)
+        rank = _word_rank(i, 3, b3, p3, below, rank, R)
+    return rank
 
 
 @triton.jit
 def _lane_ranks(rmask, i0, i1, i2, i3, i4, i5, i6, i7, hist_ptr, K: tl.constexpr,
-                KP: tl.constexpr, E: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Bit-transposed ranks of a tile of 32 tokens (E <= 128): returns rank [32, KP] and stores
-    the tile's expert counts to hist_ptr[0:BLOCK_E]."""
+                KP: tl.constexpr, E: tl.constexpr, BLOCK_E: tl.constexpr, BT: tl.constexpr):
+    """Bit-transposed ranks of a tile of BT = 32 R tokens (E <= 128): returns rank [BT, KP] and
+    stores the tile's expert counts to hist_ptr[0:BLOCK_E] (zeros past E)."""
+    R: tl.constexpr = BT // 32
     NW: tl.constexpr = (E + 31) // 32
-    lane = tl.arange(0, 32)
-    l0 = _chosen_by(rmask, i0, i1, i2, i3, i4, i5, i6, i7, K, 0, lane)
-    l1, l2, l3 = l0, l0, l0
+    lane = tl.arange(0, 32)[None, :]
+    rm = tl.reshape(rmask, [R, 32])
+    i0 = tl.reshape(i0, [R, 32])
+    i1 = tl.reshape(i1, [R, 32])
+    i2 = tl.reshape(i2, [R, 32])
+    i3 = tl.reshape(i3, [R, 32])
+    i4 = tl.reshape(i4, [R, 32])
+    i5 = tl.reshape(i5, [R, 32])
+    i6 = tl.reshape(i6, [R, 32])
+    i7 = tl.reshape(i7, [R, 32])
+    b0, c0 = _chosen_by(rm, i0, i1, i2, i3, i4, i5, i6, i7, K, 0, lane)
+    b1, c1, b2, c2, b3, c3 = b0, c0, b0, c0, b0, c0
     if NW > 1:
-        l1 = _chosen_by(rmask, i0, i1, i2, i3, i4, i5, i6, i7, K, 1, lane)
+        b1, c1 = _chosen_by(rm, i0, i1, i2, i3, i4, i5, i6, i7, K, 1, lane)
     if NW > 2:
-        l2 = _chosen_by(rmask, i0, i1, i2, i3, i4, i5, i6, i7, K, 2, lane)
+        b2, c2 = _chosen_by(rm, i0, i1, i2, i3, i4, i5, i6, i7, K, 2, lane)
     if NW > 3:
-        l3 = _chosen_by(rmask, i0, i1, i2, i3, i4, i5, i6, i7, K, 3, lane)
+        b3, c3 = _chosen_by(rm, i0, i1, i2, i3, i4, i5, i6, i7, K, 3, lane)
     # every column of the tile's count row, zeros past E (the scan sums whole rows)
-    tl.store(hist_ptr + lane, _popc(l0), mask=lane < BLOCK_E)
+    col = tl.arange(0, 32)
+    zero = tl.zeros([32], tl.int32)
+    tl.store(hist_ptr + col, tl.sum(c0, axis=0), mask=col < BLOCK_E)
     if BLOCK_E > 32:
-        tl.store(hist_ptr + 32 + lane, _popc(l1) if NW > 1 else tl.zeros_like(lane))
+        tl.store(hist_ptr + 32 + col, tl.sum(c1, axis=0) if NW > 1 else zero)
     if BLOCK_E > 64:
-        tl.store(hist_ptr + 64 + lane, _popc(l2) if NW > 2 else tl.zeros_like(lane))
-        tl.store(hist_ptr + 96 + lane, _popc(l3) if NW > 3 else tl.zeros_like(lane))
+        tl.store(hist_ptr + 64 + col, tl.sum(c2, axis=0) if NW > 2 else zero)
+        tl.store(hist_ptr + 96 + col, tl.sum(c3, axis=0) if NW > 3 else zero)
+    p0, p1 = _earlier_rows(c0, R), _earlier_rows(c1, R)
+    p2, p3 = _earlier_rows(c2, R), _earlier_rows(c3, R)
     below = ((1 << lane) - 1).to(tl.int32)
-    r0 = _lane_rank(i0, below, l0, l1, l2, l3, NW)
+    r0 = _lane_rank(i0, below, b0, b1, b2, b3, p0, p1, p2, p3, NW, R)
     r1, r2, r3, r4, r5, r6, r7 = r0, r0, r0, r0, r0, r0, r0
     if K > 1:
-        r1 = _lane_rank(i1, below, l0, l1, l2, l3, NW)
+        r1 = _lane_rank(i1, below, b0, b1, b2, b3, p0, p1, p2, p3, NW, R)
     if K > 2:
-        r2 = _lane_rank(i2, below, l0, l1, l2, l3, NW)
+        r2 = _lane_rank(i2, below, b0, b1, b2, b3, p0, p1, p2, p3, NW, R)
     if K > 3:
-        r3 = _lane_rank(i3, below, l0, l1, l2, l3, NW)
+        r3 = _lane_rank(i3, below, b0, b1, b2, b3, p0, p1, p2, p3, NW, R)
     if K > 4:
-        r4 = _lane_rank(i4, below, l0, l1, l2, l3, NW)
+        r4 = _lane_rank(i4, below, b0, b1, b2, b3, p0, p1, p2, p3, NW, R)
     if K > 5:
-        r5 = _lane_rank(i5, below, l0, l1, l2, l3, NW)
+        r5 = _lane_rank(i5, below, b0, b1, b2, b3, p0, p1, p2, p3, NW, R)
     if K > 6:
-        r6 = _lane_rank(i6, below, l0, l1, l2, l3, NW)
+        r6 = _lane_rank(i6, below, b0, b1, b2, b3, p0, p1, p2, p3, NW, R)
     if K > 7:
-        r7 = _lane_rank(i7, below, l0, l1, l2, l3, NW)
-    return _stack(r0, r1, r2, r3, r4, r5, r6, r7, KP)
+        r7 = _lane_rank(i7, below, b0, b1, b2, b3, p0, p1, p2, p3, NW, R)
+    return _stack(tl.reshape(r0, [BT]), tl.reshape(r1, [BT]), tl.reshape(r2, [BT]),
+                  tl.reshape(r3, [BT]), tl.reshape(r4, [BT]), tl.reshape(r5, [BT]),
+                  tl.reshape(r6, [BT]), tl.reshape(r7, [BT]), KP)
 
 
 @triton.jit
@@ -912,7 +948,7 @@ def _select_rows_kernel(
     EXACT_PACK: tl.constexpr,  # the keys' low SHIFT bits are zero: packing cuts nothing
     TIE_CHECK: tl.constexpr,  # near ties go to the exact insertion (off only in a test)
     FUSED_PLAN: tl.constexpr,  # one tile holds every token: build the whole plan here
-    LANE_RANKS: tl.constexpr,  # bit-transposed ranks (BT == 32 tokens a warp, E <= 128)
+    LANE_RANKS: tl.constexpr,  # bit-transposed ranks (one thread a token, E <= 128)
     CAPACITY: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """One program per tile of BT tokens (H threads per token): selection, weights, ids, each
@@ -950,9 +986,9 @@ def _select_rows_kernel(
     tl.store(ids_ptr + slot, I, mask=valid)
     tl.store(weights_ptr + slot, _weights(xs, valid, m, s, scale, SIGMOID, SOFTMAX_AFTER,
                                           RENORM, NEED_MS), mask=valid)
-    if LANE_RANKS:  # BT == 32, E <= 128, not FUSED_PLAN: the tile counts go to hist here
+    if LANE_RANKS:  # H == 1, E <= 128, not FUSED_PLAN: the tile counts go to hist here
         rank = _lane_ranks(rmask, i0, i1, i2, i3, i4, i5, i6, i7, hist_ptr + pid * BLOCK_E,
-                           K, KP, E, BLOCK_E)
+                           K, KP, E, BLOCK_E, BT)
         tl.store(slot_to_row_ptr + slot, rank, mask=valid)
     else:
         rank, words = _token_ranks(rmask, i0, i1, i2, i3, i4, i5, i6, i7, K, KP, W)
@@ -1010,22 +1046,32 @@ def _place_slots_kernel(
     N, NP, NT, C, R,
     E: tl.constexpr, BT: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_E: tl.constexpr, CAPACITY: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-    SUM_TILES: tl.constexpr, NTP: tl.constexpr,  # few tiles (NTP >= NT): no scan launch
+    SUM_TILES: tl.constexpr,  # few tiles: no scan launch, this kernel sums the tile counts
+    CH: tl.constexpr, TP: tl.constexpr,  # tile rows a step of that sum; tiles a program spans
 ):
     """Programs < NP: BLOCK_S slots each, elementwise: rank = the earlier tiles' count + the rank
     in the tile; kept iff rank < C; row = start of the expert + rank. Programs >= NP mark the
-    empty rows (capacity or padded layouts only). With SUM_TILES every program scans the tile
-    counts ([NTP, BLOCK_E], held in registers) itself: at decode sizes that is cheaper than a
-    scan launch."""
+    empty rows (capacity or padded layouts only). With SUM_TILES every program reads the NT
+    tile counts itself (CH rows a step): the totals, the counts of the tiles before its first
+    one, and the prefix of the (at most TP) tiles its slots come from. With few tiles that is
+    cheaper than a scan launch."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
     if SUM_TILES:
-        q = tl.arange(0, NTP)
+        q0 = tl.minimum(pid, NP - 1) * BLOCK_S // (BT * K)  # this program's first tile
+        total = tl.zeros([BLOCK_E], tl.int32)
+        run = tl.zeros([BLOCK_E], tl.int32)
+        for c0 in range(0, NT, CH):
+            q = c0 + tl.arange(0, CH)
+            h = tl.load(prefix_ptr + q[:, None] * BLOCK_E + cols[None, :],
+                        mask=(q < NT)[:, None], other=0)
+            total += tl.sum(h, axis=0)
+            run += tl.sum(tl.where((q < q0)[:, None], h, 0), axis=0)
+        q = q0 + tl.arange(0, TP)
         h = tl.load(prefix_ptr + q[:, None] * BLOCK_E + cols[None, :], mask=(q < NT)[:, None],
                     other=0)
-        total = tl.sum(h, axis=0)
-        before = tl.reshape(tl.cumsum(h, axis=0) - h, [NTP * BLOCK_E])
+        before = tl.reshape(tl.cumsum(h, axis=0) - h + run[None, :], [TP * BLOCK_E])
     else:
         total = tl.load(total_ptr + cols)
     kept, starts, used = _layout(total, cols, C, E, CAPACITY, PAD)
@@ -1039,11 +1085,13 @@ def _place_slots_kernel(
         valid = slot < N
         e = tl.load(ids_ptr + slot, mask=valid, other=0)
         rank = tl.load(slot_to_row_ptr + slot, mask=valid, other=0)
-        at = tl.where(valid, slot // (BT * K) * BLOCK_E + e, 0)
+        tile = slot // (BT * K)
         if SUM_TILES:
+            at = tl.where(valid, (tile - q0) * BLOCK_E + e, 0)
             rank += tl.gather(before, at.to(tl.int32), axis=0)
         else:
-            rank += tl.load(prefix_ptr + at, mask=valid, other=0)
+            rank += tl.load(prefix_ptr + tl.where(valid, tile * BLOCK_E + e, 0), mask=valid,
+                            other=0)
         _place(e, rank, valid, slot, kept, starts, slot_to_row_ptr, row_to_slot_ptr)
     else:
         r = (pid - NP) * BLOCK_R + tl.arange(0, BLOCK_R)

@@ -48,7 +48,7 @@ MAX_K = 8
 MAX_E = 512
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK_S = 1024  # slots per program of the place kernel
-_MAX_SUM_TILES = 4096  # tiles x experts up to which the place kernel scans the tile counts
+_MAX_SUM_TILES = 16384  # tiles x experts up to which the place kernel sums the tile counts
 _empty = torch.empty  # every output comes from here (tests swap in a poisoning allocator)
 # near ties go to the exact insertion; tests (and A/B timings of the packed path alone:
 # ROUTERLIB_ROWS_TIE_CHECK=0, wrong answers on near ties) turn it off
@@ -120,13 +120,23 @@ def _packed(h: int, num_tokens: int) -> bool:
     return h == 1 and num_tokens <= 16384
 
 
+def _sum_tiles(num_tiles: int, block_e: int) -> bool:
+    """Whether the place kernel sums the tile counts itself (every program reads all of them,
+    num_tiles x block_e int32) instead of a scan launch: one launch less where that read is
+    small. ROUTERLIB_ROWS_SCAN=1 forces the scan launch, =0 the in-place sum."""
+    pinned = os.environ.get("ROUTERLIB_ROWS_SCAN")
+    if pinned is not None:
+        return pinned == "0"
+    return num_tiles * block_e <= _MAX_SUM_TILES
+
+
 def _lane_ranks(h: int, num_warps: int, num_experts: int, fused: bool) -> bool:
-    """Bit-transposed ranks (see _route_rows_kernels): a tile of one warp with one thread a token
-    (32 tokens), E <= 128, several tiles. ROUTERLIB_ROWS_LANE_RANKS=0 keeps the one-hot table
-    (A/B runs)."""
+    """Bit-transposed ranks (see _route_rows_kernels): one thread a token (a tile of 32 tokens a
+    warp), E <= 128, several tiles. ROUTERLIB_ROWS_LANE_RANKS=0 keeps the one-hot table (A/B
+    runs)."""
     if os.environ.get("ROUTERLIB_ROWS_LANE_RANKS") == "0":
         return False
-    return h == 1 and num_warps == 1 and num_experts <= 128 and not fused
+    return h == 1 and num_experts <= 128 and not fused
 
 
 def _carve(sizes: tuple[int, ...], dev: torch.device) -> list[torch.Tensor]:
@@ -159,9 +169,7 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
     W = next_pow2(triton.cdiv(E, 4))
     fused = NT == 1
     ntp = next_pow2(NT)
-    # few tiles: the place kernel scans the tile counts itself (one launch less);
-    # ROUTERLIB_ROWS_SCAN=1 forces the scan launch
-    sum_tiles = ntp * block_e <= _MAX_SUM_TILES and os.environ.get("ROUTERLIB_ROWS_SCAN") != "1"
+    sum_tiles = _sum_tiles(NT, block_e)
     scan = not fused and not sum_tiles  # the scan launch: its output, the tile counts' prefix
     n_hist = 0 if fused else NT * block_e
     (ids, slot_to_row, weights, counts, kept, offsets, row_to_slot, hist, prefix,
@@ -206,7 +214,9 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
             ids, prefix, total, counts, kept, offsets, slot_to_row, row_to_slot,
             n, n_place, NT, C or 0, R,
             E=E, BT=BT, K=K, BLOCK_S=_BLOCK_S, BLOCK_E=block_e, CAPACITY=capacity,
-            PAD=pad, BLOCK_R=block_r, SUM_TILES=sum_tiles, NTP=ntp if sum_tiles else 1,
+            PAD=pad, BLOCK_R=block_r, SUM_TILES=sum_tiles,
+            CH=max(1, min(ntp, 2048 // block_e)),
+            TP=next_pow2((_BLOCK_S - 1) // (BT * K) + 2) if sum_tiles else 1,
             num_warps=4)
     sel = Selection(topk_ids=ids, topk_weights=weights, scores=None)
     plan = RoutingPlan(expert_counts=counts, kept_counts=kept, expert_offsets=offsets,
