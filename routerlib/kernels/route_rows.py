@@ -48,7 +48,10 @@ MAX_K = 8
 MAX_E = 512
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK_S = 1024  # slots per program of the place kernel
-_MAX_SUM_TILES = 16384  # tiles x experts up to which the place kernel sums the tile counts
+# tiles x experts up to which the place kernel sums the tile counts itself: at T=4096 (128 tiles
+# x 128 experts) that measured 23.3 us against 17.8 us with the scan launch (results/h100/
+# ab_tiles_scan_6f2ebbd.txt, ab_lane_ranks_604cd5a.txt)
+_MAX_SUM_TILES = 4096
 _empty = torch.empty  # every output comes from here (tests swap in a poisoning allocator)
 # near ties go to the exact insertion; tests (and A/B timings of the packed path alone:
 # ROUTERLIB_ROWS_TIE_CHECK=0, wrong answers on near ties) turn it off
@@ -90,8 +93,9 @@ def rows_config(num_experts: int, num_tokens: int, top_k: int) -> tuple[int, int
     # the best split; T=65536 69.4 us), 2 threads and 4 warps at E = 256 (44.3 us)
     if num_tokens <= 1024:
         h, nw = 4, 1
-    elif num_experts <= 128:
-        h, nw = 1, 1
+    elif num_experts <= 128:  # with the bit-transposed ranks, 4 warps a tile past 16k tokens
+        # (T=65536: 55.2 vs 59.5 us; T=16384: 23.6 vs 22.1, results/h100/ab_tiles_scan_6f2ebbd.txt)
+        h, nw = 1, 4 if num_tokens > 16384 else 1
     elif num_experts <= 256:
         h, nw = 2, 4
     else:
@@ -216,7 +220,7 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
             E=E, BT=BT, K=K, BLOCK_S=_BLOCK_S, BLOCK_E=block_e, CAPACITY=capacity,
             PAD=pad, BLOCK_R=block_r, SUM_TILES=sum_tiles,
             CH=max(1, min(ntp, 2048 // block_e)),
-            TP=next_pow2((_BLOCK_S - 1) // (BT * K) + 2) if sum_tiles else 1,
+            TP=min(ntp, next_pow2((_BLOCK_S - 1) // (BT * K) + 2)) if sum_tiles else 1,
             num_warps=4)
     sel = Selection(topk_ids=ids, topk_weights=weights, scores=None)
     plan = RoutingPlan(expert_counts=counts, kept_counts=kept, expert_offsets=offsets,
