@@ -57,7 +57,8 @@ def main() -> None:
     for i, (cfg, T, D) in enumerate(cases):  # one dtype each: the sanitizer is slow
         run(cfg, T, D, torch.bfloat16 if i % 2 == 0 else torch.float32)
     # the row-wise route: one launch (T fits one tile), two (the place kernel scans the few tile
-    # counts: T=64 and E=13), three (a scan launch: T=1000 E=128), capacity and padding
+    # counts: T=64 and E=13), three (a scan launch: T=1000 E=128), capacity and padding; the
+    # bit-transposed ranks with one-warp tiles (T=2000 E=128) and four-warp tiles (E=100)
     from routerlib.kernels.route_rows import route_rows
 
     # each with the exact insertion and with packed keys (fp32: the exact finishing, and its
@@ -67,12 +68,17 @@ def main() -> None:
         for T, cfg in ((64, RouterConfig(num_experts=64, top_k=8, capacity_factor=1.0)),
                        (1000, RouterConfig(num_experts=128, top_k=8, capacity_factor=1.0)),
                        (1000, RouterConfig(num_experts=13, top_k=3, pad_to_multiple=8,
-                                           renormalize=True))):
+                                           renormalize=True)),
+                       (2000, RouterConfig(num_experts=128, top_k=8, capacity_factor=1.0)),
+                       (2001, RouterConfig(num_experts=100, top_k=6, pad_to_multiple=8))):
+            if cfg.num_experts == 100:
+                os.environ["ROUTERLIB_ROWS_CONFIG"] = "1,4"
             logits = torch.randn(T, cfg.num_experts, device="cuda", dtype=dtype)
             logits[::97] = 0.5  # rows of ties
             _, plan = route_rows(logits, cfg)
             want = ref.build_plan(ref.select(logits, cfg), cfg)
             assert torch.equal(plan.row_to_slot, want.row_to_slot), "row-wise route differs"
+            os.environ.pop("ROUTERLIB_ROWS_CONFIG", None)
     del os.environ["ROUTERLIB_ROWS_PACKED"]
     print("sanitize_kernels: all kernels ran and matched the reference")
 

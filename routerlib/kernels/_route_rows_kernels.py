@@ -1046,32 +1046,22 @@ def _place_slots_kernel(
     N, NP, NT, C, R,
     E: tl.constexpr, BT: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_E: tl.constexpr, CAPACITY: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-    SUM_TILES: tl.constexpr,  # few tiles: no scan launch, this kernel sums the tile counts
-    CH: tl.constexpr, TP: tl.constexpr,  # tile rows a step of that sum; tiles a program spans
+    SUM_TILES: tl.constexpr, NTP: tl.constexpr,  # few tiles (NTP >= NT): no scan launch
 ):
     """Programs < NP: BLOCK_S slots each, elementwise: rank = the earlier tiles' count + the rank
     in the tile; kept iff rank < C; row = start of the expert + rank. Programs >= NP mark the
-    empty rows (capacity or padded layouts only). With SUM_TILES every program reads the NT
-    tile counts itself (CH rows a step): the totals, the counts of the tiles before its first
-    one, and the prefix of the (at most TP) tiles its slots come from. With few tiles that is
-    cheaper than a scan launch."""
+    empty rows (capacity or padded layouts only). With SUM_TILES every program scans the tile
+    counts ([NTP, BLOCK_E], held in registers) itself: at decode sizes that is cheaper than a
+    scan launch."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
     if SUM_TILES:
-        q0 = tl.minimum(pid, NP - 1) * BLOCK_S // (BT * K)  # this program's first tile
-        total = tl.zeros([BLOCK_E], tl.int32)
-        run = tl.zeros([BLOCK_E], tl.int32)
-        for c0 in range(0, NT, CH):
-            q = c0 + tl.arange(0, CH)
-            h = tl.load(prefix_ptr + q[:, None] * BLOCK_E + cols[None, :],
-                        mask=(q < NT)[:, None], other=0)
-            total += tl.sum(h, axis=0)
-            run += tl.sum(tl.where((q < q0)[:, None], h, 0), axis=0)
-        q = q0 + tl.arange(0, TP)
+        q = tl.arange(0, NTP)
         h = tl.load(prefix_ptr + q[:, None] * BLOCK_E + cols[None, :], mask=(q < NT)[:, None],
                     other=0)
-        before = tl.reshape(tl.cumsum(h, axis=0) - h + run[None, :], [TP * BLOCK_E])
+        total = tl.sum(h, axis=0)
+        before = tl.reshape(tl.cumsum(h, axis=0) - h, [NTP * BLOCK_E])
     else:
         total = tl.load(total_ptr + cols)
     kept, starts, used = _layout(total, cols, C, E, CAPACITY, PAD)
@@ -1085,13 +1075,11 @@ def _place_slots_kernel(
         valid = slot < N
         e = tl.load(ids_ptr + slot, mask=valid, other=0)
         rank = tl.load(slot_to_row_ptr + slot, mask=valid, other=0)
-        tile = slot // (BT * K)
+        at = tl.where(valid, slot // (BT * K) * BLOCK_E + e, 0)
         if SUM_TILES:
-            at = tl.where(valid, (tile - q0) * BLOCK_E + e, 0)
             rank += tl.gather(before, at.to(tl.int32), axis=0)
         else:
-            rank += tl.load(prefix_ptr + tl.where(valid, tile * BLOCK_E + e, 0), mask=valid,
-                            other=0)
+            rank += tl.load(prefix_ptr + at, mask=valid, other=0)
         _place(e, rank, valid, slot, kept, starts, slot_to_row_ptr, row_to_slot_ptr)
     else:
         r = (pid - NP) * BLOCK_R + tl.arange(0, BLOCK_R)

@@ -48,9 +48,10 @@ MAX_K = 8
 MAX_E = 512
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK_S = 1024  # slots per program of the place kernel
-# tiles x experts up to which the place kernel sums the tile counts itself: at T=4096 (128 tiles
-# x 128 experts) that measured 23.3 us against 17.8 us with the scan launch (results/h100/
-# ab_tiles_scan_6f2ebbd.txt, ab_lane_ranks_604cd5a.txt)
+# tiles (rounded up to a power of two) x experts up to which the place kernel scans the tile
+# counts itself, in registers. Past it a loop over the counts in every program measured slower
+# than the scan launch (T=4096, 128 tiles x 128 experts: 23.3 vs 17.8 us, results/h100/
+# ab_tiles_scan_6f2ebbd.txt against ab_lane_ranks_604cd5a.txt)
 _MAX_SUM_TILES = 4096
 _empty = torch.empty  # every output comes from here (tests swap in a poisoning allocator)
 # near ties go to the exact insertion; tests (and A/B timings of the packed path alone:
@@ -125,9 +126,10 @@ def _packed(h: int, num_tokens: int) -> bool:
 
 
 def _sum_tiles(num_tiles: int, block_e: int) -> bool:
-    """Whether the place kernel sums the tile counts itself (every program reads all of them,
-    num_tiles x block_e int32) instead of a scan launch: one launch less where that read is
-    small. ROUTERLIB_ROWS_SCAN=1 forces the scan launch, =0 the in-place sum."""
+    """Whether the place kernel scans the tile counts itself (every program holds all of them in
+    registers, num_tiles x block_e int32) instead of a scan launch: one launch less at decode
+    sizes. ROUTERLIB_ROWS_SCAN=1 forces the scan launch, =0 the in-place scan (tests only: it
+    needs the counts to fit the registers)."""
     pinned = os.environ.get("ROUTERLIB_ROWS_SCAN")
     if pinned is not None:
         return pinned == "0"
@@ -173,7 +175,7 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
     W = next_pow2(triton.cdiv(E, 4))
     fused = NT == 1
     ntp = next_pow2(NT)
-    sum_tiles = _sum_tiles(NT, block_e)
+    sum_tiles = _sum_tiles(ntp, block_e)
     scan = not fused and not sum_tiles  # the scan launch: its output, the tile counts' prefix
     n_hist = 0 if fused else NT * block_e
     (ids, slot_to_row, weights, counts, kept, offsets, row_to_slot, hist, prefix,
@@ -218,9 +220,7 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
             ids, prefix, total, counts, kept, offsets, slot_to_row, row_to_slot,
             n, n_place, NT, C or 0, R,
             E=E, BT=BT, K=K, BLOCK_S=_BLOCK_S, BLOCK_E=block_e, CAPACITY=capacity,
-            PAD=pad, BLOCK_R=block_r, SUM_TILES=sum_tiles,
-            CH=max(1, min(ntp, 2048 // block_e)),
-            TP=min(ntp, next_pow2((_BLOCK_S - 1) // (BT * K) + 2)) if sum_tiles else 1,
+            PAD=pad, BLOCK_R=block_r, SUM_TILES=sum_tiles, NTP=ntp if sum_tiles else 1,
             num_warps=4)
     sel = Selection(topk_ids=ids, topk_weights=weights, scores=None)
     plan = RoutingPlan(expert_counts=counts, kept_counts=kept, expert_offsets=offsets,
