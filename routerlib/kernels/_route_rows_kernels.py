@@ -13,12 +13,15 @@ NaN above +inf as in torch.sort). With PACKED (the launcher's choice) the lists 
 per key with the column in its low bits instead, and the result is finished exactly (see the
 "packed selection" section below).
 
-The select kernel also ranks each chosen slot inside its tile by counting (_token_ranks): per
-token a column of E/4 int32 words holding 8-bit fields (field e%4 of word e//4); an exclusive
-cumsum of the columns along the tile's tokens gives, in field e, how many earlier tokens of the
-tile went to e. Fields cannot overflow: a tile has at most 128 tokens and a token takes an expert
-once. The place kernel is then elementwise: it adds the earlier tiles' counts (from the scan,
-or, with few tiles, from its own scan of the tile counts held in registers).
+The select kernel also ranks each chosen slot inside its tile by counting. With one thread a
+token and E <= 128 (the prefill default) by bit-transposed membership masks (_lane_ranks, see
+its section): a ballot-like transpose of each warp's 128-bit masks and popcounts. Otherwise
+(_token_ranks) per token a column of E/4 int32 words holding 8-bit fields (field e%4 of word
+e//4); an exclusive cumsum of the columns along the tile's tokens gives, in field e, how many
+earlier tokens of the tile went to e. Fields cannot overflow: a tile has at most 128 tokens and
+a token takes an expert once. The place kernel is then elementwise: it adds the earlier tiles'
+counts (from the scan, or, with few tiles, from its own scan of the tile counts held in
+registers).
 
 Bytes: select reads T*E*s (+ T*K*s, the K selected logits again, from L1/L2) and writes T*K*12
 (ids, weights, in-tile ranks) + NT*E*4 (tile counts); the scan reads and writes NT*E*4; place

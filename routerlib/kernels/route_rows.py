@@ -5,8 +5,9 @@ the fast route.
                           by insertion into register lists (no cross-thread reductions; packed
                           int32 keys with the index in the low bits where that measured faster),
                           weights, ids; each slot's rank among the tile's earlier tokens of its
-                          expert (a cumsum of packed 8-bit counts along the tile, no sort) into
-                          slot_to_row, and the tile's expert counts.
+                          expert (popcounts of bit-transposed membership masks with one thread
+                          a token and E <= 128, else a cumsum of packed 8-bit counts along the
+                          tile; no sort) into slot_to_row, and the tile's expert counts.
   2. _scan_tiles_kernel   exclusive scan of the tile counts down the tiles (>= 16 programs);
                           skipped when tiles x experts <= _MAX_SUM_TILES (decode sizes): the
                           place kernel then scans them itself.
@@ -15,10 +16,10 @@ the fast route.
                           extra programs mark the empty rows (capacity or padded layouts).
 When T <= BT, kernel 1 builds the whole plan itself (FUSED_PLAN): one launch.
 
-Measured on an H100 (results/h100/route_breakdown.json at ba899a1, T=16384, E=128, K=8, fp32):
-select 11.4 us (packed keys; 13.7 us with the exact insertion at 1d3dbd6), scan 3.0 us, place
-4.0 us of device time; 24.2 us a route in a CUDA graph (results/h100/targets.json), where a
-one-kernel graph takes 4.9 us.
+Measured on an H100 (results/h100/route_breakdown.json at 42230d5, T=16384, E=128, K=8, fp32):
+select 8.7 us (bit-transposed ranks; 11.4 us with the 8-bit count table at ba899a1), scan 3.0
+us, place 3.9 us of device time; 22.1 us a route in a CUDA graph (results/h100/targets.json),
+where a one-kernel graph takes 4.8 us.
 
 Scope (`applies`): token choice, drop_policy "position", no group limit, K <= 8, E <= 512,
 fp32/bf16/fp16 logits, no gradient and no loss sums needed (inference), not while torch.compile
