@@ -309,8 +309,17 @@ for T in sorted(t["T"].unique(), reverse=True):
 #    token t, how many earlier tokens of the tile chose e — no sort. The table is [E/4, tokens]
 #    so that Triton puts the tokens on the lanes and a token's words in its registers (the
 #    transposed table made every thread hold every token's ids: ptxas spilled 5.9 KB a thread).
-#    The tile's counts are the table's row sums. The in-tile ranks go to slot_to_row, the counts
-#    to a [tiles, E] table. **Packed keys** (the default with one thread a token up to 16k
+#    The tile's counts are the table's row sums. **Bit-transposed ranks** (the default with one
+#    thread a token and E ≤ 128, i.e. prefill): a token's K choices are a 128-bit membership
+#    mask (word w, bit b: expert 32w + b). Seen as rows of 32 tokens (a warp each), every
+#    32 × 32 bit block is transposed across the lanes in five butterfly stages — `tl.gather` of a
+#    lane's partner, one `SHFL` each on sm_90 — after which lane b of word w holds, one bit per
+#    token, which of the row's tokens chose expert 32w + b. A slot's rank is then
+#    `popc(bits & below(token))` with the bits fetched from lane e % 32 (one more shuffle per
+#    word), plus the earlier rows' counts; the tile's counts are the summed popcounts. The
+#    select kernel's sm_90 code went from 4552 to 1968 instructions (151 → 80 registers); the
+#    rank work per token from ~3,000 instructions to ~300. The in-tile ranks go to slot_to_row,
+#    the counts to a [tiles, E] table. **Packed keys** (the default with one thread a token up to 16k
 #    tokens): the sortable int32 key's low SHIFT bits (SHIFT = bits of the largest column index)
 #    give way to the column's complement, so one int32 orders by key, then lower index, and is
 #    unique; an insertion is then a max/min pair per list entry (`p_j = max(p_j, min(x,
@@ -368,13 +377,15 @@ pd.DataFrame([{"case": c["case"], **{k.strip("_").replace("_kernel", ""): v
                "one torch.empty": c["empty_alloc_us"]} for c in bd["cases"]]).round(1)
 
 # %% [markdown]
-# At T = 16384 the three kernels take 11.4 + 3.0 + 4.0 µs of device time (select 13.7 µs
-# before the packed keys, `route_breakdown_1d3dbd6.json`); the graph adds its floor (4.9 µs)
-# and ~1 µs between kernels: 24.2 µs. Eager is host-bound and varies with the lent machine: at
-# 1d3dbd6 ~75 µs of ~160 µs were Python and ten `torch.empty` calls (~5 µs each) and the rest
-# three Triton launches (~30 µs each: `JITFunction.run`, specialization, the driver's launcher;
-# the cProfile is in the JSON, `host_profile`); the ba899a1 host was slower (a `torch.empty`
-# ~10 µs, the launch roof 9.8 µs against 7.3 µs).
+# At T = 16384 the three kernels take 8.7 + 3.0 + 3.9 µs of device time (select 11.4 µs with
+# the 8-bit count table, `route_breakdown_ba899a1.json`; 13.7 µs before the packed keys,
+# `route_breakdown_1d3dbd6.json`); the graph adds its floor (4.8 µs) and ~1 µs between kernels:
+# 22.1 µs. At T = 65536 (four-warp tiles now) 30.6 + 3.0 + 10.8 µs, 55.8 µs in a graph (66.0).
+# Eager is host-bound and varies with the lent machine: the Python path without the launches
+# is 62 µs since every output is a view of one allocation (139 µs with ten `torch.empty` calls
+# of ~10 µs on the ba899a1 host); the rest is three Triton launches (~30 µs each:
+# `JITFunction.run`, specialization, the driver's launcher; the cProfile is in the JSON,
+# `host_profile`).
 #
 # ### Its launch configs (sweep of the current kernels: H200, `../h200/tune_route_84e5f4f.csv`)
 #
@@ -401,7 +412,10 @@ res.groupby("kernel")[["n_regs", "n_spills"]].describe().round(0)
 #   eligible warp in 74% of cycles; waits on loads are 1.3 of the 3.8 cycles between two
 #   instructions, the rest is the insertion's dependent compare/select chain. More threads per
 #   token (more warps) add merge work in the same proportion: every split lands within ±10%
-#   (28.3–32.3 µs), (1, 1) and (4, 4) in front. At decode sizes many small tiles win (4 threads
+#   (28.3–32.3 µs), (1, 1) and (4, 4) in front. With the bit-transposed ranks, four warps a tile
+#   win past 16k tokens (T = 65536: 55.2–55.6 vs 59.5–59.7 µs; T = 32768: 33.6 vs 34.1) and one
+#   warp up to it (T = 16384: 22.1 vs 23.6 µs; `ab_tiles_scan_6f2ebbd.txt`,
+#   `ab_decode_t32768_ed6f5de.txt`). At decode sizes many small tiles win (4 threads
 #   a token, 1 warp: T = 64 11.7 µs, T = 256 15.4 µs on the H200). Three software-pipelining
 #   stages of the column loop beat two on the H100 (26.1 vs 28.9 µs at T = 16384, 65.5 vs
 #   72.2 µs at T = 65536, `stages_1d3dbd6.txt`): the default.
@@ -427,7 +441,12 @@ res.groupby("kernel")[["n_regs", "n_spills"]].describe().round(0)
 #   `JITFunction.run`, did not lower the eager time (170 vs 161 µs,
 #   `../h200/route_breakdown_thin_launch_ee4653c.json`); the previous session's one-launch decode
 #   route and three-launch fused route were slower than the general path
-#   (`targets_optin_routes_d8adf02.json`). All of these were removed.
+#   (`targets_optin_routes_d8adf02.json`); this session, the place kernel summing the tile
+#   counts itself in a loop, so that prefill needs no scan launch, was slower (T = 16384 with
+#   four-warp tiles 28.0 vs 23.6 µs, T = 4096 23.3 vs 17.8: every program re-reads all counts),
+#   and decode tiles holding every token (one launch, 8 warps) were slower than eight one-warp
+#   tiles plus the place kernel (T = 64: 11.6 vs 9.8 µs; `ab_tiles_scan_6f2ebbd.txt`,
+#   `ab_carve_decode_tiles_4d8da06.txt`). All of these were removed.
 
 # %% [markdown]
 # The final packed kernel against the exact insertion (`ab_packed_2c62426.txt`, its last block:
@@ -447,6 +466,21 @@ ab["packed / exact"] = ab["packed"] / ab["exact"]
 ab.round(2)
 
 # %% [markdown]
+# The bit-transposed ranks against the 8-bit count table (`ab_lane_ranks_42230d5.txt`: same run,
+# twice each, µs per route in a CUDA graph, H100; `ROUTERLIB_ROWS_LANE_RANKS=0` keeps the table):
+
+# %%
+runs = re.findall(r"route T=(\d+) E=(\d+) K=8 (\w+) (\{[^}]*\}) graph ([\d.]+) us .*?ok=True",
+                  (RESULTS / "ab_lane_ranks_42230d5.txt").read_text())
+lr = pd.DataFrame([{"shape": f"T={t} E={e} {dt}",
+                    "ranks": "count table" if "LANE_RANKS': '0'" in knobs else "bit-transposed",
+                    "us": float(us)} for t, e, dt, knobs, us in runs])
+assert len(lr) == 14, "3 shapes x 2 rounds x 2 rank methods, and bf16 once each"
+lr = lr.pivot_table(index="shape", columns="ranks", values="us", aggfunc="median")
+lr["bit-transposed / table"] = lr["bit-transposed"] / lr["count table"]
+lr.round(2)
+
+# %% [markdown]
 # ## Conclusions
 #
 # * **Dispatch and combine meet the targets**: 89–90% and 95–98% of the measured copy bandwidth
@@ -455,23 +489,24 @@ ab.round(2)
 #   no atomics. torch.compile of the reference fuses the K-way gather-sum and reaches 94–96% on
 #   combine too, but only 56–58% on dispatch (`targets_1d3dbd6.json`; the ba899a1 run's time
 #   budget skipped those compiles), and it does not help the routing (1.0–1.8 ms).
-# * **The backward** of route + dispatch + combine costs 1.43× its forward in `targets.json`
-#   (ba899a1; 1.16× at 1d3dbd6 with the same backward kernels, 1.2–1.75× in earlier runs: the
-#   forward with autograd on is host-bound and this host was slower; target ≤ 2×) and is 14×
-#   faster than the reference's backward.
+# * **The backward** of route + dispatch + combine costs 1.00× its forward in `targets.json`
+#   (42230d5; 1.43× at ba899a1 and 1.16× at 1d3dbd6 with the same backward kernels: the forward
+#   with autograd on is host-bound and varies with the host; target ≤ 2×) and is 21× faster
+#   than the reference's backward.
 # * **Routing misses its latency targets.** Score + top-K + plan (T = 16384, E = 128, K = 8,
-#   fp32 logits) takes 24.2 µs in a CUDA graph with the row-wise route and packed keys
-#   (section 6; 26.0 µs without them at 1d3dbd6, 49.8–58.3 µs with top-K + plan three sessions
-#   ago; target 10 µs; torchtitan 208 µs, the reference cannot be captured) and 169 µs wall
-#   eager from Python on this run's host (107 µs do_bench; 148 µs at 1d3dbd6 on a faster host;
-#   target 40 µs; reference 1.03 ms, torchtitan 0.39 ms). A CUDA graph of one tiny kernel
-#   already takes 4.9 µs measured this way, and the selection kernel alone 11.4 µs: it is bound
-#   by its instruction stream with one warp per scheduler (section 6), so 10 µs needs a much
-#   cheaper selection and rank table, not only fewer launches. Eager is bound by the host (5–10
-#   µs a `torch.empty`, ~30 µs a Triton launch on the lent machines' CPUs). The decode path
-#   (T = 64, D = 4096) takes 22.9 µs in a graph here (21.8 µs at 9727bcd,
-#   `targets_route_decode_9727bcd.json`; target 15 µs): five kernels in one graph (the route's
-#   two, dispatch, the experts' stand-in multiply, combine) over a 4.9 µs floor.
+#   fp32 logits) takes 22.1 µs in a CUDA graph with the row-wise route, packed keys and
+#   bit-transposed ranks (section 6; 24.2 µs at ba899a1, 26.0 µs at 1d3dbd6, 49.8–58.3 µs with
+#   top-K + plan four sessions ago; target 10 µs; torchtitan 208 µs, the reference cannot be
+#   captured; OpenAI's triton_kernels, measured at 19 µs in DESIGN.md, is still ahead) and
+#   164–235 µs wall eager from Python on the lent hosts (target 40 µs; reference 0.88 ms,
+#   torchtitan 0.24 ms in the same run). A CUDA graph of one tiny kernel already takes 4.8 µs
+#   measured this way, the selection kernel 8.7 µs (8 MB of logits: 2.7 µs at the copy roof;
+#   one warp per scheduler, so its instruction stream sets the pace), and the scan and place
+#   launches 3.0 + 3.9 µs, mostly latency. Eager is bound by the host: 62 µs of Python and
+#   ~30 µs a Triton launch on the lent machines' CPUs. The decode path (T = 64, D = 4096) takes
+#   23.1 µs in a graph here (target 15 µs): five kernels in one graph (the route's two,
+#   dispatch, the experts' stand-in multiply, combine) over a 4.8 µs floor; 18.7–19.7 µs
+#   without the stand-in.
 
 # %%
 tg = targets.set_index("target")
