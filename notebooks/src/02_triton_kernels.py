@@ -231,24 +231,29 @@ bw.round(2)
 # %% [markdown]
 # ### The Triton backend over the standard configurations (`kernels_triton.csv`)
 #
-# `python -m routerlib.bench --backends triton --cuda-graph` at decode and prefill sizes:
-# Mixtral, OLMoE and Qwen3 up to T = 16384 at commit 1d3dbd6 (the step's time limit stopped it
-# there: Qwen3 T = 65536 is missing), DeepSeek-V3 and Switch at ba899a1
-# (`kernels_triton_deepseek_switch.csv`; DeepSeek-V3's group limit takes the general path).
+# `python -m routerlib.bench --backends triton --cuda-graph` at decode and prefill sizes. The
+# route: all five configurations with the current kernels (`kernels_route_431122d.csv`; Switch
+# T = 65536 is missing, the step's time limit; DeepSeek-V3's group limit takes the general
+# path). Combine: Mixtral, OLMoE and Qwen3 at 1d3dbd6 (`kernels_triton.csv`), DeepSeek-V3 and
+# Switch at ba899a1 (`kernels_triton_deepseek_switch.csv`), Qwen3 T = 65536 at 431122d
+# (`kernels_qwen3_65536_431122d.csv`).
 # Left: time per call against T, eager and in a CUDA graph,
-# with the graph floor (a one-kernel graph) in red: below ~1k tokens the route sits 1–11 µs
-# above it. Right: achieved bandwidth against the copy roof — combine reaches ~80% of it at
-# T = 4096 and 95–99% from T = 16384 on; the route moves few bytes and is latency-bound at
+# with the graph floor (a one-kernel graph, 4.9 µs) in red: up to 256 tokens the row-wise route
+# sits 1–10 µs above it (Mixtral 6.1–8.5 µs, Qwen3 10.1–14.0 µs), DeepSeek-V3's general path
+# 11–35 µs. Right: achieved bandwidth against the copy roof — combine reaches ~80% of it at
+# T = 4096 and 95–100% from T = 16384 on; the route moves few bytes and is latency-bound at
 # every size.
 
 # %%
 from routerlib import viz  # noqa: E402
 
-kt = pd.concat([pd.read_csv(RESULTS / "kernels_triton.csv"),
-                pd.read_csv(RESULTS / "kernels_triton_deepseek_switch.csv")], ignore_index=True)
+kt = {"route": pd.read_csv(RESULTS / "kernels_route_431122d.csv"),
+      "combine": pd.concat([pd.read_csv(RESULTS / name) for name in (
+          "kernels_triton.csv", "kernels_triton_deepseek_switch.csv",
+          "kernels_qwen3_65536_431122d.csv")], ignore_index=True)}
 floor = json.loads((RESULTS / "kernels_triton.json").read_text())["roofs"]["graph_us"]
 for stage in ("route", "combine"):
-    fig = viz.plot_bench(kt, stage=stage, floor_us=floor,
+    fig = viz.plot_bench(kt[stage], stage=stage, floor_us=floor,
                          title=f"{stage}, Triton backend, H100 (standard configurations)")
     display(fig)
     matplotlib.pyplot.close(fig)
