@@ -140,10 +140,14 @@ def _sum_tiles(num_tiles: int, block_e: int) -> bool:
 def _lane_ranks(h: int, num_warps: int, num_experts: int, fused: bool) -> bool:
     """Bit-transposed ranks (see _route_rows_kernels): one thread a token (a tile of 32 tokens a
     warp), E <= 128, several tiles. ROUTERLIB_ROWS_LANE_RANKS=0 keeps the one-hot table (A/B
-    runs)."""
-    if os.environ.get("ROUTERLIB_ROWS_LANE_RANKS") == "0":
+    runs); =1 also takes them with several threads a token where a tile is whole rows of 32
+    tokens (rows then span warps)."""
+    pinned = os.environ.get("ROUTERLIB_ROWS_LANE_RANKS")
+    if pinned == "0" or num_experts > 128 or fused:
         return False
-    return h == 1 and num_experts <= 128 and not fused
+    if pinned == "1":
+        return 32 // h * num_warps % 32 == 0
+    return h == 1
 
 
 def _carve(sizes: tuple[int, ...], dev: torch.device) -> list[torch.Tensor]:
