@@ -451,7 +451,10 @@ res.groupby("kernel")[["n_regs", "n_spills"]].describe().round(0)
 #   four-warp tiles 28.0 vs 23.6 µs, T = 4096 23.3 vs 17.8: every program re-reads all counts),
 #   and decode tiles holding every token (one launch, 8 warps) were slower than eight one-warp
 #   tiles plus the place kernel (T = 64: 11.6 vs 9.8 µs; `ab_tiles_scan_6f2ebbd.txt`,
-#   `ab_carve_decode_tiles_4d8da06.txt`). All of these were removed.
+#   `ab_carve_decode_tiles_4d8da06.txt`); two threads a token with the bit-transposed ranks
+#   (more warps for the same tokens) were slower too (T = 16384: 26.5–32.0 vs 22.0 µs,
+#   `ab_h2_lane_ranks_7215180.txt`; kept only as the knob `ROUTERLIB_ROWS_LANE_RANKS=1`).
+#   The others were removed.
 
 # %% [markdown]
 # The final packed kernel against the exact insertion (`ab_packed_2c62426.txt`, its last block:
