@@ -232,11 +232,12 @@ bw.round(2)
 # ### The Triton backend over the standard configurations (`kernels_triton.csv`)
 #
 # `python -m routerlib.bench --backends triton --cuda-graph` at decode and prefill sizes. The
-# route: all five configurations with the current kernels (`kernels_route_431122d.csv`; Switch
-# T = 65536 is missing, the step's time limit; DeepSeek-V3's group limit takes the general
-# path). Combine: Mixtral, OLMoE and Qwen3 at 1d3dbd6 (`kernels_triton.csv`), DeepSeek-V3 and
-# Switch at ba899a1 (`kernels_triton_deepseek_switch.csv`), Qwen3 T = 65536 at 431122d
-# (`kernels_qwen3_65536_431122d.csv`).
+# route: all five configurations with the current kernels (`kernels_route_431122d.csv`, Switch
+# T = 65536 from `kernels_65536_8d3354d.csv`: same kernels; DeepSeek-V3's group limit takes the
+# general path). Combine: Mixtral, OLMoE and Qwen3 at 1d3dbd6 (`kernels_triton.csv`),
+# DeepSeek-V3 and Switch at ba899a1 (`kernels_triton_deepseek_switch.csv`), T = 65536 of Qwen3,
+# Mixtral, OLMoE and Switch at 431122d / 8d3354d (`kernels_qwen3_65536_431122d.csv`,
+# `kernels_65536_8d3354d.csv`).
 # Left: time per call against T, eager and in a CUDA graph,
 # with the graph floor (a one-kernel graph, 4.9 µs) in red: up to 256 tokens the row-wise route
 # sits 1–10 µs above it (Mixtral 6.1–8.5 µs, Qwen3 10.1–14.0 µs), DeepSeek-V3's general path
@@ -247,10 +248,12 @@ bw.round(2)
 # %%
 from routerlib import viz  # noqa: E402
 
-kt = {"route": pd.read_csv(RESULTS / "kernels_route_431122d.csv"),
+late = pd.read_csv(RESULTS / "kernels_65536_8d3354d.csv")
+kt = {"route": pd.concat([pd.read_csv(RESULTS / "kernels_route_431122d.csv"),
+                          late[late["config"] == "switch-base-128"]], ignore_index=True),
       "combine": pd.concat([pd.read_csv(RESULTS / name) for name in (
           "kernels_triton.csv", "kernels_triton_deepseek_switch.csv",
-          "kernels_qwen3_65536_431122d.csv")], ignore_index=True)}
+          "kernels_qwen3_65536_431122d.csv")] + [late], ignore_index=True)}
 floor = json.loads((RESULTS / "kernels_triton.json").read_text())["roofs"]["graph_us"]
 for stage in ("route", "combine"):
     fig = viz.plot_bench(kt[stage], stage=stage, floor_us=floor,
