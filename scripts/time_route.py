@@ -2,8 +2,9 @@
 
     ROUTERLIB_ROWS_STAGES=3 python scripts/time_route.py --T 16384 --E 128 --K 8
 Prints one line: the knobs seen, the median us in a CUDA graph, the host wall us per eager call
-(back-to-back calls) and whether the plan equals the reference's. With --D the timed function is
-the decode path instead: route + dispatch (+ rows * 0.5 with --stand-in) + combine of bf16 tokens.
+(bench.timing.host_wall_us) and whether the plan equals the reference's. With --D the timed
+function is the decode path instead: route + dispatch (+ rows * 0.5 with --stand-in) + combine
+of bf16 tokens.
 With --profile it only runs a few routes (no timing), for Nsight Compute:
 
     ncu --clock-control none --kernel-name regex:'_rows_|_tiles_|_slots_' --launch-skip 9 \
@@ -15,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
+from unittest import mock
 
 import torch
 
 from routerlib import reference as ref
-from routerlib.bench.timing import bench_cuda_graph
+from routerlib.bench.timing import bench_cuda_graph, host_wall_us
 from routerlib.config import RouterConfig
 from routerlib.kernels import combine, dispatch, route
 
@@ -50,15 +51,7 @@ def _time(args: argparse.Namespace, T: int) -> str:
             want = ref.combine(ref.dispatch(x, plan).float() * scale, plan, sel.topk_weights)
             ok = ok and torch.allclose(fn().float(), want.float(), rtol=2e-2, atol=2e-2)
         us = bench_cuda_graph(fn).median_us
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        n = 200
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / n * 1e6
+        wall = host_wall_us(fn)
     knobs = {k: v for k, v in os.environ.items() if k.startswith("ROUTERLIB_")}
     what = f"path D={args.D}{' stand-in' if args.stand_in else ''}" if args.D else "route"
     return (f"{what} T={T} E={args.E} K={args.K} {args.dtype} {knobs} graph {us:.2f} us "
@@ -82,16 +75,8 @@ def main() -> None:
     for T in (int(t) for t in args.T.split(",")):
         for variant in (args.variants or "-").split("|"):
             knobs = dict(kv.split("=", 1) for kv in variant.split() if kv != "-")
-            saved = {k: os.environ.get(k) for k in knobs}
-            os.environ.update(knobs)
-            try:
+            with mock.patch.dict(os.environ, knobs):
                 print(_time(args, T), flush=True)
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
 
 
 if __name__ == "__main__":

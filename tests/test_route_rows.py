@@ -92,7 +92,7 @@ def test_bit_transposed_ranks(T, E, K, kw, lane, warps, device, poisoned, monkey
     (and the one-hot table's), ties and identical tokens included."""
     monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", f"1,{warps}")
     monkeypatch.setenv("ROUTERLIB_ROWS_LANE_RANKS", lane)
-    assert route_rows._lane_ranks(1, 1, E, False) == (lane == "1")
+    assert route_rows._use_lane_ranks(1, 1, E, False) == (lane == "1")
     check(T, E, K, kw, device)
 
 
@@ -104,19 +104,20 @@ def test_bit_transposed_ranks_forced_with_threads_per_token(T, E, K, kw, split, 
     monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
     monkeypatch.setenv("ROUTERLIB_ROWS_LANE_RANKS", "1")
     h, nw, _ = route_rows.rows_config(E, T, K)
-    assert route_rows._lane_ranks(h, nw, E, False)
+    assert route_rows._use_lane_ranks(h, nw, E, False)
     check(T, E, K, kw, device)
 
 
 def test_bit_transposed_ranks_apply_to_one_warp_tiles(monkeypatch):
     monkeypatch.delenv("ROUTERLIB_ROWS_LANE_RANKS", raising=False)
-    assert route_rows._lane_ranks(1, 1, 128, False)
-    assert not route_rows._lane_ranks(1, 1, 129, False)  # more than four mask words
-    assert not route_rows._lane_ranks(1, 1, 64, True)  # one tile: the fused plan
-    assert not route_rows._lane_ranks(4, 1, 64, False)  # 4 threads a token
+    assert route_rows._use_lane_ranks(1, 1, 128, False)
+    assert not route_rows._use_lane_ranks(1, 1, 129, False)  # more than four mask words
+    assert not route_rows._use_lane_ranks(1, 1, 64, True)  # one tile: the fused plan
+    assert not route_rows._use_lane_ranks(4, 1, 64, False)  # 4 threads a token
     monkeypatch.setenv("ROUTERLIB_ROWS_LANE_RANKS", "1")  # forced: whole rows of 32 tokens
-    assert route_rows._lane_ranks(2, 2, 64, False) and not route_rows._lane_ranks(4, 1, 64, False)
-    assert route_rows._lane_ranks(1, 4, 64, False)  # four warps a tile: rows of 32 tokens
+    assert route_rows._use_lane_ranks(2, 2, 64, False)
+    assert not route_rows._use_lane_ranks(4, 1, 64, False)  # 8 tokens a tile: not whole rows
+    assert route_rows._use_lane_ranks(1, 4, 64, False)  # four warps a tile: rows of 32 tokens
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

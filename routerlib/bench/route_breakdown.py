@@ -15,7 +15,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -23,26 +22,11 @@ import torch
 
 from routerlib.bench.envinfo import env_info
 from routerlib.bench.roofline import measure_graph_floor
-from routerlib.bench.timing import bench_cuda_graph
+from routerlib.bench.timing import bench_cuda_graph, host_wall_us
 
 CASES = (("qwen3 T=16384", 16384, 128, 8, dict(renormalize=True)),
          ("decode T=64", 64, 64, 8, {}),
          ("qwen3 T=65536", 65536, 128, 8, dict(renormalize=True)))
-
-
-def _wall_us(fn: Callable[[], object], reps: int = 200) -> float:
-    """Median per-call wall time of back-to-back calls (synchronised every 20 calls)."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps // 20):
-        t0 = time.perf_counter()
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) / 20 * 1e6)
-    return statistics.median(times)
 
 
 def _host_profile(fn: Callable[[], object], reps: int = 200, top: int = 14) -> list[str]:
@@ -106,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
                 case["device_us"] = _device_times(call)
             except Exception as e:  # noqa: BLE001 - the host side is still worth having
                 case["device_us"] = f"{type(e).__name__}: {e}"[:300]
-            case["eager_wall_us"] = _wall_us(call)
+            case["eager_wall_us"] = host_wall_us(call)
             cls = type(route_rows._select_rows_kernel)
             saved = cls.__getitem__
             try:  # the launches as no-ops: what the Python path costs by itself
                 cls.__getitem__ = lambda self, grid: (lambda *a, **k: None)
-                case["eager_no_launch_us"] = _wall_us(call)
+                case["eager_no_launch_us"] = host_wall_us(call)
             finally:
                 cls.__getitem__ = saved
             try:
@@ -119,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # noqa: BLE001
                 case["graph_us"] = f"{type(e).__name__}: {e}"[:300]
             case["host_profile"] = _host_profile(call)
-            case["empty_alloc_us"] = _wall_us(
+            case["empty_alloc_us"] = host_wall_us(
                 lambda t=T, k=K: torch.empty((t, k), dtype=torch.int32, device="cuda"))
         out["cases"].append(case)
         print(json.dumps(case, indent=1))

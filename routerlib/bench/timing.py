@@ -8,6 +8,7 @@ functions passed in must not either (no .item(), .tolist(), printing of tensors)
 
 from __future__ import annotations
 
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -73,6 +74,22 @@ def bench(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: float = 100
     if _is_cuda(device):
         return _bench_cuda(fn, warmup_ms, rep_ms)
     return _bench_cpu(fn, warmup_ms, rep_ms, min_rep, max_rep)
+
+
+def host_wall_us(fn: Callable[[], object], reps: int = 200) -> float:
+    """Median per-call host wall time (us) of back-to-back CUDA calls, synchronised every 20:
+    what an eager caller sees when the host, not the device, sets the pace."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps // 20):
+        t0 = time.perf_counter()
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / 20 * 1e6)
+    return statistics.median(times)
 
 
 def cuda_state_ok(device: torch.device | str = "cuda") -> bool:

@@ -137,7 +137,7 @@ def _sum_tiles(num_tiles: int, block_e: int) -> bool:
     return num_tiles * block_e <= _MAX_SUM_TILES
 
 
-def _lane_ranks(h: int, num_warps: int, num_experts: int, fused: bool) -> bool:
+def _use_lane_ranks(h: int, num_warps: int, num_experts: int, fused: bool) -> bool:
     """Bit-transposed ranks (see _route_rows_kernels): one thread a token (a tile of 32 tokens a
     warp), E <= 128, several tiles. ROUTERLIB_ROWS_LANE_RANKS=0 keeps the one-hot table (A/B
     runs); =1 also takes them with several threads a token where a tile is whole rows of 32
@@ -207,7 +207,7 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
         HAS_BIAS=bias is not None, KEY_LOGITS=key_logits,
         NEED_MS=not sigmoid and not softmax_after and not (key_logits and renorm),
         STAGES=_stages(), PACKED=packed, SHIFT=max(1, (H * EH - 1).bit_length()),
-        TIE_CHECK=_TIE_CHECK, FUSED_PLAN=fused, LANE_RANKS=_lane_ranks(H, num_warps, E, fused),
+        TIE_CHECK=_TIE_CHECK, FUSED_PLAN=fused, LANE_RANKS=_use_lane_ranks(H, num_warps, E, fused),
         # bf16/fp16 logits as the keys: their fp32 low 13 bits are zero, packing cuts nothing
         EXACT_PACK=bias is None and logits.dtype != torch.float32,
         CAPACITY=capacity, PAD=pad, BLOCK_R=block_r,
