@@ -283,3 +283,75 @@ def test_route_rows_full_size_packed(T, E, K, kw, device, poisoned, monkeypatch)
     """The packed keys forced on where the default leaves them off."""
     monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "1")
     check(T, E, K, kw, device, seed=T + E + 1)
+
+
+# The one-launch route (grid barriers, a cooperative launch) runs only on a GPU: on the CPU the
+# same kernel bodies run as three launches, which every test above covers. On a GPU every test
+# above takes the one launch (several tiles); these pin what is its own.
+SYNC_CASES = [
+    (37, 13, 3, dict(capacity_factor=1.0)),
+    (300, 8, 2, dict(pad_to_multiple=4)),
+    (2049, 64, 8, dict(renormalize=True)),  # decode-size tile counts: the in-register sum
+    (5000, 100, 6, dict(capacity_factor=1.25, expert_bias=True)),  # the scan phase, drops
+    (16384, 128, 8, dict(renormalize=True)),
+    (4099, 512, 4, dict(capacity_factor=1.0)),
+    (3000, 256, 8, dict(score_func="sigmoid", expert_bias=True, pad_to_multiple=64)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,E,K,kw", SYNC_CASES)
+@pytest.mark.parametrize("grid", [None, "2", "7"])  # every program one tile, or looping
+def test_route_sync_equals_split(T, E, K, kw, grid, device, poisoned, monkeypatch):
+    cfg = RouterConfig(num_experts=E, top_k=K, **kw)
+    logits = torch.randn(T, E, device=device)
+    bias = torch.randn(E, device=device) * 0.05 if cfg.expert_bias else None
+    if grid:
+        monkeypatch.setenv("ROUTERLIB_ROWS_SYNC_GRID", grid)
+    assert route_rows._use_sync(logits.device, 2)
+    sel, plan = route_rows.route_rows(logits, cfg, bias)
+    assert_route_matches_reference(sel, plan, logits, cfg, bias)
+    monkeypatch.setenv("ROUTERLIB_ROWS_SYNC", "0")
+    sel2, plan2 = route_rows.route_rows(logits, cfg, bias)
+    for a, b in ((sel.topk_ids, sel2.topk_ids), (plan.slot_to_row, plan2.slot_to_row),
+                 (plan.row_to_slot, plan2.row_to_slot), (plan.expert_offsets,
+                                                         plan2.expert_offsets)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_route_sync_counter_stays_clean(device):
+    """Launches of different grid sizes on one stream share a counter: after each, its low 31
+    bits are zero again (the barrier's arithmetic), and every route is still right."""
+    cfg = RouterConfig(num_experts=64, top_k=8)
+    for T in (4096, 100, 16384, 33, 2048):
+        logits = torch.randn(T, 64, device=device)
+        sel, plan = route_rows.route_rows(logits, cfg)
+        assert_route_matches_reference(sel, plan, logits, cfg, None)
+        counter = route_rows._sync_counter(logits.device)
+        assert int(counter.item()) & 0x7FFFFFFF == 0
+
+
+@pytest.mark.gpu
+def test_route_sync_in_cuda_graph_and_streams(device):
+    """Captured in a CUDA graph (its own counter) and replayed on new logits, alongside eager
+    routes on a second stream (their own counter)."""
+    cfg = RouterConfig(num_experts=128, top_k=8, renormalize=True)
+    logits = torch.randn(16384, 128, device=device)
+    route_rows.route_rows(logits, cfg)  # compiled, and the counter pool made, outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sel, plan = route_rows.route_rows(logits, cfg)
+    side = torch.cuda.Stream()
+    for seed in range(3):
+        logits.copy_(torch.randn(16384, 128, device=device, generator=torch.Generator(
+            device=device).manual_seed(seed)))
+        other = torch.randn(8192, 128, device=device)
+        side.wait_stream(torch.cuda.current_stream())
+        graph.replay()
+        with torch.cuda.stream(side):
+            sel2, plan2 = route_rows.route_rows(other, cfg)
+        torch.cuda.synchronize()
+        assert_route_matches_reference(sel, plan, logits, cfg, None)
+        assert_route_matches_reference(sel2, plan2, other, cfg, None)

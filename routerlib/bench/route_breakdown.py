@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from collections import defaultdict
 from collections.abc import Callable
+from unittest import mock
 
 import torch
 
@@ -73,44 +75,50 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("route_breakdown: needs a CUDA GPU", file=sys.stderr)
         return 2
-    from routerlib.config import RouterConfig
-    from routerlib.kernels import route, route_rows
-
     out = {"env": env_info(), "graph_floor_us": measure_graph_floor(), "cases": []}
-    for name, T, E, K, kw in CASES:
-        cfg = RouterConfig(num_experts=E, top_k=K, check_finite=False, **kw)
-        logits = torch.randn(T, E, device="cuda") * 2
-        case = {"case": name, "T": T, "E": E, "K": K,
-                "config": route_rows.rows_config(E, T, K)}
-        def call(lg=logits, c=cfg):
-            return route(lg, c)
-
-        with torch.no_grad():
-            try:
-                case["device_us"] = _device_times(call)
-            except Exception as e:  # noqa: BLE001 - the host side is still worth having
-                case["device_us"] = f"{type(e).__name__}: {e}"[:300]
-            case["eager_wall_us"] = host_wall_us(call)
-            cls = type(route_rows._select_rows_kernel)
-            saved = cls.__getitem__
-            try:  # the launches as no-ops: what the Python path costs by itself
-                cls.__getitem__ = lambda self, grid: (lambda *a, **k: None)
-                case["eager_no_launch_us"] = host_wall_us(call)
-            finally:
-                cls.__getitem__ = saved
-            try:
-                case["graph_us"] = bench_cuda_graph(call).median_us
-            except Exception as e:  # noqa: BLE001
-                case["graph_us"] = f"{type(e).__name__}: {e}"[:300]
-            case["host_profile"] = _host_profile(call)
-            case["empty_alloc_us"] = host_wall_us(
-                lambda t=T, k=K: torch.empty((t, k), dtype=torch.int32, device="cuda"))
-        out["cases"].append(case)
-        print(json.dumps(case, indent=1))
+    for (name, T, E, K, kw), sync in ((c, s) for c in CASES for s in ("1", "0")):
+        # "1": the one-launch route; "0": its three launches, for the time of each stage
+        with mock.patch.dict(os.environ, {"ROUTERLIB_ROWS_SYNC": sync}):
+            out["cases"].append(_case(name, T, E, K, kw, sync == "1"))
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
     print(f"wrote {args.out}")
     return 0
+
+
+def _case(name: str, T: int, E: int, K: int, kw: dict, sync: bool) -> dict:
+    from routerlib.config import RouterConfig
+    from routerlib.kernels import route, route_rows
+
+    cfg = RouterConfig(num_experts=E, top_k=K, check_finite=False, **kw)
+    logits = torch.randn(T, E, device="cuda") * 2
+    case = {"case": name, "T": T, "E": E, "K": K, "one_launch": sync,
+            "config": route_rows.rows_config(E, T, K)}
+    def call(lg=logits, c=cfg):
+        return route(lg, c)
+
+    with torch.no_grad():
+        try:
+            case["device_us"] = _device_times(call)
+        except Exception as e:  # noqa: BLE001 - the host side is still worth having
+            case["device_us"] = f"{type(e).__name__}: {e}"[:300]
+        case["eager_wall_us"] = host_wall_us(call)
+        cls = type(route_rows._select_rows_kernel)
+        saved = cls.__getitem__
+        try:  # the launches as no-ops: what the Python path costs by itself
+            cls.__getitem__ = lambda self, grid: (lambda *a, **k: None)
+            case["eager_no_launch_us"] = host_wall_us(call)
+        finally:
+            cls.__getitem__ = saved
+        try:
+            case["graph_us"] = bench_cuda_graph(call).median_us
+        except Exception as e:  # noqa: BLE001
+            case["graph_us"] = f"{type(e).__name__}: {e}"[:300]
+        case["host_profile"] = _host_profile(call)
+        case["empty_alloc_us"] = host_wall_us(
+            lambda t=T, k=K: torch.empty((t, k), dtype=torch.int32, device="cuda"))
+    print(json.dumps(case, indent=1))
+    return case
 
 
 if __name__ == "__main__":

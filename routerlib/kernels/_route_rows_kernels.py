@@ -932,7 +932,8 @@ def _place(e, rank, valid, slot, kept, starts, slot_to_row_ptr, row_to_slot_ptr)
 
 
 @triton.jit
-def _select_rows_kernel(
+def _select_tile(
+    pid,
     logits_ptr,  # (T, E) fp32/bf16/fp16, row stride stride_t, unit column stride
     bias_ptr,  # (E,) selection bias; read only if HAS_BIAS
     ids_ptr,  # (T, K) int32 out
@@ -957,7 +958,6 @@ def _select_rows_kernel(
     """One program per tile of BT tokens (H threads per token): selection, weights, ids, each
     slot's rank inside the tile (into slot_to_row) and the tile's expert counts; with FUSED_PLAN
     (T <= BT) the whole plan as well."""
-    pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
     rmask = rows < T
     base = logits_ptr + rows.to(tl.int64) * stride_t
@@ -1017,24 +1017,117 @@ def _select_rows_kernel(
 
 
 @triton.jit
+def _select_rows_kernel(
+    logits_ptr,  # (T, E) fp32/bf16/fp16, row stride stride_t, unit column stride
+    bias_ptr,  # (E,) selection bias; read only if HAS_BIAS
+    ids_ptr,  # (T, K) int32 out
+    weights_ptr,  # (T, K) fp32 out
+    hist_ptr,  # (NT, BLOCK_E) int32 out: each tile's expert counts (if not FUSED_PLAN)
+    counts_ptr, kept_ptr, offsets_ptr,  # (E,), (E,), (E+1,) int32 out (FUSED_PLAN)
+    slot_to_row_ptr,  # (T*K,) int32 out: rows if FUSED_PLAN, else the ranks inside the tile
+    row_to_slot_ptr,  # (R,) int32 out (FUSED_PLAN)
+    T, stride_t, scale, C, R,
+    E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, H: tl.constexpr, EH: tl.constexpr,
+    BT: tl.constexpr, BLOCK_E: tl.constexpr, W: tl.constexpr,
+    SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.constexpr, RENORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, NEED_MS: tl.constexpr,
+    STAGES: tl.constexpr,  # software-pipelining stages of the column loop
+    PACKED: tl.constexpr, SHIFT: tl.constexpr,  # packed-key selection, index bits
+    EXACT_PACK: tl.constexpr,  # the keys' low SHIFT bits are zero: packing cuts nothing
+    TIE_CHECK: tl.constexpr,  # near ties go to the exact insertion (off only in a test)
+    FUSED_PLAN: tl.constexpr,  # one tile holds every token: build the whole plan here
+    LANE_RANKS: tl.constexpr,  # bit-transposed ranks (one thread a token, E <= 128)
+    CAPACITY: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One program per tile of BT tokens (see _select_tile)."""
+    _select_tile(tl.program_id(0), logits_ptr, bias_ptr, ids_ptr, weights_ptr, hist_ptr,
+                 counts_ptr, kept_ptr, offsets_ptr, slot_to_row_ptr, row_to_slot_ptr, T,
+                 stride_t, scale, C, R, E, K, KP, H, EH, BT, BLOCK_E, W, SIGMOID,
+                 SOFTMAX_AFTER, RENORM, HAS_BIAS, KEY_LOGITS, NEED_MS, STAGES, PACKED, SHIFT,
+                 EXACT_PACK, TIE_CHECK, FUSED_PLAN, LANE_RANKS, CAPACITY, PAD, BLOCK_R)
+
+
+@triton.jit
+def _scan_cols(c, hist_ptr, prefix_ptr, total_ptr, NT, BLOCK_E: tl.constexpr, BC: tl.constexpr,
+               BLOCK_P: tl.constexpr):
+    """Exclusive scan of the tile counts of expert columns [c*BC, c*BC + BC) down the tiles, in
+    a fixed order. Loads bypass L1 (.cg): in the one-launch route other programs wrote hist."""
+    cols = c * BC + tl.arange(0, BC)
+    run = tl.zeros([BC], tl.int32)
+    for p0 in range(0, NT, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        msk = (p < NT)[:, None]
+        h = tl.load(hist_ptr + p[:, None] * BLOCK_E + cols[None, :], mask=msk, other=0,
+                    cache_modifier=".cg")
+        tl.store(prefix_ptr + p[:, None] * BLOCK_E + cols[None, :],
+                 tl.cumsum(h, axis=0) - h + run[None, :], mask=msk)
+        run += tl.sum(h, axis=0)
+    tl.store(total_ptr + cols, run)
+
+
+@triton.jit
 def _scan_tiles_kernel(
     hist_ptr,  # (NT, BLOCK_E) int32 tile counts
     prefix_ptr,  # (NT, BLOCK_E) int32 out: counts of the earlier tiles
     total_ptr,  # (BLOCK_E,) int32 out: counts of all tiles
     NT, BLOCK_E: tl.constexpr, BC: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Exclusive scan of the tile counts down the tiles, BC expert columns per program, in a
-    fixed order (O(NT*E) work in all)."""
-    cols = tl.program_id(0) * BC + tl.arange(0, BC)
-    run = tl.zeros([BC], tl.int32)
-    for p0 in range(0, NT, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        msk = (p < NT)[:, None]
-        h = tl.load(hist_ptr + p[:, None] * BLOCK_E + cols[None, :], mask=msk, other=0)
-        tl.store(prefix_ptr + p[:, None] * BLOCK_E + cols[None, :],
-                 tl.cumsum(h, axis=0) - h + run[None, :], mask=msk)
-        run += tl.sum(h, axis=0)
-    tl.store(total_ptr + cols, run)
+    """Exclusive scan of the tile counts down the tiles, BC expert columns per program (O(NT*E)
+    work in all)."""
+    _scan_cols(tl.program_id(0), hist_ptr, prefix_ptr, total_ptr, NT, BLOCK_E, BC, BLOCK_P)
+
+
+@triton.jit
+def _plan_totals(prefix_ptr, total_ptr, counts_ptr, kept_ptr, offsets_ptr, pid, NT, C,
+                 E: tl.constexpr, BLOCK_E: tl.constexpr, CAPACITY: tl.constexpr,
+                 PAD: tl.constexpr, SUM_TILES: tl.constexpr, NTP: tl.constexpr):
+    """Every place program's view of the plan: (kept, starts, before). The expert totals come
+    from the scan, or with SUM_TILES from this program's own scan of the tile counts (held in
+    registers, [NTP, BLOCK_E]; `before` then holds every tile's prefix). Program 0 writes the
+    counts, kept counts and offsets."""
+    cols = tl.arange(0, BLOCK_E)
+    cmask = cols < E
+    if SUM_TILES:
+        q = tl.arange(0, NTP)
+        h = tl.load(prefix_ptr + q[:, None] * BLOCK_E + cols[None, :], mask=(q < NT)[:, None],
+                    other=0, cache_modifier=".cg")
+        total = tl.sum(h, axis=0)
+        before = tl.reshape(tl.cumsum(h, axis=0) - h, [NTP * BLOCK_E])
+    else:
+        total = tl.load(total_ptr + cols, cache_modifier=".cg")
+        before = total  # unused
+    kept, starts, used = _layout(total, cols, C, E, CAPACITY, PAD)
+    if pid == 0:
+        tl.store(counts_ptr + cols, total, mask=cmask)
+        tl.store(kept_ptr + cols, kept, mask=cmask)
+        tl.store(offsets_ptr + cols, starts, mask=cmask)
+        tl.store(offsets_ptr + E, used)
+    return kept, starts, before
+
+
+@triton.jit
+def _place_block(b, ids_ptr, prefix_ptr, slot_to_row_ptr, row_to_slot_ptr, kept, starts, before,
+                 N, NP, R, E: tl.constexpr, BT: tl.constexpr, K: tl.constexpr,
+                 BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr,
+                 SUM_TILES: tl.constexpr):
+    """Block b < NP: BLOCK_S slots, elementwise: rank = the earlier tiles' count + the rank in
+    the tile; kept iff rank < kept[e]; row = start of the expert + rank. Blocks >= NP mark
+    BLOCK_R empty rows each (capacity or padded layouts only)."""
+    if b < NP:
+        slot = b.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+        valid = slot < N
+        e = tl.load(ids_ptr + slot, mask=valid, other=0, cache_modifier=".cg")
+        rank = tl.load(slot_to_row_ptr + slot, mask=valid, other=0, cache_modifier=".cg")
+        at = tl.where(valid, slot // (BT * K) * BLOCK_E + e, 0)
+        if SUM_TILES:
+            rank += tl.gather(before, at.to(tl.int32), axis=0)
+        else:
+            rank += tl.load(prefix_ptr + at, mask=valid, other=0, cache_modifier=".cg")
+        _place(e, rank, valid, slot, kept, starts, slot_to_row_ptr, row_to_slot_ptr)
+    else:
+        cols = tl.arange(0, BLOCK_E)
+        r = (b - NP) * BLOCK_R + tl.arange(0, BLOCK_R)
+        _mark_empty_rows(row_to_slot_ptr, r, starts, kept, cols, cols < E, R, BLOCK_R)
 
 
 @triton.jit
@@ -1051,39 +1144,88 @@ def _place_slots_kernel(
     BLOCK_E: tl.constexpr, CAPACITY: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
     SUM_TILES: tl.constexpr, NTP: tl.constexpr,  # few tiles (NTP >= NT): no scan launch
 ):
-    """Programs < NP: BLOCK_S slots each, elementwise: rank = the earlier tiles' count + the rank
-    in the tile; kept iff rank < C; row = start of the expert + rank. Programs >= NP mark the
-    empty rows (capacity or padded layouts only). With SUM_TILES every program scans the tile
-    counts ([NTP, BLOCK_E], held in registers) itself: at decode sizes that is cheaper than a
-    scan launch."""
+    """Programs < NP place BLOCK_S slots each, programs >= NP mark empty rows (_place_block).
+    With SUM_TILES every program scans the tile counts itself: at decode sizes that is cheaper
+    than a scan launch."""
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_E)
-    cmask = cols < E
-    if SUM_TILES:
-        q = tl.arange(0, NTP)
-        h = tl.load(prefix_ptr + q[:, None] * BLOCK_E + cols[None, :], mask=(q < NT)[:, None],
-                    other=0)
-        total = tl.sum(h, axis=0)
-        before = tl.reshape(tl.cumsum(h, axis=0) - h, [NTP * BLOCK_E])
+    kept, starts, before = _plan_totals(prefix_ptr, total_ptr, counts_ptr, kept_ptr, offsets_ptr,
+                                        pid, NT, C, E, BLOCK_E, CAPACITY, PAD, SUM_TILES, NTP)
+    _place_block(pid, ids_ptr, prefix_ptr, slot_to_row_ptr, row_to_slot_ptr, kept, starts,
+                 before, N, NP, R, E, BT, K, BLOCK_S, BLOCK_E, BLOCK_R, SUM_TILES)
+
+
+# ---------------------------------------------------------------------------------------------
+# One launch: select, grid barrier, scan, grid barrier, place
+#
+# The three launches above cost a kernel boundary each (~1-2 us in a CUDA graph, ~20-30 us of
+# host time eagerly). When every program of a grid is resident at once (a cooperative launch:
+# the driver refuses a grid that is not), the kernel boundaries can be grid barriers instead:
+# the same bodies run in one kernel, each program looping over tiles, scan columns and place
+# blocks with a stride of the grid size. The barrier is one counter per route state, never
+# reset: program 0 adds 2^31 - (G - 1), every other program adds 1, so the sum of one barrier's
+# arrivals is 2^31: the sign bit flips exactly when the last program arrives, and the low bits
+# are back where they were (the next barrier, and the next launch of any grid size, start
+# clean). A program waits for the sign bit to differ from the one it saw when it arrived. The
+# arrival is a release (the program's hist, ids and rank stores reach L2 before it counts) and
+# the wait an acquire; the loads after a barrier also skip L1 (.cg). The interpreter runs
+# programs one after another, so the barrier can only run on a GPU: CI tests the same bodies
+# through the three launches, the GPU script through both.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _grid_sync(sync_ptr):
+    """Wait until every program of the grid has arrived (a cooperative launch)."""
+    g = tl.num_programs(0)  # >= 2 (the launcher's rule): 2^31 - (g - 1) fits an int32
+    add = tl.where(tl.program_id(0) == 0, 2147483647 - (g - 2), 1)
+    seen = tl.atomic_add(sync_ptr, add, sem="release")
+    now = tl.atomic_add(sync_ptr, 0, sem="acquire")
+    while (seen ^ now) >= 0:
+        now = tl.atomic_add(sync_ptr, 0, sem="acquire")
+
+
+@triton.jit(do_not_specialize=["T", "C", "R", "NT", "N", "NP", "NPR", "NC"])
+def _route_sync_kernel(
+    logits_ptr, bias_ptr, ids_ptr, weights_ptr, hist_ptr,  # as _select_rows_kernel
+    counts_ptr, kept_ptr, offsets_ptr, slot_to_row_ptr, row_to_slot_ptr,
+    prefix_ptr, total_ptr,  # as _scan_tiles_kernel (prefix_ptr = hist_ptr if SUM_TILES)
+    sync_ptr,  # (1,) int32 barrier counter, low 31 bits zero between launches
+    T, stride_t, scale, C, R,
+    NT, N, NP, NPR, NC,  # tiles, slots, place blocks, place + mark blocks, scan column blocks
+    E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, H: tl.constexpr, EH: tl.constexpr,
+    BT: tl.constexpr, BLOCK_E: tl.constexpr, W: tl.constexpr,
+    SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.constexpr, RENORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, NEED_MS: tl.constexpr,
+    STAGES: tl.constexpr, PACKED: tl.constexpr, SHIFT: tl.constexpr, EXACT_PACK: tl.constexpr,
+    TIE_CHECK: tl.constexpr, LANE_RANKS: tl.constexpr,
+    CAPACITY: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+    BC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+    SUM_TILES: tl.constexpr, NTP: tl.constexpr,
+    ONE_TILE: tl.constexpr,  # NT == the grid size: program i selects tile i
+):
+    """The three launches of the route in one cooperative launch (see the section comment)."""
+    pid = tl.program_id(0)
+    g = tl.num_programs(0)
+    if ONE_TILE:
+        _select_tile(pid, logits_ptr, bias_ptr, ids_ptr, weights_ptr, hist_ptr, counts_ptr,
+                     kept_ptr, offsets_ptr, slot_to_row_ptr, row_to_slot_ptr, T, stride_t,
+                     scale, C, R, E, K, KP, H, EH, BT, BLOCK_E, W, SIGMOID, SOFTMAX_AFTER,
+                     RENORM, HAS_BIAS, KEY_LOGITS, NEED_MS, STAGES, PACKED, SHIFT, EXACT_PACK,
+                     TIE_CHECK, False, LANE_RANKS, CAPACITY, PAD, BLOCK_R)
     else:
-        total = tl.load(total_ptr + cols)
-    kept, starts, used = _layout(total, cols, C, E, CAPACITY, PAD)
-    if pid == 0:
-        tl.store(counts_ptr + cols, total, mask=cmask)
-        tl.store(kept_ptr + cols, kept, mask=cmask)
-        tl.store(offsets_ptr + cols, starts, mask=cmask)
-        tl.store(offsets_ptr + E, used)
-    if pid < NP:
-        slot = pid.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-        valid = slot < N
-        e = tl.load(ids_ptr + slot, mask=valid, other=0)
-        rank = tl.load(slot_to_row_ptr + slot, mask=valid, other=0)
-        at = tl.where(valid, slot // (BT * K) * BLOCK_E + e, 0)
-        if SUM_TILES:
-            rank += tl.gather(before, at.to(tl.int32), axis=0)
-        else:
-            rank += tl.load(prefix_ptr + at, mask=valid, other=0)
-        _place(e, rank, valid, slot, kept, starts, slot_to_row_ptr, row_to_slot_ptr)
-    else:
-        r = (pid - NP) * BLOCK_R + tl.arange(0, BLOCK_R)
-        _mark_empty_rows(row_to_slot_ptr, r, starts, kept, cols, cmask, R, BLOCK_R)
+        for t in range(pid, NT, g):
+            _select_tile(t, logits_ptr, bias_ptr, ids_ptr, weights_ptr, hist_ptr, counts_ptr,
+                         kept_ptr, offsets_ptr, slot_to_row_ptr, row_to_slot_ptr, T, stride_t,
+                         scale, C, R, E, K, KP, H, EH, BT, BLOCK_E, W, SIGMOID, SOFTMAX_AFTER,
+                         RENORM, HAS_BIAS, KEY_LOGITS, NEED_MS, STAGES, PACKED, SHIFT,
+                         EXACT_PACK, TIE_CHECK, False, LANE_RANKS, CAPACITY, PAD, BLOCK_R)
+    _grid_sync(sync_ptr)
+    if not SUM_TILES:
+        for c in range(pid, NC, g):
+            _scan_cols(c, hist_ptr, prefix_ptr, total_ptr, NT, BLOCK_E, BC, BLOCK_P)
+        _grid_sync(sync_ptr)
+    kept, starts, before = _plan_totals(prefix_ptr, total_ptr, counts_ptr, kept_ptr, offsets_ptr,
+                                        pid, NT, C, E, BLOCK_E, CAPACITY, PAD, SUM_TILES, NTP)
+    for b in range(pid, NPR, g):
+        _place_block(b, ids_ptr, prefix_ptr, slot_to_row_ptr, row_to_slot_ptr, kept, starts,
+                     before, N, NP, R, E, BT, K, BLOCK_S, BLOCK_E, BLOCK_R, SUM_TILES)

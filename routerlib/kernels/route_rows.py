@@ -38,9 +38,11 @@ import triton
 from routerlib.config import RouterConfig
 from routerlib.kernels._route_rows_kernels import (
     _place_slots_kernel,
+    _route_sync_kernel,
     _scan_tiles_kernel,
     _select_rows_kernel,
 )
+from routerlib.kernels._rowmap import interpreting
 from routerlib.kernels._topk_kernels import next_pow2
 from routerlib.reference.plan import num_rows
 from routerlib.types import RoutingPlan, Selection
@@ -150,6 +152,72 @@ def _use_lane_ranks(h: int, num_warps: int, num_experts: int, fused: bool) -> bo
     return h == 1
 
 
+def _use_sync(dev: torch.device, num_tiles: int) -> bool:
+    """The one-launch route (_route_sync_kernel: grid barriers instead of kernel boundaries):
+    on a GPU with several tiles. ROUTERLIB_ROWS_SYNC=0 keeps the separate launches."""
+    if os.environ.get("ROUTERLIB_ROWS_SYNC", "1") == "0":
+        return False
+    return dev.type == "cuda" and num_tiles > 1 and not interpreting()
+
+
+# Barrier counters of the one-launch route: one zeroed int32 pool per device, 32 ints (128
+# bytes) a counter. A counter must never be shared by two launches that can run at once, so each
+# stream gets its own, and each CUDA-graph capture a new one (replays of one graph are
+# serialised by CUDA; two graphs may run side by side).
+_SYNC_POOL_SLOTS = 4096
+_sync_pools: dict[int, list] = {}  # device index -> [pool, next free slot]
+_sync_by_stream: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _sync_counter(dev: torch.device) -> torch.Tensor | None:
+    """This launch's barrier counter, or None (no pool yet while capturing a graph, or the
+    pool spent by captures): the caller then takes the separate launches."""
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    capturing = torch.cuda.is_current_stream_capturing()
+    if not capturing:
+        key = (idx, torch.cuda.current_stream(idx).cuda_stream)
+        counter = _sync_by_stream.get(key)
+        if counter is not None:
+            return counter
+    pool = _sync_pools.get(idx)
+    if pool is None:
+        if capturing:  # a zeroing fill would become a node of the graph
+            return None
+        pool = _sync_pools[idx] = [torch.zeros(_SYNC_POOL_SLOTS * 32, dtype=torch.int32,
+                                               device=dev), 0]
+    if pool[1] == _SYNC_POOL_SLOTS:
+        return None
+    counter = pool[0][pool[1] * 32:pool[1] * 32 + 1]
+    pool[1] += 1
+    if not capturing:
+        _sync_by_stream[key] = counter
+    return counter
+
+
+_occupancy: dict[tuple, int] = {}
+
+
+def _resident_programs(key: tuple, dev: torch.device, args: tuple, kwargs: dict) -> int:
+    """How many programs of this _route_sync_kernel specialisation fit the GPU at once
+    (registers, threads and shared memory per SM: the CUDA occupancy rules). Compiles it, once
+    per key."""
+    got = _occupancy.get(key)
+    if got is None:
+        num_warps = kwargs["num_warps"]
+        compiled = _route_sync_kernel.warmup(*args, grid=(1,), **kwargs)
+        compiled._init_handles()
+        props = torch.cuda.get_device_properties(dev)
+        warp_regs = -(-max(compiled.n_regs, 1) * 32 // 256) * 256  # 256-register units
+        # registers are split over 4 schedulers, a warp's on one of them
+        by_regs = 4 * (getattr(props, "regs_per_multiprocessor", 65536) // 4 // warp_regs)
+        by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
+        by_smem = (getattr(props, "shared_memory_per_multiprocessor", 233472)
+                   // (compiled.metadata.shared + 1024))
+        per_sm = min(32, by_regs // num_warps, by_threads, by_smem)
+        got = _occupancy[key] = per_sm * props.multi_processor_count
+    return got
+
+
 def _carve(sizes: tuple[int, ...], dev: torch.device) -> list[torch.Tensor]:
     """Every int32/fp32 output of a route as views of one int32 allocation, each starting on a
     128-byte boundary (Triton's 16-byte pointer specialisation holds): a torch.empty costs
@@ -198,28 +266,57 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
     block_r = max(16, min(1024, 8192 // block_e))
     capacity, pad = C is not None, cfg.pad_to_multiple
     packed = _packed(H, T)
-    _select_rows_kernel[(NT,)](
-        logits, bias if bias is not None else logits, ids, weights, hist,
-        counts, kept, offsets, slot_to_row, row_to_slot,
-        T, logits.stride(0), float(cfg.routed_scaling_factor), C or 0, R,
+    sel_args = (logits, bias if bias is not None else logits, ids, weights, hist,
+                counts, kept, offsets, slot_to_row, row_to_slot,
+                T, logits.stride(0), float(cfg.routed_scaling_factor), C or 0, R)
+    sel_kw = dict(
         E=E, K=K, KP=next_pow2(K), H=H, EH=EH, BT=BT, BLOCK_E=block_e, W=W,
         SIGMOID=sigmoid, SOFTMAX_AFTER=softmax_after, RENORM=renorm,
         HAS_BIAS=bias is not None, KEY_LOGITS=key_logits,
         NEED_MS=not sigmoid and not softmax_after and not (key_logits and renorm),
         STAGES=_stages(), PACKED=packed, SHIFT=max(1, (H * EH - 1).bit_length()),
-        TIE_CHECK=_TIE_CHECK, FUSED_PLAN=fused, LANE_RANKS=_use_lane_ranks(H, num_warps, E, fused),
+        TIE_CHECK=_TIE_CHECK, LANE_RANKS=_use_lane_ranks(H, num_warps, E, fused),
         # bf16/fp16 logits as the keys: their fp32 low 13 bits are zero, packing cuts nothing
         EXACT_PACK=bias is None and logits.dtype != torch.float32,
-        CAPACITY=capacity, PAD=pad, BLOCK_R=block_r,
-        num_warps=num_warps)
-    if not fused:
+        CAPACITY=capacity, PAD=pad, BLOCK_R=block_r)
+    mark = capacity or pad > 1
+    n = T * K
+    counter = _sync_counter(dev) if _use_sync(dev, NT) else None
+    if counter is not None:  # one cooperative launch
+        bc = max(2, block_e // 64)  # 64 scan programs: short columns, low latency
+        # the mark-empty-rows block is [BLOCK_R, BLOCK_E] booleans: <= 64 a thread (with the
+        # place kernel's BLOCK_R and one warp it took 161 registers, sm_90 compile)
+        block_r = max(2, min(1024, 2048 * num_warps // block_e))
+        sync_kw = dict(sel_kw, BC=bc, BLOCK_P=max(2, min(ntp, 2048 // bc)), BLOCK_R=block_r,
+                       BLOCK_S=max(128, min(1024, next_pow2(BT * K))),  # a tile's slots
+                       SUM_TILES=sum_tiles, NTP=ntp if sum_tiles else 1,
+                       num_warps=num_warps, launch_cooperative_grid=True)
+        n_place = triton.cdiv(n, sync_kw["BLOCK_S"])
+        ints = (NT, n, n_place, n_place + (triton.cdiv(R, block_r) if mark else 0),
+                0 if sum_tiles else block_e // bc)
+        args = sel_args[:10] + (prefix, total, counter) + sel_args[10:] + ints
+        # integer arguments are not specialised (do_not_specialize), the pointers' and the row
+        # stride's 16-byte alignment are: one compiled kernel per key
+        key = (dev.index, logits.dtype, logits.data_ptr() % 16, logits.stride(0) % 16,
+               None if bias is None else bias.data_ptr() % 16, *sync_kw.values())
+        cap = os.environ.get("ROUTERLIB_ROWS_SYNC_GRID")  # tests: programs loop over tiles
+        g = min(NT, int(cap) if cap else NT,
+                _resident_programs(key + (True,), dev, args, dict(sync_kw, ONE_TILE=True)))
+        one_tile = g == NT
+        if not one_tile:
+            g = min(g, _resident_programs(key + (False,), dev, args,
+                                          dict(sync_kw, ONE_TILE=False)))
+        if g < 2:  # the barrier's arithmetic needs two programs
+            raise RuntimeError(f"route_rows: {g} program(s) of the one-launch route fit the GPU")
+        _route_sync_kernel[(g,)](*args, ONE_TILE=one_tile, **sync_kw)
+    else:
+        _select_rows_kernel[(NT,)](*sel_args, FUSED_PLAN=fused, num_warps=num_warps, **sel_kw)
+    if not fused and counter is None:
         if scan:
             bc = max(2, min(32, block_e // 16))  # >= 16 programs: the scan is latency-bound
             _scan_tiles_kernel[(block_e // bc,)](
                 hist, prefix, total, NT, BLOCK_E=block_e, BC=bc,
                 BLOCK_P=max(2, min(ntp, 4096 // bc)), num_warps=4)
-        mark = capacity or pad > 1
-        n = T * K
         n_place = triton.cdiv(n, _BLOCK_S)
         _place_slots_kernel[(n_place + (triton.cdiv(R, block_r) if mark else 0),)](
             ids, prefix, total, counts, kept, offsets, slot_to_row, row_to_slot,
