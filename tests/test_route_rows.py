@@ -299,6 +299,27 @@ SYNC_CASES = [
 ]
 
 
+def test_use_sync_rule(monkeypatch):
+    """Eagerly one launch wherever there are tiles; in a CUDA graph only where it replaces
+    three launches over few tiles (what measured faster); the knob pins it."""
+    monkeypatch.delenv("ROUTERLIB_ROWS_SYNC", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert route_rows._use_sync(True, 512, True, False)
+    assert route_rows._use_sync(True, 8, False, False)
+    assert route_rows._use_sync(True, 128, True, True)
+    assert not route_rows._use_sync(True, 512, True, True)  # graph, many tiles
+    assert not route_rows._use_sync(True, 8, False, True)  # graph, two launches anyway
+    assert not route_rows._use_sync(True, 1, False, False)  # one tile: one launch already
+    assert not route_rows._use_sync(False, 512, True, False)  # CPU
+    monkeypatch.setenv("ROUTERLIB_ROWS_SYNC", "1")
+    assert route_rows._use_sync(True, 512, True, True)
+    monkeypatch.setenv("ROUTERLIB_ROWS_SYNC", "0")
+    assert not route_rows._use_sync(True, 128, True, False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("ROUTERLIB_ROWS_SYNC")
+    assert not route_rows._use_sync(True, 512, True, False)  # the interpreter
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,E,K,kw", SYNC_CASES)
 @pytest.mark.parametrize("grid", [None, "2", "7"])  # every program one tile, or looping
@@ -308,7 +329,7 @@ def test_route_sync_equals_split(T, E, K, kw, grid, device, poisoned, monkeypatc
     bias = torch.randn(E, device=device) * 0.05 if cfg.expert_bias else None
     if grid:
         monkeypatch.setenv("ROUTERLIB_ROWS_SYNC_GRID", grid)
-    assert route_rows._use_sync(logits.device, 2)
+    assert route_rows._use_sync(True, 2, True, False)
     sel, plan = route_rows.route_rows(logits, cfg, bias)
     assert_route_matches_reference(sel, plan, logits, cfg, bias)
     monkeypatch.setenv("ROUTERLIB_ROWS_SYNC", "0")
@@ -328,7 +349,8 @@ def test_route_sync_counter_stays_clean(device):
         logits = torch.randn(T, 64, device=device)
         sel, plan = route_rows.route_rows(logits, cfg)
         assert_route_matches_reference(sel, plan, logits, cfg, None)
-        counter = route_rows._sync_counter(logits.device)
+        counter = route_rows._sync_counter(logits.device, torch.cuda.current_device(),
+                                           torch.cuda.current_stream().cuda_stream, False)
         assert int(counter.item()) & 0x7FFFFFFF == 0
 
 
@@ -355,3 +377,22 @@ def test_route_sync_in_cuda_graph_and_streams(device):
         torch.cuda.synchronize()
         assert_route_matches_reference(sel, plan, logits, cfg, None)
         assert_route_matches_reference(sel2, plan2, other, cfg, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sync", ["0", "1"])
+@pytest.mark.parametrize("T,E,K,kw", [
+    (5, 16, 2, {}),  # one tile: one launch
+    (64, 64, 8, dict(capacity_factor=1.0)),  # few tiles: select + place
+    (4096, 128, 8, dict(renormalize=True)),  # select + scan + place
+    (3000, 100, 6, dict(pad_to_multiple=16, expert_bias=True)),
+])
+def test_route_rows_direct_launches(T, E, K, kw, sync, device, poisoned, monkeypatch):
+    """After the first call of a configuration the kernels are launched straight through their
+    compiled launchers with raw pointers: repeated calls on new logits stay right."""
+    monkeypatch.setenv("ROUTERLIB_ROWS_SYNC", sync)
+    for seed in range(3):
+        check(T, E, K, kw, device, seed=seed)
+    statics = [s for s in route_rows._statics.values() if s.NT == triton.cdiv(
+        T, route_rows.rows_config(E, T, K)[2]) and s.compiled]
+    assert statics and all(len(s.compiled) == len(s.launches) for s in statics)

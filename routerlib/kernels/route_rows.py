@@ -31,9 +31,11 @@ weights to fp32 rounding.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 import torch
-import triton
+from triton import knobs
+from triton.runtime import driver
 
 from routerlib.config import RouterConfig
 from routerlib.kernels._route_rows_kernels import (
@@ -56,6 +58,10 @@ _BLOCK_S = 1024  # slots per program of the place kernel
 # than the scan launch (T=4096, 128 tiles x 128 experts: 23.3 vs 17.8 us, results/h100/
 # ab_tiles_scan_6f2ebbd.txt against ab_lane_ranks_604cd5a.txt)
 _MAX_SUM_TILES = 4096
+# every knob a route reads (each call reads them all: they are part of its cache key)
+_KNOBS = ("ROUTERLIB_ROWS_CONFIG", "ROUTERLIB_ROWS_STAGES", "ROUTERLIB_ROWS_PACKED",
+          "ROUTERLIB_ROWS_SCAN", "ROUTERLIB_ROWS_LANE_RANKS", "ROUTERLIB_ROWS_SYNC",
+          "ROUTERLIB_ROWS_SYNC_GRID", "ROUTERLIB_ROWS_COOP")
 _empty = torch.empty  # every output comes from here (tests swap in a poisoning allocator)
 # near ties go to the exact insertion; tests (and A/B timings of the packed path alone:
 # ROUTERLIB_ROWS_TIE_CHECK=0, wrong answers on near ties) turn it off
@@ -152,12 +158,20 @@ def _use_lane_ranks(h: int, num_warps: int, num_experts: int, fused: bool) -> bo
     return h == 1
 
 
-def _use_sync(dev: torch.device, num_tiles: int) -> bool:
-    """The one-launch route (_route_sync_kernel: grid barriers instead of kernel boundaries):
-    on a GPU with several tiles. ROUTERLIB_ROWS_SYNC=0 keeps the separate launches."""
-    if os.environ.get("ROUTERLIB_ROWS_SYNC", "1") == "0":
+def _use_sync(cuda: bool, num_tiles: int, scan: bool, capturing: bool) -> bool:
+    """The one-launch route (_route_sync_kernel: grid barriers instead of kernel boundaries), on
+    a GPU with several tiles. Eagerly always: the host's launches set the pace (T=16384 eager
+    131 vs 153 us a route, results/h100/ab_sync_974f0e9.txt). In a CUDA graph only where it
+    replaces three launches with few tiles: a barrier costs more than a kernel boundary in a
+    graph (T=1024 and 4096, 128 tiles: 13.4 vs 16.0 and 17.3 vs 18.4 us; T=64, two launches:
+    12.5 vs 12.2; T=16384, 512 tiles: 24.0 vs 22.0; T=65536: 76.0 vs 56.2).
+    ROUTERLIB_ROWS_SYNC=0 or 1 pins it off or on."""
+    if not cuda or num_tiles < 2 or interpreting():
         return False
-    return dev.type == "cuda" and num_tiles > 1 and not interpreting()
+    pinned = os.environ.get("ROUTERLIB_ROWS_SYNC")
+    if pinned is not None:
+        return pinned != "0"
+    return not capturing or (scan and num_tiles <= 128)
 
 
 # Barrier counters of the one-launch route: one zeroed int32 pool per device, 32 ints (128
@@ -169,14 +183,12 @@ _sync_pools: dict[int, list] = {}  # device index -> [pool, next free slot]
 _sync_by_stream: dict[tuple[int, int], torch.Tensor] = {}
 
 
-def _sync_counter(dev: torch.device) -> torch.Tensor | None:
+def _sync_counter(dev: torch.device, idx: int, stream: int, capturing: bool
+                  ) -> torch.Tensor | None:
     """This launch's barrier counter, or None (no pool yet while capturing a graph, or the
     pool spent by captures): the caller then takes the separate launches."""
-    idx = dev.index if dev.index is not None else torch.cuda.current_device()
-    capturing = torch.cuda.is_current_stream_capturing()
     if not capturing:
-        key = (idx, torch.cuda.current_stream(idx).cuda_stream)
-        counter = _sync_by_stream.get(key)
+        counter = _sync_by_stream.get((idx, stream))
         if counter is not None:
             return counter
     pool = _sync_pools.get(idx)
@@ -190,23 +202,23 @@ def _sync_counter(dev: torch.device) -> torch.Tensor | None:
     counter = pool[0][pool[1] * 32:pool[1] * 32 + 1]
     pool[1] += 1
     if not capturing:
-        _sync_by_stream[key] = counter
+        _sync_by_stream[(idx, stream)] = counter
     return counter
 
 
 _occupancy: dict[tuple, int] = {}
 
 
-def _resident_programs(key: tuple, dev: torch.device, args: tuple, kwargs: dict) -> int:
+def _resident_programs(args: tuple, kwargs: dict) -> int:
     """How many programs of this _route_sync_kernel specialisation fit the GPU at once
-    (registers, threads and shared memory per SM: the CUDA occupancy rules). Compiles it, once
-    per key."""
+    (registers, threads and shared memory per SM: the CUDA occupancy rules). Compiles it."""
+    compiled = _route_sync_kernel.warmup(*args, grid=(1,), **kwargs)
+    key = getattr(compiled, "hash", id(compiled))
     got = _occupancy.get(key)
     if got is None:
-        num_warps = kwargs["num_warps"]
-        compiled = _route_sync_kernel.warmup(*args, grid=(1,), **kwargs)
         compiled._init_handles()
-        props = torch.cuda.get_device_properties(dev)
+        num_warps = kwargs["num_warps"]
+        props = torch.cuda.get_device_properties(args[0].device)
         warp_regs = -(-max(compiled.n_regs, 1) * 32 // 256) * 256  # 256-register units
         # registers are split over 4 schedulers, a warp's on one of them
         by_regs = 4 * (getattr(props, "regs_per_multiprocessor", 65536) // 4 // warp_regs)
@@ -218,114 +230,203 @@ def _resident_programs(key: tuple, dev: torch.device, args: tuple, kwargs: dict)
     return got
 
 
-def _carve(sizes: tuple[int, ...], dev: torch.device) -> list[torch.Tensor]:
-    """Every int32/fp32 output of a route as views of one int32 allocation, each starting on a
+def _carve(sizes: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+    """Every int32/fp32 output of a route lives in one int32 allocation, each starting on a
     128-byte boundary (Triton's 16-byte pointer specialisation holds): a torch.empty costs
-    ~10 us of host time on the lent H100 hosts (results/h100/route_breakdown.json at ba899a1),
-    and the eager route made ten."""
-    lengths = []
+    ~5-10 us of host time on the lent H100 hosts (results/h100/route_breakdown.json), and the
+    eager route made ten. Returns (the start of each, the allocation's length)."""
+    offs, at = [], 0
     for n in sizes:
-        lengths += [n, -n % 32]
-    buf = _empty((sum(lengths),), dtype=torch.int32, device=dev)
-    return list(buf.split(lengths)[::2])
+        offs.append(at)
+        at += -(-n // 32) * 32
+    return tuple(offs), max(at, 1)
+
+
+@dataclass
+class _Static:
+    """What a route call depends on only through its key (shapes, config, dtypes, alignment,
+    knobs): sizes, grids, the kernels' constexprs. `compiled` fills on the first call: later
+    calls hand their arguments straight to each compiled kernel's launcher (_launch)."""
+
+    C: int | None
+    R: int
+    NT: int
+    sizes: tuple[int, ...]  # of the outputs (ids, ..., row_to_slot, hist, prefix, total)
+    offs: tuple[int, ...]  # where each starts in the one int32 allocation (_carve)
+    numel: int  # of that allocation
+    fused: bool  # one tile: the select kernel builds the whole plan
+    sum_tiles: bool  # the place step scans the tile counts itself (no scan output)
+    sync: bool  # one cooperative launch (_route_sync_kernel)
+    launches: list[tuple]  # (kernel, grid, kwargs) in launch order
+    sync_ints: tuple[int, ...] = ()
+    compiled: list = field(default_factory=list)
+
+
+_statics: dict[tuple, _Static] = {}
+
+
+def _static(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor, bias: torch.Tensor | None,
+            capturing: bool, allow_sync: bool) -> _Static:
+    K = cfg.top_k
+    C = cfg.capacity(T)
+    R = num_rows(T, cfg)
+    H, num_warps, BT = rows_config(E, T, K)
+    NT = -(-T // BT)
+    EH = -(-E // (16 * H)) * 16  # columns per thread group, 16 per loop step
+    block_e = max(2, next_pow2(E))
+    fused = NT == 1
+    ntp = next_pow2(NT)
+    sum_tiles = _sum_tiles(ntp, block_e)
+    scan = not fused and not sum_tiles  # the scan step: its output, the tile counts' prefix
+    sync = allow_sync and _use_sync(logits.is_cuda, NT, scan, capturing)
+    n_hist = 0 if fused else NT * block_e
+    sizes = (T * K, T * K, T * K, E, E, E + 1, R, n_hist, n_hist if scan else 0,
+             block_e if scan else 0)
+    softmax_after, renorm = cfg.softmax_after_topk, cfg.renormalize
+    sigmoid = cfg.score_func == "sigmoid"
+    key_logits = softmax_after or bias is None
+    capacity, pad = C is not None, cfg.pad_to_multiple
+    mark = capacity or pad > 1
+    n = T * K
+    sel_kw = dict(
+        E=E, K=K, KP=next_pow2(K), H=H, EH=EH, BT=BT, BLOCK_E=block_e,
+        W=next_pow2(-(-E // 4)), SIGMOID=sigmoid, SOFTMAX_AFTER=softmax_after, RENORM=renorm,
+        HAS_BIAS=bias is not None, KEY_LOGITS=key_logits,
+        NEED_MS=not sigmoid and not softmax_after and not (key_logits and renorm),
+        STAGES=_stages(), PACKED=_packed(H, T), SHIFT=max(1, (H * EH - 1).bit_length()),
+        TIE_CHECK=_TIE_CHECK, LANE_RANKS=_use_lane_ranks(H, num_warps, E, fused),
+        # bf16/fp16 logits as the keys: their fp32 low 13 bits are zero, packing cuts nothing
+        EXACT_PACK=bias is None and logits.dtype != torch.float32,
+        CAPACITY=capacity, PAD=pad, BLOCK_R=max(16, min(1024, 8192 // block_e)))
+    if sync:
+        bc = max(2, block_e // 64)  # 64 scan programs: short columns, low latency
+        # the mark-empty-rows block is [BLOCK_R, BLOCK_E] booleans: <= 64 a thread (with the
+        # place kernel's BLOCK_R and one warp it took 161 registers, sm_90 compile)
+        block_r = max(2, min(1024, 2048 * num_warps // block_e))
+        block_s = max(128, min(1024, next_pow2(BT * K)))  # a tile's slots
+        sync_kw = dict(sel_kw, BC=bc, BLOCK_P=max(2, min(ntp, 2048 // bc)), BLOCK_R=block_r,
+                       BLOCK_S=block_s, SUM_TILES=sum_tiles, NTP=ntp if sum_tiles else 1,
+                       num_warps=num_warps,
+                       # the driver refuses (instead of hanging) a grid that cannot all be
+                       # resident; ROUTERLIB_ROWS_COOP=0 drops the check (A/B runs)
+                       launch_cooperative_grid=os.environ.get("ROUTERLIB_ROWS_COOP") != "0")
+        n_place = -(-n // block_s)
+        ints = (NT, n, n_place, n_place + (-(-R // block_r) if mark else 0),
+                0 if sum_tiles else block_e // bc)
+        # a stand-in argument list of the right types and alignment, to compile it
+        i32 = torch.empty(1, dtype=torch.int32, device=logits.device)
+        args = (logits, bias if bias is not None else logits, i32, i32.view(torch.float32),
+                *[i32] * 9, T, logits.stride(0), 1.0, C or 0, R, *ints)
+        g = min(NT, _resident_programs(args, dict(sync_kw, ONE_TILE=True)))
+        cap = os.environ.get("ROUTERLIB_ROWS_SYNC_GRID")  # tests: programs loop over tiles
+        if cap:
+            g = min(g, int(cap))
+        if g < NT:
+            g = min(g, _resident_programs(args, dict(sync_kw, ONE_TILE=False)))
+        if g < 2:  # the barrier's arithmetic needs two programs
+            raise RuntimeError(f"route_rows: {g} program(s) of the one-launch route fit the GPU")
+        launches = [(_route_sync_kernel, g, dict(sync_kw, ONE_TILE=g == NT))]
+        return _Static(C, R, NT, sizes, *_carve(sizes), fused, sum_tiles, True, launches, ints)
+    launches = [(_select_rows_kernel, NT, dict(sel_kw, FUSED_PLAN=fused, num_warps=num_warps))]
+    if scan:
+        bc = max(2, min(32, block_e // 16))  # >= 16 programs: the scan is latency-bound
+        launches.append((_scan_tiles_kernel, block_e // bc, dict(
+            BLOCK_E=block_e, BC=bc, BLOCK_P=max(2, min(ntp, 4096 // bc)), num_warps=4)))
+    if not fused:
+        n_place = -(-n // _BLOCK_S)
+        launches.append((_place_slots_kernel, n_place + (-(-R // sel_kw["BLOCK_R"]) if mark
+                                                         else 0), dict(
+            E=E, BT=BT, K=K, BLOCK_S=_BLOCK_S, BLOCK_E=block_e, CAPACITY=capacity,
+            PAD=pad, BLOCK_R=sel_kw["BLOCK_R"], SUM_TILES=sum_tiles,
+            NTP=ntp if sum_tiles else 1, num_warps=4)))
+    return _Static(C, R, NT, sizes, *_carve(sizes), fused, sum_tiles, False, launches)
+
+
+def _launch(st: _Static, i: int, args: tuple, stream: int | None, fast: bool) -> None:
+    """Launch st.launches[i]. The first time through Triton's JIT (it compiles and specialises
+    on the arguments; the key of st pins everything it specialises on), later (fast) straight
+    through the compiled kernel's launcher with raw pointers: JITFunction.run's per-call
+    binding, specialisation and cache lookup cost ~10-20 us of host time a launch on the lent
+    hosts (results/h100/route_breakdown.json)."""
+    kernel, grid, kwargs = st.launches[i]
+    if fast:
+        compiled, tail = st.compiled[i]
+        compiled.run(grid, 1, 1, stream, compiled.function, compiled.packed_metadata, None,
+                     None, None, *args, *tail)
+        return
+    compiled = kernel[(grid,)](*args, **kwargs)
+    if stream is not None and len(st.compiled) == i:  # the constexprs, in parameter order
+        st.compiled.append((compiled, tuple(kwargs[a] for a in kernel.arg_names[len(args):])))
 
 
 def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None
                ) -> tuple[Selection, RoutingPlan]:
     """The fast route; the caller checks `applies` (and validated the inputs). Loss sums are not
     computed (Selection.prob_sum / zsq_sum are None)."""
-    T, E = logits.shape
-    K = cfg.top_k
-    dev = logits.device
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    C = cfg.capacity(T)
-    R = num_rows(T, cfg)
-    H, num_warps, BT = rows_config(E, T, K)
-    NT = triton.cdiv(T, BT)
-    EH = triton.cdiv(E, 16 * H) * 16  # columns per thread group, 16 per loop step
-    block_e = max(2, next_pow2(E))
-    W = next_pow2(triton.cdiv(E, 4))
-    fused = NT == 1
-    ntp = next_pow2(NT)
-    sum_tiles = _sum_tiles(ntp, block_e)
-    scan = not fused and not sum_tiles  # the scan launch: its output, the tile counts' prefix
-    n_hist = 0 if fused else NT * block_e
-    (ids, slot_to_row, weights, counts, kept, offsets, row_to_slot, hist, prefix,
-     total) = _carve((T * K, T * K, T * K, E, E, E + 1, R, n_hist, n_hist if scan else 0,
-                      block_e if scan else 0), dev)
-    ids, slot_to_row = ids.view(T, K), slot_to_row.view(T, K)
-    weights = weights.view(torch.float32).view(T, K)
-    if fused:
-        hist = prefix = total = ids  # unused
-    elif sum_tiles:  # the place kernel reads the tile counts and scans them itself
-        prefix = total = hist  # total: unused
-    softmax_after, renorm = cfg.softmax_after_topk, cfg.renormalize
-    sigmoid = cfg.score_func == "sigmoid"
-    key_logits = softmax_after or bias is None
-    block_r = max(16, min(1024, 8192 // block_e))
-    capacity, pad = C is not None, cfg.pad_to_multiple
-    packed = _packed(H, T)
-    sel_args = (logits, bias if bias is not None else logits, ids, weights, hist,
-                counts, kept, offsets, slot_to_row, row_to_slot,
-                T, logits.stride(0), float(cfg.routed_scaling_factor), C or 0, R)
-    sel_kw = dict(
-        E=E, K=K, KP=next_pow2(K), H=H, EH=EH, BT=BT, BLOCK_E=block_e, W=W,
-        SIGMOID=sigmoid, SOFTMAX_AFTER=softmax_after, RENORM=renorm,
-        HAS_BIAS=bias is not None, KEY_LOGITS=key_logits,
-        NEED_MS=not sigmoid and not softmax_after and not (key_logits and renorm),
-        STAGES=_stages(), PACKED=packed, SHIFT=max(1, (H * EH - 1).bit_length()),
-        TIE_CHECK=_TIE_CHECK, LANE_RANKS=_use_lane_ranks(H, num_warps, E, fused),
-        # bf16/fp16 logits as the keys: their fp32 low 13 bits are zero, packing cuts nothing
-        EXACT_PACK=bias is None and logits.dtype != torch.float32,
-        CAPACITY=capacity, PAD=pad, BLOCK_R=block_r)
-    mark = capacity or pad > 1
-    n = T * K
-    counter = _sync_counter(dev) if _use_sync(dev, NT) else None
-    if counter is not None:  # one cooperative launch
-        bc = max(2, block_e // 64)  # 64 scan programs: short columns, low latency
-        # the mark-empty-rows block is [BLOCK_R, BLOCK_E] booleans: <= 64 a thread (with the
-        # place kernel's BLOCK_R and one warp it took 161 registers, sm_90 compile)
-        block_r = max(2, min(1024, 2048 * num_warps // block_e))
-        sync_kw = dict(sel_kw, BC=bc, BLOCK_P=max(2, min(ntp, 2048 // bc)), BLOCK_R=block_r,
-                       BLOCK_S=max(128, min(1024, next_pow2(BT * K))),  # a tile's slots
-                       SUM_TILES=sum_tiles, NTP=ntp if sum_tiles else 1,
-                       num_warps=num_warps, launch_cooperative_grid=True)
-        n_place = triton.cdiv(n, sync_kw["BLOCK_S"])
-        ints = (NT, n, n_place, n_place + (triton.cdiv(R, block_r) if mark else 0),
-                0 if sum_tiles else block_e // bc)
-        args = sel_args[:10] + (prefix, total, counter) + sel_args[10:] + ints
-        # integer arguments are not specialised (do_not_specialize), the pointers' and the row
-        # stride's 16-byte alignment are: one compiled kernel per key
-        key = (dev.index, logits.dtype, logits.data_ptr() % 16, logits.stride(0) % 16,
-               None if bias is None else bias.data_ptr() % 16, *sync_kw.values())
-        cap = os.environ.get("ROUTERLIB_ROWS_SYNC_GRID")  # tests: programs loop over tiles
-        g = min(NT, int(cap) if cap else NT,
-                _resident_programs(key + (True,), dev, args, dict(sync_kw, ONE_TILE=True)))
-        one_tile = g == NT
-        if not one_tile:
-            g = min(g, _resident_programs(key + (False,), dev, args,
-                                          dict(sync_kw, ONE_TILE=False)))
-        if g < 2:  # the barrier's arithmetic needs two programs
-            raise RuntimeError(f"route_rows: {g} program(s) of the one-launch route fit the GPU")
-        _route_sync_kernel[(g,)](*args, ONE_TILE=one_tile, **sync_kw)
+    T, E = logits.shape
+    dev = logits.device
+    cuda = logits.is_cuda and not interpreting()
+    capturing = cuda and torch.cuda.is_current_stream_capturing()
+    idx = driver.active.get_current_device() if cuda else -1
+    key = (T, cfg, logits.dtype, logits.stride(0), logits.data_ptr() % 16, dev, idx,
+           None if bias is None else (bias.dtype, bias.data_ptr() % 16), capturing,
+           _TIE_CHECK, *map(os.environ.get, _KNOBS))
+    st = _statics.get(key)
+    if st is None:
+        st = _statics[key] = _static(T, E, cfg, logits, bias, capturing, True)
+    stream = driver.active.get_current_stream(idx) if cuda else None
+    counter = _sync_counter(dev, idx, stream, capturing) if st.sync else None
+    if st.sync and counter is None:  # no counter to be had: the separate launches
+        key += ("no sync",)
+        st = _statics.get(key)
+        if st is None:
+            st = _statics[key] = _static(T, E, cfg, logits, bias, capturing, False)
+    K = cfg.top_k
+    buf = _empty((st.numel,), dtype=torch.int32, device=dev)
+    o = st.offs
+    ids = buf.as_strided((T, K), (K, 1), o[0])
+    slot_to_row = buf.as_strided((T, K), (K, 1), o[1])
+    weights = buf.view(torch.float32).as_strided((T, K), (K, 1), o[2])
+    counts, kept = buf.as_strided((E,), (1,), o[3]), buf.as_strided((E,), (1,), o[4])
+    offsets = buf.as_strided((E + 1,), (1,), o[5])
+    row_to_slot = buf.as_strided((st.R,), (1,), o[6])
+    fast = (stream is not None and len(st.compiled) == len(st.launches)
+            and knobs.runtime.launch_enter_hook is None)
+    if fast:  # raw pointers: the launcher takes ints as they are (no driver query per tensor)
+        base = buf.data_ptr()
+        p = [base + 4 * at for at in o]
+        x = logits.data_ptr()
+        args = [x, bias.data_ptr() if bias is not None else x, *p]
+        if st.sync:
+            args.append(counter.data_ptr())
     else:
-        _select_rows_kernel[(NT,)](*sel_args, FUSED_PLAN=fused, num_warps=num_warps, **sel_kw)
-    if not fused and counter is None:
-        if scan:
-            bc = max(2, min(32, block_e // 16))  # >= 16 programs: the scan is latency-bound
-            _scan_tiles_kernel[(block_e // bc,)](
-                hist, prefix, total, NT, BLOCK_E=block_e, BC=bc,
-                BLOCK_P=max(2, min(ntp, 4096 // bc)), num_warps=4)
-        n_place = triton.cdiv(n, _BLOCK_S)
-        _place_slots_kernel[(n_place + (triton.cdiv(R, block_r) if mark else 0),)](
-            ids, prefix, total, counts, kept, offsets, slot_to_row, row_to_slot,
-            n, n_place, NT, C or 0, R,
-            E=E, BT=BT, K=K, BLOCK_S=_BLOCK_S, BLOCK_E=block_e, CAPACITY=capacity,
-            PAD=pad, BLOCK_R=block_r, SUM_TILES=sum_tiles, NTP=ntp if sum_tiles else 1,
-            num_warps=4)
+        args = [logits, bias if bias is not None else logits, ids, slot_to_row, weights, counts,
+                kept, offsets, row_to_slot,
+                *(buf.as_strided((n,), (1,), at) for n, at in zip(st.sizes[7:], o[7:])),
+                counter]
+    x, b, a_ids, a_s2r, a_w, a_cnt, a_kept, a_off, a_r2s, hist, prefix, total, ctr = args + [
+        None] * (13 - len(args))
+    if st.fused:
+        hist = prefix = total = a_ids  # unused
+    elif st.sum_tiles:  # the place step reads the tile counts and scans them itself
+        prefix = total = hist  # total: unused
+    C, R = st.C, st.R
+    sel_args = (x, b, a_ids, a_w, hist, a_cnt, a_kept, a_off, a_s2r, a_r2s, T,
+                logits.stride(0), float(cfg.routed_scaling_factor), C or 0, R)
+    if st.sync:
+        _launch(st, 0, sel_args[:10] + (prefix, total, ctr) + sel_args[10:] + st.sync_ints,
+                stream, fast)
+    else:
+        _launch(st, 0, sel_args, stream, fast)
+        if not st.fused:
+            if not st.sum_tiles:
+                _launch(st, 1, (hist, prefix, total, st.NT), stream, fast)
+            _launch(st, len(st.launches) - 1, (a_ids, prefix, total, a_cnt, a_kept, a_off, a_s2r,
+                                               a_r2s, T * K, -(-T * K // _BLOCK_S), st.NT,
+                                               C or 0, R), stream, fast)
     sel = Selection(topk_ids=ids, topk_weights=weights, scores=None)
     plan = RoutingPlan(expert_counts=counts, kept_counts=kept, expert_offsets=offsets,
-                       slot_to_row=slot_to_row, row_to_slot=row_to_slot, capacity=C,
-                       num_rows=R)
+                       slot_to_row=slot_to_row, row_to_slot=row_to_slot, capacity=C, num_rows=R)
     return sel, plan
