@@ -44,13 +44,28 @@ if has tests; then
       tests/test_bench.py tests/test_router_layer.py}; do
     if [[ "$a" == *.py || "$a" == *::* ]]; then files+=("$a"); else opts+=("$a"); fi
   done
+  # GPU_TEST_CHUNKS=N: each file's collected tests in N processes (round robin)
+  chunks="${GPU_TEST_CHUNKS:-1}"
   pids=()
   for f in "${files[@]}"; do
     name=$(basename "${f%%::*}" .py)
-    HYPOTHESIS_PROFILE=ci timeout "${TESTS_TIMEOUT:-330}" "$PY" -m pytest -q -rf --tb=short \
-      -m "not notebook" -k "not bandwidth" -p no:cacheprovider "${opts[@]}" \
-      --junitxml="$OUT/pytest_gpu_$name.xml" "$f" >"$OUT/pytest_gpu_$name.log" 2>&1 &
-    pids+=($!)
+    sel=(-m "not notebook" -k "not bandwidth" -p no:cacheprovider "${opts[@]}")
+    if [[ $chunks -gt 1 ]]; then
+      "$PY" -m pytest --co -q "${sel[@]}" "$f" 2>/dev/null | grep "::" >"$OUT/ids_$name.txt"
+      split -n "r/$chunks" -d "$OUT/ids_$name.txt" "$OUT/ids_${name}_"
+      parts=("$OUT"/ids_"${name}"_*)
+    else
+      parts=("")
+    fi
+    for part in "${parts[@]}"; do
+      tag="$name${part:+_${part##*_}}"
+      if [[ -n "$part" ]]; then mapfile -t targets <"$part"; else targets=("$f"); fi
+      [[ ${#targets[@]} -gt 0 ]] || continue  # an empty chunk would run the whole suite
+      HYPOTHESIS_PROFILE=ci timeout "${TESTS_TIMEOUT:-330}" "$PY" -m pytest -q -rf --tb=short \
+        "${sel[@]}" --junitxml="$OUT/pytest_gpu_$tag.xml" "${targets[@]}" \
+        >"$OUT/pytest_gpu_$tag.log" 2>&1 &
+      pids+=($!)
+    done
   done
   ran=0  # exit 5: nothing selected in that file (e.g. -m gpu); a failure only if in every file
   for p in "${pids[@]}"; do
