@@ -342,6 +342,13 @@ def _static(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor, bias: torch
     return _Static(C, R, NT, sizes, *_carve(sizes), fused, sum_tiles, False, launches)
 
 
+def _no_launch_hooks() -> bool:
+    """Whether no Triton launch hook is installed (a profiler's): the direct launch skips them.
+    Triton 3.9 keeps them in a HookChain (empty: none), older versions as None."""
+    return all(h is None or not getattr(h, "calls", True)
+               for h in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
+
+
 def _launch(st: _Static, i: int, args: tuple, stream: int | None, fast: bool) -> None:
     """Launch st.launches[i]. The first time through Triton's JIT (it compiles and specialises
     on the arguments; the key of st pins everything it specialises on), later (fast) straight
@@ -392,8 +399,7 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
     counts, kept = buf.as_strided((E,), (1,), o[3]), buf.as_strided((E,), (1,), o[4])
     offsets = buf.as_strided((E + 1,), (1,), o[5])
     row_to_slot = buf.as_strided((st.R,), (1,), o[6])
-    fast = (stream is not None and len(st.compiled) == len(st.launches)
-            and knobs.runtime.launch_enter_hook is None)
+    fast = stream is not None and len(st.compiled) == len(st.launches) and _no_launch_hooks()
     if fast:  # raw pointers: the launcher takes ints as they are (no driver query per tensor)
         base = buf.data_ptr()
         p = [base + 4 * at for at in o]
