@@ -19,11 +19,14 @@ import torch
 
 from routerlib import reference as ref
 from routerlib.config import RouterConfig
+from routerlib.kernels import route_rows
 
 # Re-exported eagerly: importing a submodule binds the package attribute of its name (dispatch,
 # combine) to the module, which would shadow a lazily importing wrapper after its first call.
 from routerlib.kernels.combine import combine as combine
 from routerlib.kernels.dispatch import dispatch as dispatch
+from routerlib.kernels.plan import build_plan
+from routerlib.kernels.topk import fused_topk
 from routerlib.types import RoutingPlan, Selection
 
 
@@ -41,10 +44,6 @@ def route(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = N
     if cfg.routing == "expert_choice":
         sel = ref.select(logits, cfg, bias)
         return sel, ref.build_plan(sel, cfg, priority)
-    from routerlib.kernels import route_rows
-    from routerlib.kernels.plan import build_plan
-    from routerlib.kernels.topk import fused_topk
-
     if need_stats is None:
         need_stats = torch.is_grad_enabled() and logits.requires_grad
     if route_rows.enabled() and route_rows.applies(logits, cfg, need_stats):
