@@ -46,14 +46,15 @@ if has tests; then
   done
   # GPU_TEST_CHUNKS=N: each file's collected tests in N processes (round robin)
   chunks="${GPU_TEST_CHUNKS:-1}"
+  ids_dir=$(mktemp -d)  # not under $OUT: what comes back from the device is limited in count
   pids=()
   for f in "${files[@]}"; do
     name=$(basename "${f%%::*}" .py)
     sel=(-m "not notebook" -k "not bandwidth" -p no:cacheprovider "${opts[@]}")
     if [[ $chunks -gt 1 ]]; then
-      "$PY" -m pytest --co -q "${sel[@]}" "$f" 2>/dev/null | grep "::" >"$OUT/ids_$name.txt"
-      split -n "r/$chunks" -d "$OUT/ids_$name.txt" "$OUT/ids_${name}_"
-      parts=("$OUT"/ids_"${name}"_*)
+      "$PY" -m pytest --co -q "${sel[@]}" "$f" 2>/dev/null | grep "::" >"$ids_dir/$name.txt"
+      split -n "r/$chunks" -d "$ids_dir/$name.txt" "$ids_dir/${name}_"
+      parts=("$ids_dir/${name}"_*)
     else
       parts=("")
     fi
