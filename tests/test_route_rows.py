@@ -396,3 +396,33 @@ def test_route_rows_direct_launches(T, E, K, kw, sync, device, poisoned, monkeyp
     statics = [s for s in route_rows._statics.values() if s.NT == triton.cdiv(
         T, route_rows.rows_config(E, T, K)[2]) and s.compiled]
     assert statics and all(len(s.compiled) == len(s.launches) for s in statics)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pdl", ["0", "1"])
+@pytest.mark.parametrize("T,E,K,kw", [(64, 64, 8, {}), (5000, 128, 8, dict(capacity_factor=1.0)),
+                                      (16384, 128, 8, dict(renormalize=True))])
+def test_route_rows_dependent_launches(T, E, K, kw, pdl, device, poisoned, monkeypatch):
+    """The three launches with and without programmatic dependent launch, eagerly and in a CUDA
+    graph (where the dependents overlap their predecessors' tails)."""
+    monkeypatch.setenv("ROUTERLIB_ROWS_SYNC", "0")
+    monkeypatch.setenv("ROUTERLIB_ROWS_PDL", pdl)
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    assert route_rows._use_pdl(torch.device(device)) == (pdl == "1" and hopper)
+    check(T, E, K, kw, device, seed=1)
+    cfg = RouterConfig(num_experts=E, top_k=K, **kw)
+    logits = torch.randn(T, E, device=device)
+    route_rows.route_rows(logits, cfg)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sel, plan = route_rows.route_rows(logits, cfg)
+    for seed in range(2):
+        logits.copy_(torch.randn(T, E, device=device) * (seed + 1))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_route_matches_reference(sel, plan, logits, cfg, None)
+
+
+def test_use_pdl_off_on_cpu():
+    assert not route_rows._use_pdl(torch.device("cpu"))

@@ -1038,13 +1038,34 @@ def _select_rows_kernel(
     FUSED_PLAN: tl.constexpr,  # one tile holds every token: build the whole plan here
     LANE_RANKS: tl.constexpr,  # bit-transposed ranks (one thread a token, E <= 128)
     CAPACITY: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+    PDL: tl.constexpr,  # a programmatic dependent launch follows
 ):
     """One program per tile of BT tokens (see _select_tile)."""
+    if PDL:  # the next launch may start now; it waits for this grid's end (_pdl_start)
+        tl.extra.cuda.gdc_launch_dependents()
     _select_tile(tl.program_id(0), logits_ptr, bias_ptr, ids_ptr, weights_ptr, hist_ptr,
                  counts_ptr, kept_ptr, offsets_ptr, slot_to_row_ptr, row_to_slot_ptr, T,
                  stride_t, scale, C, R, E, K, KP, H, EH, BT, BLOCK_E, W, SIGMOID,
                  SOFTMAX_AFTER, RENORM, HAS_BIAS, KEY_LOGITS, NEED_MS, STAGES, PACKED, SHIFT,
                  EXACT_PACK, TIE_CHECK, FUSED_PLAN, LANE_RANKS, CAPACITY, PAD, BLOCK_R)
+
+
+# ---------------------------------------------------------------------------------------------
+# Programmatic dependent launch (sm_90): the scan and place kernels are launched with the PDL
+# attribute, so the GPU starts their programs while the previous kernel still runs (after it
+# called gdc_launch_dependents); each first waits (griddepcontrol.wait) until that kernel has
+# finished and its writes are visible, so nothing is read or written early. The select kernel
+# itself is launched plainly: it must not overlap whatever ran before it on the stream. In a
+# CUDA graph this hides most of a kernel boundary. The interpreter never sees these (PDL is
+# off there).
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pdl_start():
+    """A dependent kernel's first step: wait for the previous grid, then let the next start."""
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -1071,9 +1092,12 @@ def _scan_tiles_kernel(
     prefix_ptr,  # (NT, BLOCK_E) int32 out: counts of the earlier tiles
     total_ptr,  # (BLOCK_E,) int32 out: counts of all tiles
     NT, BLOCK_E: tl.constexpr, BC: tl.constexpr, BLOCK_P: tl.constexpr,
+    PDL: tl.constexpr,  # launched as a programmatic dependent of the select kernel
 ):
     """Exclusive scan of the tile counts down the tiles, BC expert columns per program (O(NT*E)
     work in all)."""
+    if PDL:
+        _pdl_start()
     _scan_cols(tl.program_id(0), hist_ptr, prefix_ptr, total_ptr, NT, BLOCK_E, BC, BLOCK_P)
 
 
@@ -1143,10 +1167,13 @@ def _place_slots_kernel(
     E: tl.constexpr, BT: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_E: tl.constexpr, CAPACITY: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
     SUM_TILES: tl.constexpr, NTP: tl.constexpr,  # few tiles (NTP >= NT): no scan launch
+    PDL: tl.constexpr,  # launched as a programmatic dependent of the previous kernel
 ):
     """Programs < NP place BLOCK_S slots each, programs >= NP mark empty rows (_place_block).
     With SUM_TILES every program scans the tile counts itself: at decode sizes that is cheaper
     than a scan launch."""
+    if PDL:
+        _pdl_start()
     pid = tl.program_id(0)
     kept, starts, before = _plan_totals(prefix_ptr, total_ptr, counts_ptr, kept_ptr, offsets_ptr,
                                         pid, NT, C, E, BLOCK_E, CAPACITY, PAD, SUM_TILES, NTP)

@@ -34,6 +34,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import triton.language as tl
 from triton import knobs
 from triton.runtime import driver
 
@@ -62,7 +63,8 @@ _MAX_SUM_TILES = 4096
 # TRITON_INTERPRET last
 _KNOBS = ("ROUTERLIB_ROWS_CONFIG", "ROUTERLIB_ROWS_STAGES", "ROUTERLIB_ROWS_PACKED",
           "ROUTERLIB_ROWS_SCAN", "ROUTERLIB_ROWS_LANE_RANKS", "ROUTERLIB_ROWS_SYNC",
-          "ROUTERLIB_ROWS_SYNC_GRID", "ROUTERLIB_ROWS_COOP", "TRITON_INTERPRET")
+          "ROUTERLIB_ROWS_SYNC_GRID", "ROUTERLIB_ROWS_COOP", "ROUTERLIB_ROWS_PDL",
+          "TRITON_INTERPRET")
 # CPython keeps the environment in a dict of encoded names (os.environ._data), which every
 # os.environ write (monkeypatch.setenv, mock.patch.dict) updates: reading it directly costs
 # ~0.1 us a knob instead of ~1 us through os.environ.get (nine a call: ~8 us of the eager
@@ -170,6 +172,16 @@ def _use_lane_ranks(h: int, num_warps: int, num_experts: int, fused: bool) -> bo
     if pinned == "1":
         return 32 // h * num_warps % 32 == 0
     return h == 1
+
+
+def _use_pdl(dev: torch.device) -> bool:
+    """Programmatic dependent launches of the scan and place kernels (see _route_rows_kernels):
+    on sm_90+ GPUs with a Triton that has them. ROUTERLIB_ROWS_PDL=0 turns them off."""
+    if dev.type != "cuda" or interpreting() or os.environ.get("ROUTERLIB_ROWS_PDL") == "0":
+        return False
+    cuda_lang = getattr(tl.extra, "cuda", None)
+    return (hasattr(cuda_lang, "gdc_wait") and hasattr(cuda_lang, "gdc_launch_dependents")
+            and torch.cuda.get_device_capability(dev) >= (9, 0))
 
 
 def _use_sync(cuda: bool, num_tiles: int, scan: bool, capturing: bool) -> bool:
@@ -341,18 +353,21 @@ def _static(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor, bias: torch
             raise RuntimeError(f"route_rows: {g} program(s) of the one-launch route fit the GPU")
         launches = [(_route_sync_kernel, g, dict(sync_kw, ONE_TILE=g == NT))]
         return _Static(C, R, NT, sizes, *_carve(sizes), fused, sum_tiles, True, launches, ints)
-    launches = [(_select_rows_kernel, NT, dict(sel_kw, FUSED_PLAN=fused, num_warps=num_warps))]
+    pdl = not fused and _use_pdl(logits.device)
+    dep = dict(PDL=True, launch_pdl=True) if pdl else dict(PDL=False)  # a dependent launch
+    launches = [(_select_rows_kernel, NT, dict(sel_kw, FUSED_PLAN=fused, num_warps=num_warps,
+                                               PDL=pdl))]
     if scan:
         bc = max(2, min(32, block_e // 16))  # >= 16 programs: the scan is latency-bound
         launches.append((_scan_tiles_kernel, block_e // bc, dict(
-            BLOCK_E=block_e, BC=bc, BLOCK_P=max(2, min(ntp, 4096 // bc)), num_warps=4)))
+            BLOCK_E=block_e, BC=bc, BLOCK_P=max(2, min(ntp, 4096 // bc)), num_warps=4, **dep)))
     if not fused:
         n_place = -(-n // _BLOCK_S)
         launches.append((_place_slots_kernel, n_place + (-(-R // sel_kw["BLOCK_R"]) if mark
                                                          else 0), dict(
             E=E, BT=BT, K=K, BLOCK_S=_BLOCK_S, BLOCK_E=block_e, CAPACITY=capacity,
             PAD=pad, BLOCK_R=sel_kw["BLOCK_R"], SUM_TILES=sum_tiles,
-            NTP=ntp if sum_tiles else 1, num_warps=4)))
+            NTP=ntp if sum_tiles else 1, num_warps=4, **dep)))
     return _Static(C, R, NT, sizes, *_carve(sizes), fused, sum_tiles, False, launches)
 
 
