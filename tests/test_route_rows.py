@@ -301,23 +301,25 @@ SYNC_CASES = [
 
 def test_use_sync_rule(monkeypatch):
     """Eagerly one launch wherever there are tiles; in a CUDA graph only where it replaces
-    three launches over few tiles (what measured faster); the knob pins it."""
+    three launches over tiny tiles (what measured faster); the knob pins it."""
     monkeypatch.delenv("ROUTERLIB_ROWS_SYNC", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert route_rows._use_sync(True, 512, True, False)
-    assert route_rows._use_sync(True, 8, False, False)
-    assert route_rows._use_sync(True, 128, True, True)
-    assert not route_rows._use_sync(True, 512, True, True)  # graph, many tiles
-    assert not route_rows._use_sync(True, 8, False, True)  # graph, two launches anyway
-    assert not route_rows._use_sync(True, 1, False, False)  # one tile: one launch already
-    assert not route_rows._use_sync(False, 512, True, False)  # CPU
+    use = route_rows._use_sync
+    assert use(True, 512, True, False, 16384)
+    assert use(True, 8, False, False, 64)
+    assert use(True, 128, True, True, 1024)
+    assert not use(True, 128, True, True, 4096)  # graph: PDL launches win from here
+    assert not use(True, 512, True, True, 16384)
+    assert not use(True, 8, False, True, 64)  # graph, two launches anyway
+    assert not use(True, 1, False, False, 5)  # one tile: one launch already
+    assert not use(False, 512, True, False, 16384)  # CPU
     monkeypatch.setenv("ROUTERLIB_ROWS_SYNC", "1")
-    assert route_rows._use_sync(True, 512, True, True)
+    assert use(True, 512, True, True, 16384)
     monkeypatch.setenv("ROUTERLIB_ROWS_SYNC", "0")
-    assert not route_rows._use_sync(True, 128, True, False)
+    assert not use(True, 128, True, False, 4096)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("ROUTERLIB_ROWS_SYNC")
-    assert not route_rows._use_sync(True, 512, True, False)  # the interpreter
+    assert not use(True, 512, True, False, 16384)  # the interpreter
 
 
 @pytest.mark.gpu
@@ -329,7 +331,7 @@ def test_route_sync_equals_split(T, E, K, kw, grid, device, poisoned, monkeypatc
     bias = torch.randn(E, device=device) * 0.05 if cfg.expert_bias else None
     if grid:
         monkeypatch.setenv("ROUTERLIB_ROWS_SYNC_GRID", grid)
-    assert route_rows._use_sync(True, 2, True, False)
+    assert route_rows._use_sync(True, 2, True, False, T)
     sel, plan = route_rows.route_rows(logits, cfg, bias)
     assert_route_matches_reference(sel, plan, logits, cfg, bias)
     monkeypatch.setenv("ROUTERLIB_ROWS_SYNC", "0")

@@ -184,20 +184,21 @@ def _use_pdl(dev: torch.device) -> bool:
             and torch.cuda.get_device_capability(dev) >= (9, 0))
 
 
-def _use_sync(cuda: bool, num_tiles: int, scan: bool, capturing: bool) -> bool:
+def _use_sync(cuda: bool, num_tiles: int, scan: bool, capturing: bool, num_tokens: int) -> bool:
     """The one-launch route (_route_sync_kernel: grid barriers instead of kernel boundaries), on
-    a GPU with several tiles. Eagerly always: the host's launches set the pace (T=16384 eager
-    131 vs 153 us a route, results/h100/ab_sync_974f0e9.txt). In a CUDA graph only where it
-    replaces three launches with few tiles: a barrier costs more than a kernel boundary in a
-    graph (T=1024 and 4096, 128 tiles: 13.4 vs 16.0 and 17.3 vs 18.4 us; T=64, two launches:
-    12.5 vs 12.2; T=16384, 512 tiles: 24.0 vs 22.0; T=65536: 76.0 vs 56.2).
+    a GPU with several tiles. Eagerly always: the host's launches set the pace (T=16384: 97 vs
+    115 us a route, T=1024: 57 vs 70, results/h100/ab_pdl_a7653d2.txt). In a CUDA graph a barrier
+    costs more than a kernel boundary with programmatic dependent launch, except where three
+    short launches over tiny tiles are replaced (T <= 1024, 4 threads a token): T=1024 13.9 vs
+    15.0 us (E=256: 16.1 vs 18.4 without PDL, ab_sync_more_cba8ab5.txt); T=64 (two launches)
+    11.8 vs 11.1; T=4096 17.3 vs 16.8; T=16384 24.3 vs 20.7; T=65536 75.5 vs 54.6.
     ROUTERLIB_ROWS_SYNC=0 or 1 pins it off or on."""
     if not cuda or num_tiles < 2 or interpreting():
         return False
     pinned = os.environ.get("ROUTERLIB_ROWS_SYNC")
     if pinned is not None:
         return pinned != "0"
-    return not capturing or (scan and num_tiles <= 128)
+    return not capturing or (scan and num_tokens <= 1024)
 
 
 # Barrier counters of the one-launch route: one zeroed int32 pool per device, 32 ints (128
@@ -304,7 +305,7 @@ def _static(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor, bias: torch
     ntp = next_pow2(NT)
     sum_tiles = _sum_tiles(ntp, block_e)
     scan = not fused and not sum_tiles  # the scan step: its output, the tile counts' prefix
-    sync = allow_sync and _use_sync(logits.is_cuda, NT, scan, capturing)
+    sync = allow_sync and _use_sync(logits.is_cuda, NT, scan, capturing, T)
     n_hist = 0 if fused else NT * block_e
     sizes = (T * K, T * K, T * K, E, E, E + 1, R, n_hist, n_hist if scan else 0,
              block_e if scan else 0)
