@@ -305,21 +305,23 @@ def test_use_sync_rule(monkeypatch):
     monkeypatch.delenv("ROUTERLIB_ROWS_SYNC", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     use = route_rows._use_sync
-    assert use(True, 512, True, False, 16384)
-    assert use(True, 8, False, False, 64)
-    assert use(True, 128, True, True, 1024)
-    assert not use(True, 128, True, True, 4096)  # graph: PDL launches win from here
-    assert not use(True, 512, True, True, 16384)
-    assert not use(True, 8, False, True, 64)  # graph, two launches anyway
-    assert not use(True, 1, False, False, 5)  # one tile: one launch already
-    assert not use(False, 512, True, False, 16384)  # CPU
+    assert use(True, 512, True, False, 16384, 128)
+    assert use(True, 8, False, False, 64, 64)
+    assert use(True, 128, True, True, 1024, 128)
+    assert not use(True, 128, True, True, 4096, 128)  # graph: PDL launches win from here
+    assert use(True, 64, True, True, 4096, 256)  # ... at E = 256 from T > 4096
+    assert not use(True, 256, True, True, 16384, 256)
+    assert not use(True, 512, True, True, 16384, 128)
+    assert not use(True, 8, False, True, 64, 64)  # graph, two launches anyway
+    assert not use(True, 1, False, False, 5, 16)  # one tile: one launch already
+    assert not use(False, 512, True, False, 16384, 128)  # CPU
     monkeypatch.setenv("ROUTERLIB_ROWS_SYNC", "1")
-    assert use(True, 512, True, True, 16384)
+    assert use(True, 512, True, True, 16384, 128)
     monkeypatch.setenv("ROUTERLIB_ROWS_SYNC", "0")
-    assert not use(True, 128, True, False, 4096)
+    assert not use(True, 128, True, False, 4096, 128)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("ROUTERLIB_ROWS_SYNC")
-    assert not use(True, 512, True, False, 16384)  # the interpreter
+    assert not use(True, 512, True, False, 16384, 128)  # the interpreter
 
 
 @pytest.mark.gpu
@@ -331,7 +333,7 @@ def test_route_sync_equals_split(T, E, K, kw, grid, device, poisoned, monkeypatc
     bias = torch.randn(E, device=device) * 0.05 if cfg.expert_bias else None
     if grid:
         monkeypatch.setenv("ROUTERLIB_ROWS_SYNC_GRID", grid)
-    assert route_rows._use_sync(True, 2, True, False, T)
+    assert route_rows._use_sync(True, 2, True, False, T, E)
     sel, plan = route_rows.route_rows(logits, cfg, bias)
     assert_route_matches_reference(sel, plan, logits, cfg, bias)
     monkeypatch.setenv("ROUTERLIB_ROWS_SYNC", "0")

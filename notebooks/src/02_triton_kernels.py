@@ -14,6 +14,7 @@
 # | plan | `kernels/plan.py` | T·K ids (+ weights/keys for priority) | counts, offsets, slot→row, row→slot | 1 (small T) or 2 |
 # | dispatch | `kernels/dispatch.py` | T·D tokens | R·D rows (empty rows zeroed) | 1 |
 # | combine | `kernels/combine.py` | T·K·D rows + T·K weights | T·D | 1 |
+# | inference route: score + top-K + plan | `kernels/route_rows.py` | T·E logits | ids, weights, the plan | 3 (PDL), or 1 with grid barriers |
 #
 # On a CPU the kernels run under `TRITON_INTERPRET=1` (set below when there is no GPU), on small
 # shapes; the timings come from `results/h100/`.
@@ -378,22 +379,23 @@ for T in (6, 300):
 bd = json.loads((RESULTS / "route_breakdown.json").read_text())
 print(f"{bd['env']['device']}, commit {bd['env']['git_commit']}; a one-kernel CUDA graph: "
       f"{bd['graph_floor_us']:.1f} us")
-pd.DataFrame([{"case": c["case"], **{k.strip("_").replace("_kernel", ""): v
-                                     for k, v in c["device_us"].items()},
+pd.DataFrame([{"case": c["case"],
+               "launches": "one (grid barriers)" if c.get("one_launch") else "three (PDL)",
+               **{k.strip("_").replace("_kernel", ""): v for k, v in c["device_us"].items()},
                "graph": c["graph_us"], "eager wall": c["eager_wall_us"],
                "eager without launches": c["eager_no_launch_us"],
                "one torch.empty": c["empty_alloc_us"]} for c in bd["cases"]]).round(1)
 
 # %% [markdown]
-# At T = 16384 the three kernels take 8.7 + 3.0 + 3.9 µs of device time (select 11.4 µs with
+# At T = 16384 the three kernels take 8.5 + 3.0 + 4.1 µs of device time (select 11.4 µs with
 # the 8-bit count table, `route_breakdown_ba899a1.json`; 13.7 µs before the packed keys,
-# `route_breakdown_1d3dbd6.json`); the graph adds its floor (4.8 µs) and ~1 µs between kernels:
-# 22.1 µs. At T = 65536 (four-warp tiles now) 30.6 + 3.0 + 10.8 µs, 55.8 µs in a graph (66.0).
-# Eager is host-bound and varies with the lent machine: the Python path without the launches
-# is 62 µs since every output is a view of one allocation (139 µs with ten `torch.empty` calls
-# of ~10 µs on the ba899a1 host); the rest is three Triton launches (~30 µs each:
-# `JITFunction.run`, specialization, the driver's launcher; the cProfile is in the JSON,
-# `host_profile`).
+# `route_breakdown_1d3dbd6.json`); in a graph, with the scan and place kernels as programmatic
+# dependent launches, 20.5 µs over a 4.9 µs floor (22.1 µs without PDL at 42230d5). With PDL a
+# dependent kernel is started early and waits, so its profiler time includes the wait (the scan
+# at T = 65536). Eager is host-bound: an eager call now costs ~48 µs wall, 37 µs of it Python
+# (62 µs at 42230d5, 139 µs before the outputs became views of one allocation), the rest one
+# direct launch (section 7). The one launch is slower on the device at T = 65536 (65.6 µs vs
+# 54.5 µs in a graph for the three): its selection phase runs slower inside the fused kernel.
 #
 # ### Its launch configs (sweep of the current kernels: H200, `../h200/tune_route_84e5f4f.csv`)
 #
@@ -446,8 +448,9 @@ res.groupby("kernel")[["n_regs", "n_spills"]].describe().round(0)
 #   elementwise one: 4.0 µs, select +3.7 µs for the ranks); two insertion lists per thread (two
 #   independent dependency chains) did not help (28.2 vs 28.4 µs, slower at T = 65536:
 #   `../h200/ab_ilp_stages_4baec7e.txt`); calling Triton's compiled kernel directly, skipping
-#   `JITFunction.run`, did not lower the eager time (170 vs 161 µs,
-#   `../h200/route_breakdown_thin_launch_ee4653c.json`); the previous session's one-launch decode
+#   `JITFunction.run`, did not lower the eager time by itself (170 vs 161 µs,
+#   `../h200/route_breakdown_thin_launch_ee4653c.json`; with one launch, a cached launch plan
+#   and raw pointers it now does, section 7); the previous session's one-launch decode
 #   route and three-launch fused route were slower than the general path
 #   (`targets_optin_routes_d8adf02.json`); this session, the place kernel summing the tile
 #   counts itself in a loop, so that prefill needs no scan launch, was slower (T = 16384 with
@@ -457,7 +460,9 @@ res.groupby("kernel")[["n_regs", "n_spills"]].describe().round(0)
 #   `ab_carve_decode_tiles_4d8da06.txt`); two threads a token with the bit-transposed ranks
 #   (more warps for the same tokens) were slower too (T = 16384: 26.5–32.0 vs 22.0 µs,
 #   `ab_h2_lane_ranks_7215180.txt`; kept only as the knob `ROUTERLIB_ROWS_LANE_RANKS=1`).
-#   The others were removed.
+#   The sixth session's one cooperative launch (section 7) is slower than three launches in a
+#   CUDA graph from T = 2048 on at E = 128 (T = 16384: 24.3 vs 20.7 µs with PDL), so graphs
+#   keep the three launches there. The others were removed.
 
 # %% [markdown]
 # The final packed kernel against the exact insertion (`ab_packed_2c62426.txt`, its last block:
@@ -492,6 +497,67 @@ lr["bit-transposed / table"] = lr["bit-transposed"] / lr["count table"]
 lr.round(2)
 
 # %% [markdown]
+# ## 7. One launch, dependent launches, a thin host path
+#
+# The route is three kernels; both the host (three Triton launches of ~10–30 µs each on the lent
+# hosts) and the GPU (a kernel boundary) pay for the split. Three changes this session:
+#
+# * **One cooperative launch** (`_route_sync_kernel`): the same kernel bodies (select a tile,
+#   scan expert columns, place slots) in one kernel whose programs loop over tiles, scan
+#   columns and place blocks with a stride of the grid size, separated by two grid barriers.
+#   The barrier is one int32 counter that is never reset: program 0 adds 2^31 − (G − 1), the
+#   others 1, so one barrier's arrivals sum to 2^31 and flip the sign bit exactly when the last
+#   program arrives, leaving the low bits as they were for the next barrier or launch of any
+#   grid size. The arrival is a release, the wait an acquire (it compiles to
+#   `atom.release.gpu` and a polling `ld.acquire.gpu` by one thread, then `bar.sync`), and the
+#   loads after a barrier skip L1 (`.cg`). It needs every program resident at once: the grid is
+#   at most what the CUDA occupancy rules allow for the compiled kernel (registers, threads,
+#   shared memory per SM) and the launch is cooperative, so the driver refuses a grid that does
+#   not fit instead of hanging. Counters come from a zeroed pool: one per stream, and a fresh
+#   one per CUDA-graph capture (two graphs may replay side by side; replays of one graph are
+#   serialised). The interpreter runs programs one after another, so on the CPU the same bodies
+#   run as the three launches; the GPU tests run both (looping grids of 2 and 7 programs, the
+#   counter's state across grid sizes, a graph next to eager calls on a second stream).
+# * **Programmatic dependent launch** of the scan and place kernels: launched with the PDL
+#   attribute, they are scheduled while their predecessor runs (it calls
+#   `gdc_launch_dependents` first thing) and wait (`gdc_wait`) before touching anything. The
+#   select kernel is launched plainly: it must not overlap the previous op on the stream.
+# * **A thin host path**: everything that depends only on shapes, config, dtypes, pointer
+#   alignment and knobs is computed once per configuration and cached (`_Static`); after the
+#   first call each kernel is launched straight through its compiled launcher with raw pointers
+#   (no `JITFunction.run` binding and specialisation, no driver pointer query per tensor); the
+#   knobs are read from the environment's dict in one pass.
+#
+# What won where (`ab_pdl_a7653d2.txt`: same run, µs; graph = median CUDA-graph replay, eager =
+# median of 25 interleaved batches of 20 calls):
+
+# %%
+text = (RESULTS / "ab_pdl_a7653d2.txt").read_text()
+graph = {(int(t), m): float(a) for t, m, a in
+         re.findall(r"T=(\d+) (\w+): device .*? graph ([\d.]+)/", text)}
+eager = {}
+for t, rest in re.findall(r"T=(\d+) eager wall us .*?: (.*)", text):
+    for m, med in re.findall(r"(\w+) ([\d.]+)/", rest):
+        eager[(int(t), m)] = float(med)
+modes = {"sync": "one launch", "split": "three, PDL", "split_nopdl": "three, no PDL"}
+assert len(graph) == 20 and len(eager) == 20, "5 sizes x 4 modes"
+pd.DataFrame({f"{label} {kind}": {T: d[(T, m)] for T in sorted({k[0] for k in graph})}
+              for kind, d in (("graph", graph), ("eager", eager))
+              for m, label in modes.items()}).rename_axis("T (E=128, K=8)").round(1)
+
+# %% [markdown]
+# In a CUDA graph a grid barrier costs more than a kernel boundary with PDL: the one launch
+# wins only where it replaces three short launches over tiny tiles (T ≤ 1024, and at E = 256
+# up to T = 4096: 26.5 vs 29.3 µs, `ab_sync_pdl_e256_9af1b90.txt`), and loses at T = 16384
+# (24.3 vs 20.7 µs; the cooperative attribute alone costs ~1.6 µs there and ~10 µs at
+# T = 65536, `ab_sync_profile_974f0e9.txt`). Eagerly it wins everywhere: one launch instead of
+# three. So the route takes the one launch for eager calls and, when a graph is being captured,
+# only where it measured faster (`route_rows._use_sync`). With the direct launches the eager
+# route went from 164–235 µs wall (42230d5) to 48.6 µs in the targets run
+# (`targets.json`, 9af1b90), of which ~37 µs is Python: one `torch.empty`, seven output views,
+# the cache key, the dataclasses.
+
+# %% [markdown]
 # ## Conclusions
 #
 # * **Dispatch and combine meet the targets**: 89–90% and 95–98% of the measured copy bandwidth
@@ -500,24 +566,24 @@ lr.round(2)
 #   no atomics. torch.compile of the reference fuses the K-way gather-sum and reaches 94–96% on
 #   combine too, but only 56–58% on dispatch (`targets_1d3dbd6.json`; the ba899a1 run's time
 #   budget skipped those compiles), and it does not help the routing (1.0–1.8 ms).
-# * **The backward** of route + dispatch + combine costs 1.00× its forward in `targets.json`
-#   (42230d5; 1.43× at ba899a1 and 1.16× at 1d3dbd6 with the same backward kernels: the forward
-#   with autograd on is host-bound and varies with the host; target ≤ 2×) and is 21× faster
-#   than the reference's backward.
-# * **Routing misses its latency targets.** Score + top-K + plan (T = 16384, E = 128, K = 8,
-#   fp32 logits) takes 22.1 µs in a CUDA graph with the row-wise route, packed keys and
-#   bit-transposed ranks (section 6; 24.2 µs at ba899a1, 26.0 µs at 1d3dbd6, 49.8–58.3 µs with
-#   top-K + plan four sessions ago; target 10 µs; torchtitan 208 µs, the reference cannot be
-#   captured; OpenAI's triton_kernels, measured at 19 µs in DESIGN.md, is still ahead) and
-#   164–235 µs wall eager from Python on the lent hosts (target 40 µs; reference 0.88 ms,
-#   torchtitan 0.24 ms in the same run). A CUDA graph of one tiny kernel already takes 4.8 µs
-#   measured this way, the selection kernel 8.7 µs (8 MB of logits: 2.7 µs at the copy roof;
-#   one warp per scheduler, so its instruction stream sets the pace), and the scan and place
-#   launches 3.0 + 3.9 µs, mostly latency. Eager is bound by the host: 62 µs of Python and
-#   ~30 µs a Triton launch on the lent machines' CPUs. The decode path (T = 64, D = 4096) takes
-#   23.1 µs in a graph here (target 15 µs): five kernels in one graph (the route's two,
-#   dispatch, the experts' stand-in multiply, combine) over a 4.8 µs floor; 18.7–19.7 µs
-#   without the stand-in.
+# * **The backward** of route + dispatch + combine costs 0.53× its forward in `targets.json`
+#   (9af1b90; 1.00× at 42230d5, 1.43× at ba899a1, 1.16× at 1d3dbd6 with the same backward
+#   kernels, 645 µs: the forward with autograd on is host-bound, ~1.1–1.2 ms of wall time, and
+#   its median follows the host; target ≤ 2×) and is 21× faster than the reference's backward.
+# * **Routing misses its latency targets, by less.** Score + top-K + plan (T = 16384, E = 128,
+#   K = 8, fp32 logits) takes 20.5 µs in a CUDA graph (section 7: three launches with
+#   programmatic dependent launch; 22.1 µs at 42230d5, 24.2 µs at ba899a1, 49.8–58.3 µs with
+#   top-K + plan five sessions ago; target 10 µs; torchtitan 208 µs, the reference cannot be
+#   captured; OpenAI's triton_kernels, measured at 19 µs in DESIGN.md, is still 1.5 µs ahead)
+#   and 48.6 µs wall eager from Python (one cooperative launch and a cached launch plan;
+#   164–235 µs at 42230d5; target 40 µs; reference 1.07 ms, torchtitan 0.28 ms in the same
+#   run). A CUDA graph of one tiny kernel already takes 4.9 µs measured this way, the selection
+#   kernel 8.5 µs (8 MB of logits: 2.7 µs at the copy roof; one warp per scheduler, so its
+#   instruction stream sets the pace), the scan and place kernels 3.0 + 4.1 µs, mostly latency.
+#   Eagerly ~37 µs is Python (an allocation, seven views, the cache key, two dataclasses) and
+#   ~12 µs the launch. The decode path (T = 64, D = 4096) takes 21.5 µs in a graph (target
+#   15 µs; 23.1 at 42230d5): five kernels in one graph (the route's two, dispatch, the experts'
+#   stand-in multiply, combine) over a 4.9 µs floor.
 
 # %%
 tg = targets.set_index("target")

@@ -6,8 +6,9 @@
   combine.py   weighted K-way sum back to tokens in fp32 (backward: scatter dual + weight grads)
   route_rows.py   the fast inference route: top-K with few threads per token and each slot's
                   rank inside its tile in the same pass, then a tile scan and an elementwise
-                  place: 3 launches (2 at decode sizes, 1 when T fits a tile); the default where
-                  it applies (ROUTERLIB_ROW_ROUTE=0 switches it off)
+                  place: 3 launches (2 at decode sizes, 1 when T fits a tile), or the same in
+                  one cooperative launch with grid barriers (eager calls); the default where it
+                  applies (ROUTERLIB_ROW_ROUTE=0 switches it off)
 
 Every op computes exactly what routerlib.reference computes; tests compare them.
 On a machine without a GPU they run under TRITON_INTERPRET=1.

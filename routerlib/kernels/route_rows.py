@@ -184,21 +184,24 @@ def _use_pdl(dev: torch.device) -> bool:
             and torch.cuda.get_device_capability(dev) >= (9, 0))
 
 
-def _use_sync(cuda: bool, num_tiles: int, scan: bool, capturing: bool, num_tokens: int) -> bool:
+def _use_sync(cuda: bool, num_tiles: int, scan: bool, capturing: bool, num_tokens: int,
+              num_experts: int) -> bool:
     """The one-launch route (_route_sync_kernel: grid barriers instead of kernel boundaries), on
     a GPU with several tiles. Eagerly always: the host's launches set the pace (T=16384: 97 vs
     115 us a route, T=1024: 57 vs 70, results/h100/ab_pdl_a7653d2.txt). In a CUDA graph a barrier
     costs more than a kernel boundary with programmatic dependent launch, except where three
-    short launches over tiny tiles are replaced (T <= 1024, 4 threads a token): T=1024 13.9 vs
-    15.0 us (E=256: 16.1 vs 18.4 without PDL, ab_sync_more_cba8ab5.txt); T=64 (two launches)
-    11.8 vs 11.1; T=4096 17.3 vs 16.8; T=16384 24.3 vs 20.7; T=65536 75.5 vs 54.6.
-    ROUTERLIB_ROWS_SYNC=0 or 1 pins it off or on."""
+    short launches over tiny tiles are replaced (T <= 1024, 4 threads a token) and at E > 128
+    up to T=4096 (64 tiles of 2 threads a token and 4 warps). E=128: T=1024 13.9 vs 15.0 us;
+    T=64 (two launches) 11.8 vs 11.1; T=2048 16.8-17.2 vs 15.9; T=4096 17.3 vs 16.8; T=16384
+    24.3 vs 20.7; T=65536 75.5 vs 54.6. E=256: T=1024 16.5 vs 17.5, T=4096 26.5 vs 29.3
+    (ab_sync_pdl_e256_9af1b90.txt). ROUTERLIB_ROWS_SYNC=0 or 1 pins it off or on."""
     if not cuda or num_tiles < 2 or interpreting():
         return False
     pinned = os.environ.get("ROUTERLIB_ROWS_SYNC")
     if pinned is not None:
         return pinned != "0"
-    return not capturing or (scan and num_tokens <= 1024)
+    return not capturing or (scan and (num_tokens <= 1024
+                                       or (num_experts > 128 and num_tokens <= 4096)))
 
 
 # Barrier counters of the one-launch route: one zeroed int32 pool per device, 32 ints (128
@@ -305,7 +308,7 @@ def _static(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor, bias: torch
     ntp = next_pow2(NT)
     sum_tiles = _sum_tiles(ntp, block_e)
     scan = not fused and not sum_tiles  # the scan step: its output, the tile counts' prefix
-    sync = allow_sync and _use_sync(logits.is_cuda, NT, scan, capturing, T)
+    sync = allow_sync and _use_sync(logits.is_cuda, NT, scan, capturing, T, E)
     n_hist = 0 if fused else NT * block_e
     sizes = (T * K, T * K, T * K, E, E, E + 1, R, n_hist, n_hist if scan else 0,
              block_e if scan else 0)
