@@ -49,7 +49,7 @@ def _host_profile(fn: Callable[[], object], reps: int = 200, top: int = 14) -> l
     return [line for line in buf.getvalue().splitlines() if line.strip()][-top - 1:]
 
 
-def _device_times(fn: Callable[[], object], reps: int = 30) -> dict[str, float]:
+def device_times(fn: Callable[[], object], reps: int = 30) -> dict[str, float]:
     """Median device time (us) of each kernel launched by fn, over reps calls."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -99,7 +99,7 @@ def _case(name: str, T: int, E: int, K: int, kw: dict, sync: bool) -> dict:
 
     with torch.no_grad():
         try:
-            case["device_us"] = _device_times(call)
+            case["device_us"] = device_times(call)
         except Exception as e:  # noqa: BLE001 - the host side is still worth having
             case["device_us"] = f"{type(e).__name__}: {e}"[:300]
         case["eager_wall_us"] = host_wall_us(call)

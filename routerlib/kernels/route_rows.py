@@ -78,6 +78,8 @@ def _knob_values() -> tuple:
     if _ENV_KEYS is not None:
         return tuple(map(_ENV.get, _ENV_KEYS))
     return tuple(map(os.environ.get, _KNOBS))
+
+
 _empty = torch.empty  # every output comes from here (tests swap in a poisoning allocator)
 # near ties go to the exact insertion; tests (and A/B timings of the packed path alone:
 # ROUTERLIB_ROWS_TIE_CHECK=0, wrong answers on near ties) turn it off
@@ -236,7 +238,7 @@ def _sync_counter(dev: torch.device, idx: int, stream: int, capturing: bool
     return counter
 
 
-_occupancy: dict[tuple, int] = {}
+_occupancy: dict[object, int] = {}  # compiled kernel's hash -> resident programs
 
 
 def _resident_programs(args: tuple, kwargs: dict) -> int:
