@@ -30,6 +30,22 @@ def route(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = N
     return sel, ref.build_plan(sel, cfg, priority)
 
 
+def route_dispatch(logits: torch.Tensor, x: torch.Tensor, cfg: RouterConfig,
+                   bias: torch.Tensor | None = None, priority: torch.Tensor | None = None,
+                   backend: Backend = "torch", need_stats: bool | None = None
+                   ) -> tuple[Selection, RoutingPlan, torch.Tensor]:
+    """route then dispatch: (selection, plan, rows [R, D]). The triton backend runs both in one
+    launch at decode sizes (kernels.route_dispatch)."""
+    _check_backend(backend)
+    if backend == "triton":
+        from routerlib.kernels import route_dispatch as triton_route_dispatch
+
+        return triton_route_dispatch(logits, x, cfg, bias=bias, priority=priority,
+                                     need_stats=need_stats)
+    sel, plan = route(logits, cfg, bias, priority, backend)
+    return sel, plan, ref.dispatch(x, plan)
+
+
 def dispatch(x: torch.Tensor, plan: RoutingPlan, backend: Backend = "torch") -> torch.Tensor:
     _check_backend(backend)
     if backend == "triton":

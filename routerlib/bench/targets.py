@@ -15,8 +15,9 @@ Sections (full shapes; --quick swaps in tiny ones with the same structure):
     dispatch  x [T, D] -> rows [T*K, D], T=16384, D in {2048, 4096}, E=128, K=8, bf16, dropless;
     combine   rows [T*K, D] -> y [T, D] (weights fp32): triton, torch, compile, peers.
               bytes: dispatch T*D*s + T*K*D*s; combine T*K*D*s + T*K*4 + T*D*s (s = 2).
-    decode    T=64 D=4096 E=64 K=8 (OLMoE rules): route + dispatch + (rows * 0.5, the stand-in for
-              the experts) + combine from the logits: triton in a graph, triton and torch eager.
+    decode    T=64 D=4096 E=64 K=8 (OLMoE rules): route + dispatch (ops.route_dispatch: one launch
+              on triton) + (rows * 0.5, the stand-in for the experts) + combine from the logits:
+              triton in a graph, triton and torch eager.
     backward  qwen3 T=16384 D=2048: route + dispatch + combine with the experts as the identity;
               forward time, backward time (autograd.grad of y into logits, x and the top-K
               weights, retain_graph), ratio backward / forward: triton and torch.
@@ -558,8 +559,8 @@ def run_decode(r: Runner, cases: Cases, seed: int) -> None:
 
     def path(backend: str):
         def f():
-            sel, plan = ops.route(logits, cfg, None, None, backend)
-            out = ops.dispatch(x, plan, backend) * EXPERT_SCALE  # [R, D] the experts' stand-in
+            sel, plan, rows = ops.route_dispatch(logits, x, cfg, None, None, backend)
+            out = rows * EXPERT_SCALE  # [R, D] the experts' stand-in
             y = ops.combine(out, plan, sel.topk_weights, backend)  # [T, D]
             return sel.topk_ids, y
         return _no_grad(f)
@@ -567,7 +568,7 @@ def run_decode(r: Runner, cases: Cases, seed: int) -> None:
     check = None
     if r.wants("triton"):
         check = expect(path("torch")(), ["topk_ids", "y"], [None, 1e-2])
-    note = "logits -> route -> dispatch -> rows*0.5 -> combine"
+    note = "logits -> route+dispatch -> rows*0.5 -> combine"
     m = lambda impl, mode, **kw: r.measure(  # noqa: E731
         "decode", f"T={T}", "path", impl, mode, shape=shape, build=_const(path(impl)),
         nbytes=nbytes, note=note, **kw)

@@ -25,6 +25,7 @@ from routerlib.kernels import route_rows
 # Re-exported eagerly: importing a submodule binds the package attribute of its name (dispatch,
 # combine) to the module, which would shadow a lazily importing wrapper after its first call.
 from routerlib.kernels.combine import combine as combine
+from routerlib.kernels.dispatch import check_device, check_float
 from routerlib.kernels.dispatch import dispatch as dispatch
 from routerlib.kernels.plan import build_plan
 from routerlib.kernels.topk import fused_topk
@@ -54,3 +55,30 @@ def route(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = N
     plan = build_plan(sel.topk_ids, sel.topk_weights, cfg, priority)
     return sel, plan
 
+
+
+def route_dispatch(logits: torch.Tensor, x: torch.Tensor, cfg: RouterConfig,
+                   bias: torch.Tensor | None = None, priority: torch.Tensor | None = None,
+                   need_stats: bool | None = None
+                   ) -> tuple[Selection, RoutingPlan, torch.Tensor]:
+    """route(logits, ...) then dispatch(x, plan): (selection, plan, rows [R, D]). At decode sizes
+    of the row-wise route (route_rows.dispatch_fuses: T <= 128, inference, x needing no
+    gradient) both run in one launch, every program planning all tokens itself
+    (_route_dispatch_kernels.py); otherwise the two ops one after the other."""
+    if x.dim() != 2 or x.shape[0] != logits.shape[0]:
+        raise ValueError(f"x must be [T, D] with T = {logits.shape[0]} (the logits' rows), got "
+                         f"shape {tuple(x.shape)}")
+    if x.device != logits.device:
+        raise ValueError(f"x is on {x.device} but the logits are on {logits.device}")
+    check_float(x, "x")
+    check_device(x, "x")
+    if need_stats is None:
+        need_stats = torch.is_grad_enabled() and logits.requires_grad
+    if (logits.dim() == 2 and not (torch.is_grad_enabled() and x.requires_grad)
+            and route_rows.enabled() and route_rows.dispatch_fuses(logits, x)):
+        ref.check_logits(logits, cfg)
+        ref.gating.check_bias(bias, logits, cfg)
+        if route_rows.applies(logits, cfg, need_stats):
+            return route_rows.route_dispatch_rows(logits, x, cfg, bias)
+    sel, plan = route(logits, cfg, bias, priority, need_stats)
+    return sel, plan, dispatch(x, plan)

@@ -908,17 +908,24 @@ def _layout(counts, cols, C, E: tl.constexpr, CAPACITY: tl.constexpr, PAD: tl.co
 
 
 @triton.jit
-def _mark_empty_rows(row_to_slot_ptr, r, starts, kept, cols, cmask, R, BLOCK_R: tl.constexpr):
-    """Write -1 to the rows r that no slot fills. A row belongs to the last expert whose segment
-    starts at or before it, and is empty unless it lies within that expert's kept count (rows
-    past the last segment too). Filled rows are written by their slots, never here."""
+def _empty_rows(r, starts, kept, cols, cmask, R):
+    """Which rows r (< R) no slot fills. A row belongs to the last expert whose segment starts
+    at or before it, and is empty unless it lies within that expert's kept count (rows past the
+    last segment too)."""
     starts_real = tl.where(cmask, starts, 2147483647)
     e_of_r = tl.sum((starts_real[None, :] <= r[:, None]).to(tl.int32), axis=1) - 1
-    onehot = cols[None, :] == e_of_r[:, None]  # [BLOCK_R, BLOCK_E]
+    onehot = cols[None, :] == e_of_r[:, None]  # [rows, BLOCK_E]
     start_r = tl.sum(tl.where(onehot, starts[None, :], 0), axis=1)
     kept_r = tl.sum(tl.where(onehot, kept[None, :], 0), axis=1)
+    return (r < R) & (r - start_r >= kept_r)
+
+
+@triton.jit
+def _mark_empty_rows(row_to_slot_ptr, r, starts, kept, cols, cmask, R, BLOCK_R: tl.constexpr):
+    """Write -1 to the rows r that no slot fills (filled rows are written by their slots, never
+    here)."""
     tl.store(row_to_slot_ptr + r, tl.full([BLOCK_R], -1, tl.int32),
-             mask=(r < R) & (r - start_r >= kept_r))
+             mask=_empty_rows(r, starts, kept, cols, cmask, R))
 
 
 @triton.jit
@@ -929,6 +936,61 @@ def _place(e, rank, valid, slot, kept, starts, slot_to_row_ptr, row_to_slot_ptr)
     row = tl.gather(starts, e, axis=0) + rank
     tl.store(slot_to_row_ptr + slot, tl.where(keep, row, -1), mask=valid)
     tl.store(row_to_slot_ptr + row, slot.to(tl.int32), mask=keep)
+
+
+@triton.jit
+def _write_plan(I, rank, valid, slot, counts, kept, starts, total, cols, cmask, counts_ptr,
+                kept_ptr, offsets_ptr, slot_to_row_ptr, row_to_slot_ptr, R, E: tl.constexpr,
+                BT: tl.constexpr, KP: tl.constexpr, CAPACITY: tl.constexpr, PAD: tl.constexpr,
+                BLOCK_R: tl.constexpr):
+    """The whole plan of a route whose tokens all lie in one tile (ranks final, no prefix)."""
+    _place(tl.reshape(I, [BT * KP]), tl.reshape(rank, [BT * KP]), tl.reshape(valid, [BT * KP]),
+           tl.reshape(slot, [BT * KP]), kept, starts, slot_to_row_ptr, row_to_slot_ptr)
+    tl.store(counts_ptr + cols, counts, mask=cmask)
+    tl.store(kept_ptr + cols, kept, mask=cmask)
+    tl.store(offsets_ptr + cols, starts, mask=cmask)
+    tl.store(offsets_ptr + E, total)
+    if CAPACITY or PAD > 1:
+        for r0 in range(0, R, BLOCK_R):
+            _mark_empty_rows(row_to_slot_ptr, r0 + tl.arange(0, BLOCK_R), starts, kept, cols,
+                             cmask, R, BLOCK_R)
+
+
+@triton.jit
+def _select_ids(
+    base, rmask, valid, bias_ptr,
+    E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, H: tl.constexpr, EH: tl.constexpr,
+    BT: tl.constexpr, SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.constexpr, RENORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, NEED_MS: tl.constexpr,
+    STAGES: tl.constexpr, PACKED: tl.constexpr, SHIFT: tl.constexpr, EXACT_PACK: tl.constexpr,
+    TIE_CHECK: tl.constexpr,
+):
+    """A tile's selection: (ids [BT, KP] (0 in padding), the selected logits [BT, KP] fp32,
+    the softmax max and sum [BT] (if NEED_MS), the ids of each choice i0..i7 [BT]). base [BT]:
+    each token's logits row; rmask: the real tokens; valid [BT, KP]: the real slots."""
+    if PACKED:
+        (i0, i1, i2, i3, i4, i5, i6, i7, x0, x1, x2, x3, x4, x5, x6, x7, m, s,
+         unsure) = _select_packed(base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, HAS_BIAS,
+                                  KEY_LOGITS, NEED_MS, STAGES, SHIFT, EXACT_PACK)
+        I = tl.where(valid, _stack(i0, i1, i2, i3, i4, i5, i6, i7, KP), 0)  # [BT, KP]
+        if EXACT_PACK:
+            xs = tl.load(base[:, None] + I, mask=valid, other=0.0).to(tl.float32)
+        else:  # the finishing gathered the selected logits
+            xs = _stack(x0, x1, x2, x3, x4, x5, x6, x7, KP)
+            if TIE_CHECK:
+                if tl.max(unsure.to(tl.int32), axis=0) != 0:  # the exact insertion decides
+                    i0, i1, i2, i3, i4, i5, i6, i7, m, s = _select_rows(
+                        base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, SOFTMAX_AFTER, RENORM,
+                        HAS_BIAS, KEY_LOGITS, NEED_MS, 1, 1)
+                    I = tl.where(valid, _stack(i0, i1, i2, i3, i4, i5, i6, i7, KP), 0)
+                    xs = tl.load(base[:, None] + I, mask=valid, other=0.0).to(tl.float32)
+    else:
+        i0, i1, i2, i3, i4, i5, i6, i7, m, s = _select_rows(
+            base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, SOFTMAX_AFTER, RENORM, HAS_BIAS,
+            KEY_LOGITS, NEED_MS, STAGES)
+        I = tl.where(valid, _stack(i0, i1, i2, i3, i4, i5, i6, i7, KP), 0)  # [BT, KP]
+        xs = tl.load(base[:, None] + I, mask=valid, other=0.0).to(tl.float32)
+    return I, xs, m, s, i0, i1, i2, i3, i4, i5, i6, i7
 
 
 @triton.jit
@@ -964,28 +1026,9 @@ def _select_tile(
     kc = tl.arange(0, KP)[None, :]
     valid = rmask[:, None] & (kc < K)
     slot = rows.to(tl.int64)[:, None] * K + kc
-    if PACKED:
-        (i0, i1, i2, i3, i4, i5, i6, i7, x0, x1, x2, x3, x4, x5, x6, x7, m, s,
-         unsure) = _select_packed(base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, HAS_BIAS,
-                                  KEY_LOGITS, NEED_MS, STAGES, SHIFT, EXACT_PACK)
-        I = tl.where(valid, _stack(i0, i1, i2, i3, i4, i5, i6, i7, KP), 0)  # [BT, KP]
-        if EXACT_PACK:
-            xs = tl.load(base[:, None] + I, mask=valid, other=0.0).to(tl.float32)
-        else:  # the finishing gathered the selected logits
-            xs = _stack(x0, x1, x2, x3, x4, x5, x6, x7, KP)
-            if TIE_CHECK:
-                if tl.max(unsure.to(tl.int32), axis=0) != 0:  # the exact insertion decides
-                    i0, i1, i2, i3, i4, i5, i6, i7, m, s = _select_rows(
-                        base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, SOFTMAX_AFTER, RENORM,
-                        HAS_BIAS, KEY_LOGITS, NEED_MS, 1, 1)
-                    I = tl.where(valid, _stack(i0, i1, i2, i3, i4, i5, i6, i7, KP), 0)
-                    xs = tl.load(base[:, None] + I, mask=valid, other=0.0).to(tl.float32)
-    else:
-        i0, i1, i2, i3, i4, i5, i6, i7, m, s = _select_rows(
-            base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, SOFTMAX_AFTER, RENORM, HAS_BIAS,
-            KEY_LOGITS, NEED_MS, STAGES)
-        I = tl.where(valid, _stack(i0, i1, i2, i3, i4, i5, i6, i7, KP), 0)  # [BT, KP]
-        xs = tl.load(base[:, None] + I, mask=valid, other=0.0).to(tl.float32)
+    I, xs, m, s, i0, i1, i2, i3, i4, i5, i6, i7 = _select_ids(
+        base, rmask, valid, bias_ptr, E, K, KP, H, EH, BT, SIGMOID, SOFTMAX_AFTER, RENORM,
+        HAS_BIAS, KEY_LOGITS, NEED_MS, STAGES, PACKED, SHIFT, EXACT_PACK, TIE_CHECK)
     tl.store(ids_ptr + slot, I, mask=valid)
     tl.store(weights_ptr + slot, _weights(xs, valid, m, s, scale, SIGMOID, SOFTMAX_AFTER,
                                           RENORM, NEED_MS), mask=valid)
@@ -1000,17 +1043,9 @@ def _select_tile(
         counts = (tl.gather(words, cols >> 2, axis=0) >> ((cols & 3) * 8)) & 255
         if FUSED_PLAN:  # every token is this tile's: the ranks are final, no prefix
             kept, starts, total = _layout(counts, cols, C, E, CAPACITY, PAD)
-            _place(tl.reshape(I, [BT * KP]), tl.reshape(rank, [BT * KP]),
-                   tl.reshape(valid, [BT * KP]), tl.reshape(slot, [BT * KP]), kept, starts,
-                   slot_to_row_ptr, row_to_slot_ptr)
-            tl.store(counts_ptr + cols, counts, mask=cmask)
-            tl.store(kept_ptr + cols, kept, mask=cmask)
-            tl.store(offsets_ptr + cols, starts, mask=cmask)
-            tl.store(offsets_ptr + E, total)
-            if CAPACITY or PAD > 1:
-                for r0 in range(0, R, BLOCK_R):
-                    _mark_empty_rows(row_to_slot_ptr, r0 + tl.arange(0, BLOCK_R), starts, kept,
-                                     cols, cmask, R, BLOCK_R)
+            _write_plan(I, rank, valid, slot, counts, kept, starts, total, cols, cmask,
+                        counts_ptr, kept_ptr, offsets_ptr, slot_to_row_ptr, row_to_slot_ptr, R,
+                        E, BT, KP, CAPACITY, PAD, BLOCK_R)
         else:  # the rank inside the tile goes to slot_to_row; _place_slots_kernel adds the prefix
             tl.store(hist_ptr + pid * BLOCK_E + cols, counts)
             tl.store(slot_to_row_ptr + slot, rank, mask=valid)

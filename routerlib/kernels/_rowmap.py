@@ -43,6 +43,39 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_pdl_devices: dict[int, bool] = {}
+
+
+def pdl_supported(dev: torch.device) -> bool:
+    """Whether kernels on dev can be programmatic dependent launches: an sm_90+ GPU and a Triton
+    with griddepcontrol (tl.extra.cuda.gdc_wait); never under the interpreter."""
+    if dev.type != "cuda" or interpreting():
+        return False
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    got = _pdl_devices.get(idx)
+    if got is None:
+        cuda_lang = getattr(tl.extra, "cuda", None)
+        got = _pdl_devices[idx] = (hasattr(cuda_lang, "gdc_wait")
+                                   and hasattr(cuda_lang, "gdc_launch_dependents")
+                                   and torch.cuda.get_device_capability(idx) >= (9, 0))
+    return got
+
+
+def use_pdl(dev: torch.device) -> bool:
+    """scatter_rows and gather_reduce as programmatic dependent launches (each waits for the
+    previous kernel's end before its first load, griddepcontrol.wait, so its launch and
+    prologue overlap that kernel's tail). ROUTERLIB_ROWMAP_PDL=0 turns it off."""
+    return os.environ.get("ROUTERLIB_ROWMAP_PDL") != "0" and pdl_supported(dev)
+
+
+@triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    """A dependent launch's first step: wait for the previous grid, let the next one start."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -83,6 +116,10 @@ def _parse_pin(env: str, D: int) -> dict[str, int] | None:
     if missing:
         raise ValueError(f"{env}={value!r}: missing {sorted(missing)}")
     return cfg
+
+
+def _pdl_flags(dev: torch.device) -> dict:
+    return dict(PDL=True, launch_pdl=True) if use_pdl(dev) else {}
 
 
 def _launch(tuned, plain, env: str, D: int, grid, args: tuple, flags: dict) -> None:
@@ -172,7 +209,9 @@ def _scatter_rows_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,     # D % BLOCK_D == 0: no column mask
+    PDL: tl.constexpr = False,  # launched as a programmatic dependent (use_pdl)
 ):
+    _pdl_start(PDL)
     pid = tl.program_id(0)
     num_token_blocks = tl.cdiv(T, BLOCK_T)
     cols = tl.arange(0, BLOCK_D)
@@ -261,7 +300,7 @@ def scatter_rows(src: torch.Tensor, slot_to_row: torch.Tensor, row_to_slot: torc
     flags = dict(S_UNROLL=S if S <= MAX_UNROLL else 0,
                  S_PAD=next_pow2(S) if dot_src is not None else 1,
                  HAS_WEIGHTS=weights is not None, COMPUTE_DOT=dot_src is not None,
-                 ZERO_GROUPS=ZERO_GROUPS)
+                 ZERO_GROUPS=ZERO_GROUPS, **_pdl_flags(src.device))
 
     def grid(meta: dict) -> tuple[int]:
         bt = meta["BLOCK_T"]
@@ -304,7 +343,9 @@ def _gather_reduce_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,     # D % BLOCK_D == 0: no column mask
+    PDL: tl.constexpr = False,  # launched as a programmatic dependent (use_pdl)
 ):
+    _pdl_start(PDL)
     pid = tl.program_id(0)
     toks = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = toks < T
@@ -353,7 +394,8 @@ def gather_reduce(src: torch.Tensor, slot_to_row: torch.Tensor,
     if weights is not None:
         weights = weights.contiguous()
     args = (src, slot_to_row, src if weights is None else weights, out, T, D, S)
-    flags = dict(S_UNROLL=S if S <= MAX_UNROLL else 0, HAS_WEIGHTS=weights is not None)
+    flags = dict(S_UNROLL=S if S <= MAX_UNROLL else 0, HAS_WEIGHTS=weights is not None,
+                 **_pdl_flags(src.device))
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(T, meta["BLOCK_T"]),)

@@ -34,18 +34,18 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-import triton.language as tl
 from triton import knobs
 from triton.runtime import driver
 
 from routerlib.config import RouterConfig
+from routerlib.kernels._route_dispatch_kernels import _route_dispatch_kernel
 from routerlib.kernels._route_rows_kernels import (
     _place_slots_kernel,
     _route_sync_kernel,
     _scan_tiles_kernel,
     _select_rows_kernel,
 )
-from routerlib.kernels._rowmap import interpreting
+from routerlib.kernels._rowmap import interpreting, pdl_supported
 from routerlib.kernels._topk_kernels import next_pow2
 from routerlib.reference.plan import num_rows
 from routerlib.types import RoutingPlan, Selection
@@ -179,11 +179,7 @@ def _use_lane_ranks(h: int, num_warps: int, num_experts: int, fused: bool) -> bo
 def _use_pdl(dev: torch.device) -> bool:
     """Programmatic dependent launches of the scan and place kernels (see _route_rows_kernels):
     on sm_90+ GPUs with a Triton that has them. ROUTERLIB_ROWS_PDL=0 turns them off."""
-    if dev.type != "cuda" or interpreting() or os.environ.get("ROUTERLIB_ROWS_PDL") == "0":
-        return False
-    cuda_lang = getattr(tl.extra, "cuda", None)
-    return (hasattr(cuda_lang, "gdc_wait") and hasattr(cuda_lang, "gdc_launch_dependents")
-            and torch.cuda.get_device_capability(dev) >= (9, 0))
+    return os.environ.get("ROUTERLIB_ROWS_PDL") != "0" and pdl_supported(dev)
 
 
 def _use_sync(cuda: bool, num_tiles: int, scan: bool, capturing: bool, num_tokens: int,
@@ -290,11 +286,32 @@ class _Static:
     sum_tiles: bool  # the place step scans the tile counts itself (no scan output)
     sync: bool  # one cooperative launch (_route_sync_kernel)
     launches: list[tuple]  # (kernel, grid, kwargs) in launch order
-    sync_ints: tuple[int, ...] = ()
+    ints: tuple[int, ...] = ()  # trailing int arguments of a one-launch kernel
     compiled: list = field(default_factory=list)
 
 
 _statics: dict[tuple, _Static] = {}
+
+
+def _select_kw(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor,
+               bias: torch.Tensor | None, H: int, num_warps: int, BT: int, fused: bool) -> dict:
+    """The selection's constexprs (_select_tile, _select_ids)."""
+    EH = -(-E // (16 * H)) * 16  # columns per thread group, 16 per loop step
+    block_e = max(2, next_pow2(E))
+    softmax_after, renorm = cfg.softmax_after_topk, cfg.renormalize
+    sigmoid = cfg.score_func == "sigmoid"
+    key_logits = softmax_after or bias is None
+    return dict(
+        E=E, K=cfg.top_k, KP=next_pow2(cfg.top_k), H=H, EH=EH, BT=BT, BLOCK_E=block_e,
+        W=next_pow2(-(-E // 4)), SIGMOID=sigmoid, SOFTMAX_AFTER=softmax_after, RENORM=renorm,
+        HAS_BIAS=bias is not None, KEY_LOGITS=key_logits,
+        NEED_MS=not sigmoid and not softmax_after and not (key_logits and renorm),
+        STAGES=_stages(), PACKED=_packed(H, T), SHIFT=max(1, (H * EH - 1).bit_length()),
+        TIE_CHECK=_TIE_CHECK, LANE_RANKS=_use_lane_ranks(H, num_warps, E, fused),
+        # bf16/fp16 logits as the keys: their fp32 low 13 bits are zero, packing cuts nothing
+        EXACT_PACK=bias is None and logits.dtype != torch.float32,
+        CAPACITY=cfg.capacity(T) is not None, PAD=cfg.pad_to_multiple,
+        BLOCK_R=max(16, min(1024, 8192 // block_e)))
 
 
 def _static(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor, bias: torch.Tensor | None,
@@ -304,7 +321,6 @@ def _static(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor, bias: torch
     R = num_rows(T, cfg)
     H, num_warps, BT = rows_config(E, T, K)
     NT = -(-T // BT)
-    EH = -(-E // (16 * H)) * 16  # columns per thread group, 16 per loop step
     block_e = max(2, next_pow2(E))
     fused = NT == 1
     ntp = next_pow2(NT)
@@ -314,22 +330,10 @@ def _static(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor, bias: torch
     n_hist = 0 if fused else NT * block_e
     sizes = (T * K, T * K, T * K, E, E, E + 1, R, n_hist, n_hist if scan else 0,
              block_e if scan else 0)
-    softmax_after, renorm = cfg.softmax_after_topk, cfg.renormalize
-    sigmoid = cfg.score_func == "sigmoid"
-    key_logits = softmax_after or bias is None
     capacity, pad = C is not None, cfg.pad_to_multiple
     mark = capacity or pad > 1
     n = T * K
-    sel_kw = dict(
-        E=E, K=K, KP=next_pow2(K), H=H, EH=EH, BT=BT, BLOCK_E=block_e,
-        W=next_pow2(-(-E // 4)), SIGMOID=sigmoid, SOFTMAX_AFTER=softmax_after, RENORM=renorm,
-        HAS_BIAS=bias is not None, KEY_LOGITS=key_logits,
-        NEED_MS=not sigmoid and not softmax_after and not (key_logits and renorm),
-        STAGES=_stages(), PACKED=_packed(H, T), SHIFT=max(1, (H * EH - 1).bit_length()),
-        TIE_CHECK=_TIE_CHECK, LANE_RANKS=_use_lane_ranks(H, num_warps, E, fused),
-        # bf16/fp16 logits as the keys: their fp32 low 13 bits are zero, packing cuts nothing
-        EXACT_PACK=bias is None and logits.dtype != torch.float32,
-        CAPACITY=capacity, PAD=pad, BLOCK_R=max(16, min(1024, 8192 // block_e)))
+    sel_kw = _select_kw(T, E, cfg, logits, bias, H, num_warps, BT, fused)
     if sync:
         bc = max(2, block_e // 64)  # 64 scan programs: short columns, low latency
         # the mark-empty-rows block is [BLOCK_R, BLOCK_E] booleans: <= 64 a thread (with the
@@ -429,12 +433,7 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
     K = cfg.top_k
     buf = _empty((st.numel,), dtype=torch.int32, device=dev)
     o = st.offs
-    ids = buf.as_strided((T, K), (K, 1), o[0])
-    slot_to_row = buf.as_strided((T, K), (K, 1), o[1])
-    weights = buf.view(torch.float32).as_strided((T, K), (K, 1), o[2])
-    counts, kept = buf.as_strided((E,), (1,), o[3]), buf.as_strided((E,), (1,), o[4])
-    offsets = buf.as_strided((E + 1,), (1,), o[5])
-    row_to_slot = buf.as_strided((st.R,), (1,), o[6])
+    ids, slot_to_row, weights, counts, kept, offsets, row_to_slot = _views(buf, o, T, K, E, st.R)
     fast = stream is not None and len(st.compiled) == len(st.launches) and _no_launch_hooks()
     if fast:  # raw pointers: the launcher takes ints as they are (no driver query per tensor)
         base = buf.data_ptr()
@@ -458,7 +457,7 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
     sel_args = (x, b, a_ids, a_w, hist, a_cnt, a_kept, a_off, a_s2r, a_r2s, T,
                 logits.stride(0), float(cfg.routed_scaling_factor), C or 0, R)
     if st.sync:
-        _launch(st, 0, sel_args[:10] + (prefix, total, ctr) + sel_args[10:] + st.sync_ints,
+        _launch(st, 0, sel_args[:10] + (prefix, total, ctr) + sel_args[10:] + st.ints,
                 stream, fast)
     else:
         _launch(st, 0, sel_args, stream, fast)
@@ -472,3 +471,106 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
     plan = RoutingPlan(expert_counts=counts, kept_counts=kept, expert_offsets=offsets,
                        slot_to_row=slot_to_row, row_to_slot=row_to_slot, capacity=C, num_rows=R)
     return sel, plan
+
+
+def _views(buf: torch.Tensor, o: tuple[int, ...], T: int, K: int, E: int, R: int
+           ) -> tuple[torch.Tensor, ...]:
+    """(ids, slot_to_row, weights, counts, kept, offsets, row_to_slot): views of a route's one
+    int32 allocation (_carve)."""
+    return (buf.as_strided((T, K), (K, 1), o[0]), buf.as_strided((T, K), (K, 1), o[1]),
+            buf.view(torch.float32).as_strided((T, K), (K, 1), o[2]),
+            buf.as_strided((E,), (1,), o[3]), buf.as_strided((E,), (1,), o[4]),
+            buf.as_strided((E + 1,), (1,), o[5]), buf.as_strided((R,), (1,), o[6]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The route with the dispatch in the same launch (decode sizes; _route_dispatch_kernels.py)
+# ---------------------------------------------------------------------------------------------
+
+_DISPATCH_SLOT_PROGRAMS = 128  # about one program an SM copies slots (132 SMs on an H100)
+
+
+def dispatch_config(num_tokens: int, num_experts: int) -> tuple[int, int, int] | None:
+    """(H threads per token, num_warps, BT) of the fused route + dispatch, or None where it does
+    not apply: every token in one tile of at most 128 (8-bit counts in the rank table), a
+    thread holding <= 32 words of that table (W / H, W = E/4 rounded up to a power of two).
+    At least 4 warps: they also copy the rows."""
+    if num_tokens <= 64:
+        num_warps = max(4, next_pow2(-(-num_tokens // 8)))
+        return 4, num_warps, 8 * num_warps
+    if num_tokens <= 128 and num_experts <= 256:
+        return 2, 8, 128
+    return None
+
+
+def dispatch_fuses(logits: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether route_dispatch_rows takes these inputs (the caller checked `applies` and
+    validated both). ROUTERLIB_ROWS_DISPATCH=0 switches it off (the route, then the dispatch)."""
+    return (os.environ.get("ROUTERLIB_ROWS_DISPATCH") != "0" and x.shape[1] > 0
+            and dispatch_config(logits.shape[0], logits.shape[1]) is not None)
+
+
+def _dispatch_static(T: int, E: int, D: int, cfg: RouterConfig, logits: torch.Tensor,
+                     bias: torch.Tensor | None) -> _Static:
+    K = cfg.top_k
+    C = cfg.capacity(T)
+    R = num_rows(T, cfg)
+    H, num_warps, BT = dispatch_config(T, E)
+    sizes = (T * K, T * K, T * K, E, E, E + 1, R)
+    n = T * K
+    sp = max(1, min(16, next_pow2(-(-n // _DISPATCH_SLOT_PROGRAMS))))  # slots a program
+    block_d = max(16, min(next_pow2(D), 16 * 32 * num_warps // sp))  # 16 elements a thread
+    zg = 8
+    nsp = -(-n // sp)
+    mark = C is not None or cfg.pad_to_multiple > 1
+    kw = dict(_select_kw(T, E, cfg, logits, bias, H, num_warps, BT, True), SP=sp, ZG=zg,
+              BLOCK_D=block_d, EVEN_D=D % block_d == 0, num_warps=num_warps)
+    del kw["LANE_RANKS"]
+    grid = nsp + (-(-R // (sp * zg)) if mark else 0)
+    return _Static(C, R, 1, sizes, *_carve(sizes), True, False, False,
+                   [(_route_dispatch_kernel, grid, kw)], (nsp,))
+
+
+def route_dispatch_rows(logits: torch.Tensor, x: torch.Tensor, cfg: RouterConfig,
+                        bias: torch.Tensor | None = None
+                        ) -> tuple[Selection, RoutingPlan, torch.Tensor]:
+    """route_rows, then dispatch(x, plan), in one launch (dispatch_fuses: decode sizes). The
+    caller checks `applies` and `dispatch_fuses` and validated the inputs. Returns (selection,
+    plan, rows [R, D] in x's dtype: row r holds x[row_to_slot[r] // K], empty rows are zero)."""
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    T, E = logits.shape
+    D = x.shape[1]
+    dev = logits.device
+    knob_values = _knob_values()
+    cuda = logits.is_cuda and knob_values[-1] not in (b"1", "1")
+    idx = driver.active.get_current_device() if cuda else -1
+    key = ("dispatch", T, cfg, logits.dtype, logits.stride(0), logits.data_ptr() % 16, dev, idx,
+           None if bias is None else (bias.dtype, bias.data_ptr() % 16), _TIE_CHECK,
+           knob_values, x.dtype, D, x.stride(0), x.data_ptr() % 16)
+    st = _statics.get(key)
+    if st is None:
+        st = _statics[key] = _dispatch_static(T, E, D, cfg, logits, bias)
+    stream = driver.active.get_current_stream(idx) if cuda else None
+    K, C, R = cfg.top_k, st.C, st.R
+    buf = _empty((st.numel,), dtype=torch.int32, device=dev)
+    rows = _empty((R, D), dtype=x.dtype, device=dev)
+    o = st.offs
+    ids, slot_to_row, weights, counts, kept, offsets, row_to_slot = _views(buf, o, T, K, E, R)
+    fast = stream is not None and len(st.compiled) == 1 and _no_launch_hooks()
+    if fast:  # raw pointers (see route_rows)
+        p = [buf.data_ptr() + 4 * at for at in o]
+        lg = logits.data_ptr()
+        args = (lg, bias.data_ptr() if bias is not None else lg, p[0], p[2], p[3], p[4], p[5],
+                p[1], p[6], x.data_ptr(), rows.data_ptr())
+    else:
+        args = (logits, bias if bias is not None else logits, ids, weights, counts, kept,
+                offsets, slot_to_row, row_to_slot, x, rows)
+    _launch(st, 0, args + (T, logits.stride(0), float(cfg.routed_scaling_factor), C or 0, R, D,
+                           x.stride(0)) + st.ints, stream, fast)
+    sel = Selection(topk_ids=ids, topk_weights=weights, scores=None)
+    plan = RoutingPlan(expert_counts=counts, kept_counts=kept, expert_offsets=offsets,
+                       slot_to_row=slot_to_row, row_to_slot=row_to_slot, capacity=C, num_rows=R)
+    return sel, plan, rows

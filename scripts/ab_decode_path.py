@@ -1,0 +1,70 @@
+"""Same-run A/B of the decode path's launch modes (GPU only): logits -> route + dispatch ->
+rows * 0.5 (the experts' stand-in) -> combine, as in bench.targets' decode section.
+
+    python scripts/ab_decode_path.py 1,8,64,128 [--E 64] [--D 4096] [--rounds 3]
+
+Modes: fused (the route with the dispatch in one launch, dispatch and combine as programmatic
+dependent launches: the defaults), fused_nopdl, split (route, then dispatch: two ops),
+split_nopdl (the path before the fused kernel). Per mode and T: each kernel's device time
+(torch.profiler) and the CUDA-graph time of the path, the modes alternating round by round so
+drift hits every mode alike (median of the rounds' medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from collections import defaultdict
+from unittest import mock
+
+import torch
+
+from routerlib import ops
+from routerlib.bench.route_breakdown import device_times
+from routerlib.bench.timing import bench_cuda_graph
+from routerlib.config import RouterConfig
+
+MODES = {
+    "fused": {},
+    "fused_nopdl": {"ROUTERLIB_ROWMAP_PDL": "0"},
+    "split": {"ROUTERLIB_ROWS_DISPATCH": "0"},
+    "split_nopdl": {"ROUTERLIB_ROWS_DISPATCH": "0", "ROUTERLIB_ROWMAP_PDL": "0"},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("T", help="token counts, comma separated")
+    ap.add_argument("--E", type=int, default=64)
+    ap.add_argument("--K", type=int, default=8)
+    ap.add_argument("--D", type=int, default=4096)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    cfg = RouterConfig(num_experts=args.E, top_k=args.K, check_finite=False)
+    for T in (int(t) for t in args.T.split(",")):
+        logits = torch.randn(T, args.E, device="cuda") * 2
+        x = torch.randn(T, args.D, device="cuda", dtype=torch.bfloat16)
+
+        def path(logits: torch.Tensor = logits, x: torch.Tensor = x) -> torch.Tensor:
+            sel, plan, rows = ops.route_dispatch(logits, x, cfg, backend="triton")
+            return ops.combine(rows * 0.5, plan, sel.topk_weights, "triton")
+
+        graph = defaultdict(list)
+        with torch.no_grad():
+            for name, knobs in MODES.items():
+                with mock.patch.dict(os.environ, knobs):
+                    dev = {k[:28]: round(v, 2) for k, v in device_times(path).items()}
+                print(f"T={T} {name}: device {dev}", flush=True)
+            for _ in range(args.rounds):
+                for name, knobs in MODES.items():
+                    with mock.patch.dict(os.environ, knobs):
+                        graph[name].append(bench_cuda_graph(path).median_us)
+        print(f"T={T} E={args.E} D={args.D} graph us (median of {args.rounds} rounds; each): "
+              + ", ".join(f"{n} {statistics.median(v):.2f} {[round(t, 2) for t in v]}"
+                          for n, v in graph.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""The route with the dispatch in one launch (route_rows.route_dispatch_rows,
+kernels.route_dispatch) equals the reference route and the reference dispatch: ids, plan and
+rows exactly (the rows are copies), weights to fp32 rounding. Every output starts poisoned, so an
+element no program writes fails: the copied rows, the empty rows (capacity and padded layouts)
+and the plan."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_route_matches_reference, poison_like
+
+from routerlib import RouterConfig, ops
+from routerlib import reference as ref
+from routerlib.kernels import _rowmap, route_dispatch, route_rows
+
+CASES = [  # (T, E, K, D, config) with the edge each covers
+    (1, 8, 2, 40, {}),  # one token; D not a multiple of the block
+    (37, 13, 3, 33, dict(capacity_factor=1.0)),  # odd sizes, drops, empty rows zeroed
+    (20, 20, 3, 16, dict(pad_to_multiple=4, expert_bias=True)),  # padded segments, bias
+    (64, 64, 8, 64, dict(renormalize=True)),  # the decode shape (small D): 8 warps
+    (90, 130, 1, 24, {}),  # 64 < T <= 128: 2 threads a token; E > 128, not a power of two
+    (9, 1, 1, 8, {}),  # E = 1
+    (12, 7, 7, 32, dict(softmax_after_topk=True, capacity_factor=0.5)),  # k = E, heavy drops
+]
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every output starts as poison (NaN / -7777); few programs under the interpreter (each
+    one selects every token again)."""
+    monkeypatch.setattr(route_rows, "_empty", lambda *a, **k: poison_like(torch.empty(*a, **k)))
+    if _rowmap.interpreting():
+        monkeypatch.setattr(route_rows, "_DISPATCH_SLOT_PROGRAMS", 6)
+    monkeypatch.setattr(route_rows, "_statics", {})
+
+
+def make(T, E, K, D, kw, device, dtype=torch.bfloat16, seed=0):
+    cfg = RouterConfig(num_experts=E, top_k=K, **kw)
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=g) * 2
+    if T > 3:
+        logits[3] = logits[2]  # identical tokens: arrival order decides their ranks
+    if T > 5:
+        logits[5] = 0.5  # a row of ties: the lowest indices win
+    bias = (torch.randn(E, generator=g) * 0.05).to(device) if cfg.expert_bias else None
+    x = torch.randn(T, D, generator=g).to(dtype)
+    return cfg, logits.to(device), bias, x.to(device)
+
+
+def check(cfg, logits, bias, x):
+    assert route_rows.dispatch_fuses(logits, x)
+    sel, plan, rows = route_dispatch(logits, x, cfg, bias)
+    assert_route_matches_reference(sel, plan, logits, cfg, bias)
+    expected = ref.dispatch(x, plan)
+    assert rows.dtype == x.dtype and rows.shape == expected.shape
+    assert torch.equal(rows, expected), f"{(rows != expected).sum().item()} elements differ"
+    return sel, plan, rows
+
+
+@pytest.mark.parametrize("T,E,K,D,kw", CASES)
+def test_route_dispatch_equals_reference(T, E, K, D, kw, device, poisoned):
+    check(*make(T, E, K, D, kw, device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_route_dispatch_token_dtypes(dtype, device, poisoned):
+    check(*make(23, 16, 4, 20, dict(capacity_factor=1.25), device, dtype=dtype))
+
+
+def test_route_dispatch_strided_inputs(device, poisoned):
+    """Rows of x and of the logits with a stride past their width (views of wider tensors)."""
+    cfg, logits, bias, x = make(30, 12, 3, 40, {}, device)
+    wide_x = torch.zeros(30, 56, dtype=x.dtype, device=device)
+    wide_x[:, 8:48] = x
+    wide_logits = torch.zeros(30, 20, device=device)
+    wide_logits[:, 4:16] = logits
+    check(cfg, wide_logits[:, 4:16], bias, wide_x[:, 8:48])
+
+
+def test_ops_route_dispatch_backends_agree(device, poisoned):
+    cfg, logits, bias, x = make(17, 10, 2, 24, dict(capacity_factor=1.0), device)
+    sel_t, plan_t, rows_t = ops.route_dispatch(logits, x, cfg, backend="torch")
+    sel, plan, rows = ops.route_dispatch(logits, x, cfg, backend="triton")
+    assert torch.equal(sel.topk_ids, sel_t.topk_ids)
+    assert torch.equal(plan.slot_to_row, plan_t.slot_to_row)
+    assert torch.equal(rows, rows_t)
+
+
+def test_falls_back_past_one_tile(device, poisoned, monkeypatch):
+    """T > 128: the route, then the dispatch (two ops), same results."""
+    cfg, logits, bias, x = make(150, 16, 2, 8, {}, device)
+    assert not route_rows.dispatch_fuses(logits, x)
+    called = []
+    monkeypatch.setattr(route_rows, "route_dispatch_rows", lambda *a: called.append(a))
+    sel, plan, rows = route_dispatch(logits, x, cfg, bias)
+    assert not called
+    assert_route_matches_reference(sel, plan, logits, cfg, bias)
+    assert torch.equal(rows, ref.dispatch(x, plan))
+
+
+def test_falls_back_for_gradients(device):
+    """x that needs a gradient takes the differentiable dispatch."""
+    cfg, logits, bias, x = make(12, 8, 2, 16, {}, device, dtype=torch.float32)
+    x.requires_grad_(True)
+    sel, plan, rows = route_dispatch(logits, x, cfg, bias)
+    assert rows.requires_grad
+    (rows.float() * 2).sum().backward()
+    kept = (plan.slot_to_row >= 0).sum(dim=1).float()  # each token's kept copies
+    torch.testing.assert_close(x.grad, 2 * kept[:, None].expand_as(x))
+
+
+def test_knob_switches_it_off(device, monkeypatch):
+    cfg, logits, bias, x = make(8, 8, 2, 8, {}, device)
+    monkeypatch.setenv("ROUTERLIB_ROWS_DISPATCH", "0")
+    assert not route_rows.dispatch_fuses(logits, x)
+
+
+def test_dispatch_config_rule():
+    assert route_rows.dispatch_config(1, 512) == (4, 4, 32)
+    assert route_rows.dispatch_config(64, 64) == (4, 8, 64)
+    assert route_rows.dispatch_config(65, 256) == (2, 8, 128)
+    assert route_rows.dispatch_config(65, 257) is None  # a thread would hold 64 words
+    assert route_rows.dispatch_config(129, 8) is None
+    for T, E in [(1, 8), (33, 100), (64, 512), (128, 256)]:
+        h, nw, bt = route_rows.dispatch_config(T, E)
+        assert bt == 32 // h * nw >= T and bt <= 128
+        assert route_rows.next_pow2(-(-E // 4)) // h <= 32
+
+
+def test_bad_inputs(device):
+    cfg, logits, bias, x = make(8, 8, 2, 8, {}, device)
+    with pytest.raises(ValueError, match="x must be"):
+        route_dispatch(logits, x[:5], cfg)
+    with pytest.raises(ValueError, match="x must be"):
+        route_dispatch(logits, x[:, :, None], cfg)
+    with pytest.raises(TypeError, match="dtype"):
+        route_dispatch(logits, x.to(torch.int32), cfg)
+    with pytest.raises(ValueError, match="top_k"):
+        route_dispatch(logits, x, RouterConfig(num_experts=8, top_k=9))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,E,K,D,kw", [
+    (64, 64, 8, 4096, {}),  # the decode target's shape
+    (1, 128, 8, 4096, dict(renormalize=True)),
+    (7, 256, 8, 7168, dict(score_func="sigmoid", expert_bias=True, renormalize=True,
+                           routed_scaling_factor=2.5)),
+    (100, 128, 8, 2048, dict(capacity_factor=1.0)),
+    (128, 256, 4, 1000, dict(pad_to_multiple=128)),  # many empty rows to zero
+    (64, 512, 8, 4096, {}),
+    (50, 60, 6, 4096, dict(capacity_factor=0.5)),
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_route_dispatch_full_size(T, E, K, D, kw, dtype, device, poisoned):
+    for seed in range(2):
+        check(*make(T, E, K, D, kw, device, dtype=dtype, seed=seed))
+
+
+@pytest.mark.gpu
+def test_route_dispatch_in_cuda_graph(device):
+    """Captured once, replayed on new logits and tokens; the direct launch after the first call."""
+    cfg, logits, bias, x = make(64, 64, 8, 4096, {}, device)
+    route_dispatch(logits, x, cfg)  # compiled outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sel, plan, rows = route_dispatch(logits, x, cfg)
+    for seed in range(3):
+        g = torch.Generator(device=device).manual_seed(seed)
+        logits.copy_(torch.randn(64, 64, device=device, generator=g))
+        x.copy_(torch.randn(64, 4096, device=device, generator=g))
+        rows.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_route_matches_reference(sel, plan, logits, cfg, None)
+        assert torch.equal(rows, ref.dispatch(x, plan))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pdl", ["0", "1"])
+def test_rowmap_dependent_launches(pdl, device, monkeypatch):
+    """dispatch and combine with and without programmatic dependent launch, eagerly and in a
+    CUDA graph behind other kernels."""
+    monkeypatch.setenv("ROUTERLIB_ROWMAP_PDL", pdl)
+    monkeypatch.setenv("ROUTERLIB_ROWS_DISPATCH", "0")
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    assert _rowmap.use_pdl(torch.device(device)) == (pdl == "1" and hopper)
+    cfg, logits, bias, x = make(64, 64, 8, 4096, {}, device)
+
+    def path():
+        sel, plan, rows = ops.route_dispatch(logits, x, cfg, backend="triton")
+        return sel, plan, rows, ops.combine(rows * 0.5, plan, sel.topk_weights, "triton")
+
+    path()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sel, plan, rows, y = path()
+    for seed in range(2):
+        logits.copy_(torch.randn(64, 64, device=device) * (seed + 1))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = ref.combine(ref.dispatch(x, plan) * 0.5, plan, sel.topk_weights)
+        assert torch.equal(rows, ref.dispatch(x, plan))
+        torch.testing.assert_close(y, expected, rtol=1e-2, atol=1e-2)
