@@ -3,11 +3,12 @@ rows * 0.5 (the experts' stand-in) -> combine, as in bench.targets' decode secti
 
     python scripts/ab_decode_path.py 1,8,64,128 [--E 64] [--D 4096] [--rounds 3]
 
-Modes: fused (the route with the dispatch in one launch, dispatch and combine as programmatic
-dependent launches: the defaults), fused_nopdl, split (route, then dispatch: two ops),
-split_nopdl (the path before the fused kernel). Per mode and T: each kernel's device time
-(torch.profiler) and the CUDA-graph time of the path, the modes alternating round by round so
-drift hits every mode alike (median of the rounds' medians).
+Modes: fused (the defaults: the dispatch inside the route's launches, route_rows.dispatch_mode;
+the combine's D split over the grid at small T; the row-map kernels as programmatic dependent
+launches), split (route, then dispatch: two ops), split_nodsplit (and D not split),
+before (and no dependent launches: the path before this change). Per mode and T: each
+kernel's device time (torch.profiler) and the CUDA-graph time of the path, the modes alternating
+round by round so drift hits every mode alike (median of the rounds' medians).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from routerlib.config import RouterConfig
 
 MODES = {
     "fused": {},
-    "fused_nopdl": {"ROUTERLIB_ROWMAP_PDL": "0"},
     "split": {"ROUTERLIB_ROWS_DISPATCH": "0"},
-    "split_nopdl": {"ROUTERLIB_ROWS_DISPATCH": "0", "ROUTERLIB_ROWMAP_PDL": "0"},
+    "split_nodsplit": {"ROUTERLIB_ROWS_DISPATCH": "0", "ROUTERLIB_ROWMAP_DSPLIT": "0"},
+    "before": {"ROUTERLIB_ROWS_DISPATCH": "0", "ROUTERLIB_ROWMAP_DSPLIT": "0",
+               "ROUTERLIB_ROWMAP_PDL": "0"},
 }
 
 

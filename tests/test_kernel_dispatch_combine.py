@@ -213,7 +213,8 @@ def test_torch_compile_matches_eager(case, device):
 
 def test_several_d_chunks(monkeypatch, device):
     """BLOCK_D smaller than D (the loop over D chunks; the last chunk partial) and several tokens
-    per program, pinned through the environment."""
+    per program, pinned through the environment. Few token blocks: D is also split over the
+    grid's second axis (dispatch 4 ranges of one block, combine 7; not the backward's dots)."""
     monkeypatch.setenv("ROUTERLIB_SCATTER_CONFIG", "BLOCK_T=2,BLOCK_D=32,num_warps=2")
     monkeypatch.setenv("ROUTERLIB_GATHER_CONFIG", "BLOCK_T=4,BLOCK_D=16,num_warps=1")
     plan, w, x, eo = make_inputs((5, 100, 3, 2, "capacity", F32), device)
@@ -230,6 +231,17 @@ def test_several_d_chunks(monkeypatch, device):
     assert_close(y, y32, name="combine")
     assert_close(eo.grad, eo32.grad, name="grad_expert_out")
     assert_close(w.grad, w32.grad, name="grad_weights")  # dots summed over 4 chunks
+
+
+def test_d_split_rule():
+    """Ranges of D per token block: enough programs for PROGRAMS_PER_SM a SM (8 SMs on the CPU),
+    never more than D's blocks, 1 where the token blocks fill the GPU."""
+    cpu = torch.device("cpu")
+    assert _rowmap.d_split(3, 100, 32, cpu) == 4  # 6 wanted, 4 blocks of D
+    assert _rowmap.d_split(2, 100, 16, cpu) == 7
+    assert _rowmap.d_split(5, 4096, 256, cpu) == 4
+    assert _rowmap.d_split(64, 4096, 1024, cpu) == 1
+    assert _rowmap.d_split(1, 10, 16, cpu) == 1
 
 
 def test_runtime_slot_loop_for_token_choice(monkeypatch, device):

@@ -14,14 +14,14 @@ from routerlib import RouterConfig, ops
 from routerlib import reference as ref
 from routerlib.kernels import _rowmap, route_dispatch, route_rows
 
-CASES = [  # (T, E, K, D, config) with the edge each covers
-    (1, 8, 2, 40, {}),  # one token; D not a multiple of the block
-    (37, 13, 3, 33, dict(capacity_factor=1.0)),  # odd sizes, drops, empty rows zeroed
-    (20, 20, 3, 16, dict(pad_to_multiple=4, expert_bias=True)),  # padded segments, bias
-    (64, 64, 8, 64, dict(renormalize=True)),  # the decode shape (small D): 8 warps
-    (90, 130, 1, 24, {}),  # 64 < T <= 128: 2 threads a token; E > 128, not a power of two
-    (9, 1, 1, 8, {}),  # E = 1
-    (12, 7, 7, 32, dict(softmax_after_topk=True, capacity_factor=0.5)),  # k = E, heavy drops
+CASES = [  # (T, E, K, D, config, how it dispatches) with the edge each covers
+    (1, 8, 2, 40, {}, "one"),  # one token; D not a multiple of the block
+    (20, 20, 3, 16, dict(pad_to_multiple=4, expert_bias=True), "one"),  # padded, bias
+    (9, 1, 1, 8, {}, "one"),  # E = 1
+    (12, 7, 7, 32, dict(softmax_after_topk=True, capacity_factor=0.5), "one"),  # k = E, drops
+    (37, 13, 3, 33, dict(capacity_factor=1.0), "place"),  # odd sizes, drops, empty rows zeroed
+    (64, 64, 8, 64, dict(renormalize=True), "place"),  # the decode shape (small D)
+    (90, 130, 1, 24, dict(pad_to_multiple=8), "place"),  # E > 128, not a power of two
 ]
 
 
@@ -48,8 +48,8 @@ def make(T, E, K, D, kw, device, dtype=torch.bfloat16, seed=0):
     return cfg, logits.to(device), bias, x.to(device)
 
 
-def check(cfg, logits, bias, x):
-    assert route_rows.dispatch_fuses(logits, x)
+def check(cfg, logits, bias, x, mode):
+    assert route_rows.dispatch_mode(logits, x, cfg) == mode
     sel, plan, rows = route_dispatch(logits, x, cfg, bias)
     assert_route_matches_reference(sel, plan, logits, cfg, bias)
     expected = ref.dispatch(x, plan)
@@ -58,24 +58,26 @@ def check(cfg, logits, bias, x):
     return sel, plan, rows
 
 
-@pytest.mark.parametrize("T,E,K,D,kw", CASES)
-def test_route_dispatch_equals_reference(T, E, K, D, kw, device, poisoned):
-    check(*make(T, E, K, D, kw, device))
+@pytest.mark.parametrize("T,E,K,D,kw,mode", CASES)
+def test_route_dispatch_equals_reference(T, E, K, D, kw, mode, device, poisoned):
+    check(*make(T, E, K, D, kw, device), mode)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_route_dispatch_token_dtypes(dtype, device, poisoned):
-    check(*make(23, 16, 4, 20, dict(capacity_factor=1.25), device, dtype=dtype))
+@pytest.mark.parametrize("T,mode", [(23, "one"), (41, "place")])
+def test_route_dispatch_token_dtypes(dtype, T, mode, device, poisoned):
+    check(*make(T, 16, 4, 20, dict(capacity_factor=1.25), device, dtype=dtype), mode)
 
 
-def test_route_dispatch_strided_inputs(device, poisoned):
+@pytest.mark.parametrize("T,mode", [(30, "one"), (50, "place")])
+def test_route_dispatch_strided_inputs(T, mode, device, poisoned):
     """Rows of x and of the logits with a stride past their width (views of wider tensors)."""
-    cfg, logits, bias, x = make(30, 12, 3, 40, {}, device)
-    wide_x = torch.zeros(30, 56, dtype=x.dtype, device=device)
+    cfg, logits, bias, x = make(T, 12, 3, 40, {}, device)
+    wide_x = torch.zeros(T, 56, dtype=x.dtype, device=device)
     wide_x[:, 8:48] = x
-    wide_logits = torch.zeros(30, 20, device=device)
+    wide_logits = torch.zeros(T, 20, device=device)
     wide_logits[:, 4:16] = logits
-    check(cfg, wide_logits[:, 4:16], bias, wide_x[:, 8:48])
+    check(cfg, wide_logits[:, 4:16], bias, wide_x[:, 8:48], mode)
 
 
 def test_ops_route_dispatch_backends_agree(device, poisoned):
@@ -87,10 +89,11 @@ def test_ops_route_dispatch_backends_agree(device, poisoned):
     assert torch.equal(rows, rows_t)
 
 
-def test_falls_back_past_one_tile(device, poisoned, monkeypatch):
-    """T > 128: the route, then the dispatch (two ops), same results."""
+def test_falls_back_past_decode_sizes(device, poisoned, monkeypatch):
+    """A route with a scan launch (here forced): the route, then the dispatch (two ops)."""
+    monkeypatch.setenv("ROUTERLIB_ROWS_SCAN", "1")
     cfg, logits, bias, x = make(150, 16, 2, 8, {}, device)
-    assert not route_rows.dispatch_fuses(logits, x)
+    assert route_rows.dispatch_mode(logits, x, cfg) is None
     called = []
     monkeypatch.setattr(route_rows, "route_dispatch_rows", lambda *a: called.append(a))
     sel, plan, rows = route_dispatch(logits, x, cfg, bias)
@@ -112,20 +115,25 @@ def test_falls_back_for_gradients(device):
 
 def test_knob_switches_it_off(device, monkeypatch):
     cfg, logits, bias, x = make(8, 8, 2, 8, {}, device)
+    assert route_rows.dispatch_mode(logits, x, cfg) == "one"
     monkeypatch.setenv("ROUTERLIB_ROWS_DISPATCH", "0")
-    assert not route_rows.dispatch_fuses(logits, x)
+    assert route_rows.dispatch_mode(logits, x, cfg) is None
 
 
-def test_dispatch_config_rule():
+def test_dispatch_mode_rule():
+    """One launch up to 32 tokens (a tile of 32, 4 threads a token: <= 32 words of the rank
+    table a thread at E <= 512); the place kernel while the route skips the scan launch (tile
+    counts x experts <= 4096); past that the two ops."""
     assert route_rows.dispatch_config(1, 512) == (4, 4, 32)
-    assert route_rows.dispatch_config(64, 64) == (4, 8, 64)
-    assert route_rows.dispatch_config(65, 256) == (2, 8, 128)
-    assert route_rows.dispatch_config(65, 257) is None  # a thread would hold 64 words
-    assert route_rows.dispatch_config(129, 8) is None
-    for T, E in [(1, 8), (33, 100), (64, 512), (128, 256)]:
-        h, nw, bt = route_rows.dispatch_config(T, E)
-        assert bt == 32 // h * nw >= T and bt <= 128
-        assert route_rows.next_pow2(-(-E // 4)) // h <= 32
+    assert route_rows.dispatch_config(32, 512) == (4, 4, 32)
+    assert route_rows.dispatch_config(33, 8) is None
+    assert route_rows.next_pow2(512 // 4) // 4 <= 32
+    x = torch.empty(1024, 16)
+    for T, E, mode in [(32, 512, "one"), (64, 64, "place"), (512, 64, "place"),
+                       (513, 64, None), (256, 128, "place"), (257, 128, None),
+                       (64, 512, "place"), (4096, 128, None)]:
+        cfg = RouterConfig(num_experts=E, top_k=8)
+        assert route_rows.dispatch_mode(torch.empty(T, E), x[:T], cfg) == mode, (T, E)
 
 
 def test_bad_inputs(device):
@@ -141,26 +149,30 @@ def test_bad_inputs(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,E,K,D,kw", [
-    (64, 64, 8, 4096, {}),  # the decode target's shape
-    (1, 128, 8, 4096, dict(renormalize=True)),
+@pytest.mark.parametrize("T,E,K,D,kw,mode", [
+    (64, 64, 8, 4096, {}, "place"),  # the decode target's shape
+    (32, 64, 8, 4096, {}, "one"),
+    (1, 128, 8, 4096, dict(renormalize=True), "one"),
     (7, 256, 8, 7168, dict(score_func="sigmoid", expert_bias=True, renormalize=True,
-                           routed_scaling_factor=2.5)),
-    (100, 128, 8, 2048, dict(capacity_factor=1.0)),
-    (128, 256, 4, 1000, dict(pad_to_multiple=128)),  # many empty rows to zero
-    (64, 512, 8, 4096, {}),
-    (50, 60, 6, 4096, dict(capacity_factor=0.5)),
+                           routed_scaling_factor=2.5), "one"),
+    (100, 128, 8, 2048, dict(capacity_factor=1.0), "place"),
+    (128, 256, 4, 1000, dict(pad_to_multiple=128), "place"),  # many empty rows to zero
+    (64, 512, 8, 4096, {}, "place"),
+    (50, 60, 6, 4096, dict(capacity_factor=0.5), "place"),
+    (500, 64, 8, 2048, {}, "place"),
+    (20, 512, 8, 2048, dict(capacity_factor=0.5, pad_to_multiple=1), "one"),
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_route_dispatch_full_size(T, E, K, D, kw, dtype, device, poisoned):
+def test_route_dispatch_full_size(T, E, K, D, kw, mode, dtype, device, poisoned):
     for seed in range(2):
-        check(*make(T, E, K, D, kw, device, dtype=dtype, seed=seed))
+        check(*make(T, E, K, D, kw, device, dtype=dtype, seed=seed), mode)
 
 
 @pytest.mark.gpu
-def test_route_dispatch_in_cuda_graph(device):
+@pytest.mark.parametrize("T", [16, 64])  # one launch, the place kernel
+def test_route_dispatch_in_cuda_graph(T, device):
     """Captured once, replayed on new logits and tokens; the direct launch after the first call."""
-    cfg, logits, bias, x = make(64, 64, 8, 4096, {}, device)
+    cfg, logits, bias, x = make(T, 64, 8, 4096, {}, device)
     route_dispatch(logits, x, cfg)  # compiled outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -168,8 +180,8 @@ def test_route_dispatch_in_cuda_graph(device):
         sel, plan, rows = route_dispatch(logits, x, cfg)
     for seed in range(3):
         g = torch.Generator(device=device).manual_seed(seed)
-        logits.copy_(torch.randn(64, 64, device=device, generator=g))
-        x.copy_(torch.randn(64, 4096, device=device, generator=g))
+        logits.copy_(torch.randn(T, 64, device=device, generator=g))
+        x.copy_(torch.randn(T, 4096, device=device, generator=g))
         rows.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()

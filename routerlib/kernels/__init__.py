@@ -62,9 +62,10 @@ def route_dispatch(logits: torch.Tensor, x: torch.Tensor, cfg: RouterConfig,
                    need_stats: bool | None = None
                    ) -> tuple[Selection, RoutingPlan, torch.Tensor]:
     """route(logits, ...) then dispatch(x, plan): (selection, plan, rows [R, D]). At decode sizes
-    of the row-wise route (route_rows.dispatch_fuses: T <= 128, inference, x needing no
-    gradient) both run in one launch, every program planning all tokens itself
-    (_route_dispatch_kernels.py); otherwise the two ops one after the other."""
+    of the row-wise route (route_rows.dispatch_mode; inference, x needing no gradient) the
+    dispatch runs inside the route's launches: T <= 32 in one launch, every program planning all
+    tokens itself (_route_dispatch_kernels.py), larger T in the place kernel; otherwise the two
+    ops one after the other."""
     if x.dim() != 2 or x.shape[0] != logits.shape[0]:
         raise ValueError(f"x must be [T, D] with T = {logits.shape[0]} (the logits' rows), got "
                          f"shape {tuple(x.shape)}")
@@ -75,7 +76,8 @@ def route_dispatch(logits: torch.Tensor, x: torch.Tensor, cfg: RouterConfig,
     if need_stats is None:
         need_stats = torch.is_grad_enabled() and logits.requires_grad
     if (logits.dim() == 2 and not (torch.is_grad_enabled() and x.requires_grad)
-            and route_rows.enabled() and route_rows.dispatch_fuses(logits, x)):
+            and route_rows.enabled()
+            and route_rows.dispatch_mode(logits, x, cfg) is not None):
         ref.check_logits(logits, cfg)
         ref.gating.check_bias(bias, logits, cfg)
         if route_rows.applies(logits, cfg, need_stats):

@@ -22,36 +22,15 @@ import triton
 import triton.language as tl
 
 from routerlib.kernels._route_rows_kernels import (
+    _copy_rows,
     _empty_rows,
     _layout,
     _select_ids,
     _token_ranks,
     _weights,
     _write_plan,
+    _zero_rows,
 )
-
-
-@triton.jit
-def _copy_rows(x_ptr, out_ptr, src, dst, keep, D, stride_x, BLOCK_D: tl.constexpr,
-               EVEN_D: tl.constexpr):
-    """out[dst[i]] = x[src[i]] for the rows i where keep (src, dst [SP] int32)."""
-    src_base = x_ptr + src.to(tl.int64)[:, None] * stride_x
-    dst_base = out_ptr + dst.to(tl.int64)[:, None] * D
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)[None, :]
-        m = keep[:, None] if EVEN_D else keep[:, None] & (d < D)
-        tl.store(dst_base + d, tl.load(src_base + d, mask=m), mask=m)
-
-
-@triton.jit
-def _zero_rows(out_ptr, r, empty, D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
-    """out[r[i]] = 0 for the rows i where empty."""
-    base = out_ptr + r.to(tl.int64)[:, None] * D
-    zero = tl.zeros([r.shape[0], BLOCK_D], dtype=out_ptr.dtype.element_ty)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)[None, :]
-        m = empty[:, None] if EVEN_D else empty[:, None] & (d < D)
-        tl.store(base + d, zero, mask=m)
 
 
 @triton.jit(do_not_specialize=["T", "C", "R", "NSP"])

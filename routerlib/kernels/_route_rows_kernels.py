@@ -930,12 +930,36 @@ def _mark_empty_rows(row_to_slot_ptr, r, starts, kept, cols, cmask, R, BLOCK_R: 
 
 @triton.jit
 def _place(e, rank, valid, slot, kept, starts, slot_to_row_ptr, row_to_slot_ptr):
-    """Rows of the slots: kept iff rank < kept[e]; row = starts[e] + rank."""
+    """Rows of the slots: kept iff rank < kept[e]; row = starts[e] + rank. Returns (keep, row)."""
     e = tl.where(valid, e, 0)
     keep = valid & (rank < tl.gather(kept, e, axis=0))
     row = tl.gather(starts, e, axis=0) + rank
     tl.store(slot_to_row_ptr + slot, tl.where(keep, row, -1), mask=valid)
     tl.store(row_to_slot_ptr + row, slot.to(tl.int32), mask=keep)
+    return keep, row
+
+
+@triton.jit
+def _copy_rows(x_ptr, out_ptr, src, dst, keep, D, stride_x, BLOCK_D: tl.constexpr,
+               EVEN_D: tl.constexpr):
+    """out[dst[i]] = x[src[i]] for the rows i where keep (the dispatch of a route's slots)."""
+    src_base = x_ptr + src.to(tl.int64)[:, None] * stride_x
+    dst_base = out_ptr + dst.to(tl.int64)[:, None] * D
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)[None, :]
+        m = keep[:, None] if EVEN_D else keep[:, None] & (d < D)
+        tl.store(dst_base + d, tl.load(src_base + d, mask=m), mask=m)
+
+
+@triton.jit
+def _zero_rows(out_ptr, r, empty, D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """out[r[i]] = 0 for the rows i where empty."""
+    base = out_ptr + r.to(tl.int64)[:, None] * D
+    zero = tl.zeros([r.shape[0], BLOCK_D], dtype=out_ptr.dtype.element_ty)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)[None, :]
+        m = empty[:, None] if EVEN_D else empty[:, None] & (d < D)
+        tl.store(base + d, zero, mask=m)
 
 
 @triton.jit
@@ -1166,12 +1190,14 @@ def _plan_totals(prefix_ptr, total_ptr, counts_ptr, kept_ptr, offsets_ptr, pid, 
 
 @triton.jit
 def _place_block(b, ids_ptr, prefix_ptr, slot_to_row_ptr, row_to_slot_ptr, kept, starts, before,
-                 N, NP, R, E: tl.constexpr, BT: tl.constexpr, K: tl.constexpr,
-                 BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr,
-                 SUM_TILES: tl.constexpr):
+                 N, NP, R, x_ptr, out_ptr, D, stride_x, E: tl.constexpr, BT: tl.constexpr,
+                 K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
+                 BLOCK_R: tl.constexpr, SUM_TILES: tl.constexpr, DISPATCH: tl.constexpr,
+                 BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
     """Block b < NP: BLOCK_S slots, elementwise: rank = the earlier tiles' count + the rank in
     the tile; kept iff rank < kept[e]; row = start of the expert + rank. Blocks >= NP mark
-    BLOCK_R empty rows each (capacity or padded layouts only)."""
+    BLOCK_R empty rows each (capacity or padded layouts only). With DISPATCH also the rows of
+    the dispatch: x[token] copied to each kept slot's row, zeros to the empty rows."""
     if b < NP:
         slot = b.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
         valid = slot < N
@@ -1182,11 +1208,16 @@ def _place_block(b, ids_ptr, prefix_ptr, slot_to_row_ptr, row_to_slot_ptr, kept,
             rank += tl.gather(before, at.to(tl.int32), axis=0)
         else:
             rank += tl.load(prefix_ptr + at, mask=valid, other=0, cache_modifier=".cg")
-        _place(e, rank, valid, slot, kept, starts, slot_to_row_ptr, row_to_slot_ptr)
+        keep, row = _place(e, rank, valid, slot, kept, starts, slot_to_row_ptr, row_to_slot_ptr)
+        if DISPATCH:
+            _copy_rows(x_ptr, out_ptr, slot // K, row, keep, D, stride_x, BLOCK_D, EVEN_D)
     else:
         cols = tl.arange(0, BLOCK_E)
         r = (b - NP) * BLOCK_R + tl.arange(0, BLOCK_R)
-        _mark_empty_rows(row_to_slot_ptr, r, starts, kept, cols, cols < E, R, BLOCK_R)
+        empty = _empty_rows(r, starts, kept, cols, cols < E, R)
+        tl.store(row_to_slot_ptr + r, tl.full([BLOCK_R], -1, tl.int32), mask=empty)
+        if DISPATCH:
+            _zero_rows(out_ptr, r, empty, D, BLOCK_D, EVEN_D)
 
 
 @triton.jit
@@ -1199,10 +1230,13 @@ def _place_slots_kernel(
     slot_to_row_ptr,  # (T*K,) int32 in: rank inside the slot's tile; out: the slot's row
     row_to_slot_ptr,  # (R,) int32 out
     N, NP, NT, C, R,
+    x_ptr, out_ptr, D, stride_x,  # DISPATCH: tokens (T, D) in, rows (R, D) out
     E: tl.constexpr, BT: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_E: tl.constexpr, CAPACITY: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
     SUM_TILES: tl.constexpr, NTP: tl.constexpr,  # few tiles (NTP >= NT): no scan launch
     PDL: tl.constexpr,  # launched as a programmatic dependent of the previous kernel
+    DISPATCH: tl.constexpr = False,  # also the dispatch of x into the rows (decode sizes)
+    BLOCK_D: tl.constexpr = 16, EVEN_D: tl.constexpr = True,
 ):
     """Programs < NP place BLOCK_S slots each, programs >= NP mark empty rows (_place_block).
     With SUM_TILES every program scans the tile counts itself: at decode sizes that is cheaper
@@ -1213,7 +1247,8 @@ def _place_slots_kernel(
     kept, starts, before = _plan_totals(prefix_ptr, total_ptr, counts_ptr, kept_ptr, offsets_ptr,
                                         pid, NT, C, E, BLOCK_E, CAPACITY, PAD, SUM_TILES, NTP)
     _place_block(pid, ids_ptr, prefix_ptr, slot_to_row_ptr, row_to_slot_ptr, kept, starts,
-                 before, N, NP, R, E, BT, K, BLOCK_S, BLOCK_E, BLOCK_R, SUM_TILES)
+                 before, N, NP, R, x_ptr, out_ptr, D, stride_x, E, BT, K, BLOCK_S, BLOCK_E,
+                 BLOCK_R, SUM_TILES, DISPATCH, BLOCK_D, EVEN_D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1290,4 +1325,5 @@ def _route_sync_kernel(
                                         pid, NT, C, E, BLOCK_E, CAPACITY, PAD, SUM_TILES, NTP)
     for b in range(pid, NPR, g):
         _place_block(b, ids_ptr, prefix_ptr, slot_to_row_ptr, row_to_slot_ptr, kept, starts,
-                     before, N, NP, R, E, BT, K, BLOCK_S, BLOCK_E, BLOCK_R, SUM_TILES)
+                     before, N, NP, R, ids_ptr, ids_ptr, 1, 1, E, BT, K, BLOCK_S, BLOCK_E,
+                     BLOCK_R, SUM_TILES, False, 16, True)

@@ -69,6 +69,15 @@ def use_pdl(dev: torch.device) -> bool:
 
 
 @triton.jit
+def _d_range(D, BLOCK_D: tl.constexpr):
+    """This program's columns [lo, hi) of D: the grid's second axis splits D into that many
+    ranges of whole blocks (small T: more programs than token blocks alone give)."""
+    per = tl.cdiv(tl.cdiv(D, BLOCK_D), tl.num_programs(1)) * BLOCK_D
+    lo = tl.program_id(1) * per
+    return lo, tl.minimum(D, lo + per)
+
+
+@triton.jit
 def _pdl_start(PDL: tl.constexpr):
     """A dependent launch's first step: wait for the previous grid, let the next one start."""
     if PDL:
@@ -116,6 +125,33 @@ def _parse_pin(env: str, D: int) -> dict[str, int] | None:
     if missing:
         raise ValueError(f"{env}={value!r}: missing {sorted(missing)}")
     return cfg
+
+
+_sm_counts: dict[int, int] = {}
+# Programs a launch aims for per SM before splitting D: 2 keep every SM busy with one wave.
+PROGRAMS_PER_SM = 2
+
+
+def sm_count(dev: torch.device) -> int:
+    """The device's SMs (8 on the CPU: the interpreter then also exercises the D split)."""
+    if dev.type != "cuda":
+        return 8
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    got = _sm_counts.get(idx)
+    if got is None:
+        got = _sm_counts[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return got
+
+
+def d_split(programs: int, D: int, block_d: int, dev: torch.device) -> int:
+    """Ranges of D per token block (the grid's second axis): where the token blocks alone leave
+    SMs idle (decode: T=64 at BLOCK_T=1 is 64 programs on 132 SMs), split D into up to
+    PROGRAMS_PER_SM * SMs / programs ranges of whole blocks; 1 at prefill sizes.
+    ROUTERLIB_ROWMAP_DSPLIT=0 turns it off (A/B runs)."""
+    if os.environ.get("ROUTERLIB_ROWMAP_DSPLIT") == "0":
+        return 1
+    want = -(-PROGRAMS_PER_SM * sm_count(dev) // max(programs, 1))
+    return max(1, min(-(-D // block_d), want))
 
 
 def _pdl_flags(dev: torch.device) -> dict:
@@ -221,7 +257,8 @@ def _scatter_rows_kernel(
         toks64 = toks.to(tl.int64)
         slot_cols = tl.arange(0, S_PAD)
         dots = tl.zeros([BLOCK_T, S_PAD], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
+        d_lo, d_hi = _d_range(D, BLOCK_D)  # all of D when COMPUTE_DOT (the host's rule)
+        for d0 in range(d_lo, d_hi, BLOCK_D):
             d = d0 + cols
             if EVEN_D:
                 m = tmask[:, None]
@@ -244,6 +281,7 @@ def _scatter_rows_kernel(
     else:
         # Zero the empty rows (padding, capacity left unfilled): no slot writes them.
         zero = tl.zeros([BLOCK_T, BLOCK_D], dtype=dst_ptr.dtype.element_ty)
+        d_lo, d_hi = _d_range(D, BLOCK_D)
         for g in tl.static_range(ZERO_GROUPS):
             rows = ((pid - num_token_blocks) * ZERO_GROUPS + g) * BLOCK_T + tl.arange(0, BLOCK_T)
             in_range = rows < R
@@ -251,7 +289,7 @@ def _scatter_rows_kernel(
             is_empty = in_range & (slot < 0)
             if tl.sum(is_empty.to(tl.int32), axis=0) > 0:  # most groups are full: skip them
                 base = rows.to(tl.int64)[:, None] * D
-                for d0 in range(0, D, BLOCK_D):
+                for d0 in range(d_lo, d_hi, BLOCK_D):
                     d = d0 + cols
                     if EVEN_D:
                         zm = is_empty[:, None]
@@ -302,9 +340,11 @@ def scatter_rows(src: torch.Tensor, slot_to_row: torch.Tensor, row_to_slot: torc
                  HAS_WEIGHTS=weights is not None, COMPUTE_DOT=dot_src is not None,
                  ZERO_GROUPS=ZERO_GROUPS, **_pdl_flags(src.device))
 
-    def grid(meta: dict) -> tuple[int]:
+    def grid(meta: dict) -> tuple[int, int]:
         bt = meta["BLOCK_T"]
-        return (triton.cdiv(T, bt) + triton.cdiv(R, bt * ZERO_GROUPS),)
+        tokens = triton.cdiv(T, bt)  # the D split counts the copying programs only
+        split = 1 if dot_src is not None else d_split(tokens, D, meta["BLOCK_D"], src.device)
+        return (tokens + triton.cdiv(R, bt * ZERO_GROUPS), split)
 
     _launch(_scatter_rows_tuned, _scatter_rows_plain, "ROUTERLIB_SCATTER_CONFIG", D, grid, args,
             flags)
@@ -351,7 +391,8 @@ def _gather_reduce_kernel(
     tmask = toks < T
     toks64 = toks.to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
-    for d0 in range(0, D, BLOCK_D):
+    d_lo, d_hi = _d_range(D, BLOCK_D)
+    for d0 in range(d_lo, d_hi, BLOCK_D):
         d = d0 + cols
         if EVEN_D:
             m = tmask[:, None]
@@ -397,8 +438,9 @@ def gather_reduce(src: torch.Tensor, slot_to_row: torch.Tensor,
     flags = dict(S_UNROLL=S if S <= MAX_UNROLL else 0, HAS_WEIGHTS=weights is not None,
                  **_pdl_flags(src.device))
 
-    def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(T, meta["BLOCK_T"]),)
+    def grid(meta: dict) -> tuple[int, int]:
+        tokens = triton.cdiv(T, meta["BLOCK_T"])
+        return (tokens, d_split(tokens, D, meta["BLOCK_D"], src.device))
 
     _launch(_gather_reduce_tuned, _gather_reduce_plain, "ROUTERLIB_GATHER_CONFIG", D, grid, args,
             flags)

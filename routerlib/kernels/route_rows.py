@@ -315,7 +315,9 @@ def _select_kw(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor,
 
 
 def _static(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor, bias: torch.Tensor | None,
-            capturing: bool, allow_sync: bool) -> _Static:
+            capturing: bool, allow_sync: bool, D: int | None = None) -> _Static:
+    """The launch plan of a route; with D (the dispatch's width) the place kernel also
+    dispatches (dispatch_mode "place": two launches, the scan skipped)."""
     K = cfg.top_k
     C = cfg.capacity(T)
     R = num_rows(T, cfg)
@@ -372,12 +374,18 @@ def _static(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor, bias: torch
         launches.append((_scan_tiles_kernel, block_e // bc, dict(
             BLOCK_E=block_e, BC=bc, BLOCK_P=max(2, min(ntp, 4096 // bc)), num_warps=4, **dep)))
     if not fused:
-        n_place = -(-n // _BLOCK_S)
-        launches.append((_place_slots_kernel, n_place + (-(-R // sel_kw["BLOCK_R"]) if mark
-                                                         else 0), dict(
-            E=E, BT=BT, K=K, BLOCK_S=_BLOCK_S, BLOCK_E=block_e, CAPACITY=capacity,
-            PAD=pad, BLOCK_R=sel_kw["BLOCK_R"], SUM_TILES=sum_tiles,
-            NTP=ntp if sum_tiles else 1, num_warps=4, **dep)))
+        block_s, block_r, copy = _BLOCK_S, sel_kw["BLOCK_R"], {}
+        if D is not None:  # small blocks of slots: the copy needs ~one program an SM
+            block_s, block_d = _dispatch_block(n, D, 4)
+            block_r = block_s * _DISPATCH_ZERO_GROUPS
+            copy = dict(DISPATCH=True, BLOCK_D=block_d, EVEN_D=D % block_d == 0)
+        n_place = -(-n // block_s)
+        launches.append((_place_slots_kernel, n_place + (-(-R // block_r) if mark else 0), dict(
+            E=E, BT=BT, K=K, BLOCK_S=block_s, BLOCK_E=block_e, CAPACITY=capacity,
+            PAD=pad, BLOCK_R=block_r, SUM_TILES=sum_tiles,
+            NTP=ntp if sum_tiles else 1, num_warps=4, **dep, **copy)))
+        return _Static(C, R, NT, sizes, *_carve(sizes), fused, sum_tiles, False, launches,
+                       (n_place,))
     return _Static(C, R, NT, sizes, *_carve(sizes), fused, sum_tiles, False, launches)
 
 
@@ -409,6 +417,14 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
                ) -> tuple[Selection, RoutingPlan]:
     """The fast route; the caller checks `applies` (and validated the inputs). Loss sums are not
     computed (Selection.prob_sum / zsq_sum are None)."""
+    return _route_rows(logits, cfg, bias, None)[:2]
+
+
+def _route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None,
+                tokens: torch.Tensor | None
+                ) -> tuple[Selection, RoutingPlan, torch.Tensor | None]:
+    """route_rows; with tokens (dispatch_mode "place") the place kernel also dispatches them:
+    the third result holds the rows."""
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     T, E = logits.shape
@@ -420,9 +436,14 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
     key = (T, cfg, logits.dtype, logits.stride(0), logits.data_ptr() % 16, dev, idx,
            None if bias is None else (bias.dtype, bias.data_ptr() % 16), capturing,
            _TIE_CHECK, knob_values)
+    if tokens is not None:
+        if tokens.stride(1) != 1:
+            tokens = tokens.contiguous()
+        key += (tokens.dtype, tokens.shape[1], tokens.stride(0), tokens.data_ptr() % 16)
     st = _statics.get(key)
     if st is None:
-        st = _statics[key] = _static(T, E, cfg, logits, bias, capturing, True)
+        st = _statics[key] = _static(T, E, cfg, logits, bias, capturing, tokens is None,
+                                     None if tokens is None else tokens.shape[1])
     stream = driver.active.get_current_stream(idx) if cuda else None
     counter = _sync_counter(dev, idx, stream, capturing) if st.sync else None
     if st.sync and counter is None:  # no counter to be had: the separate launches
@@ -464,13 +485,19 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
         if not st.fused:
             if not st.sum_tiles:
                 _launch(st, 1, (hist, prefix, total, st.NT), stream, fast)
+            if tokens is None:
+                copy = (a_ids, a_ids, 1, 1)  # no dispatch (unused)
+            else:
+                rows = _empty((R, tokens.shape[1]), dtype=tokens.dtype, device=dev)
+                copy = ((tokens.data_ptr(), rows.data_ptr()) if fast else (tokens, rows)) + (
+                    tokens.shape[1], tokens.stride(0))
             _launch(st, len(st.launches) - 1, (a_ids, prefix, total, a_cnt, a_kept, a_off, a_s2r,
-                                               a_r2s, T * K, -(-T * K // _BLOCK_S), st.NT,
-                                               C or 0, R), stream, fast)
+                                               a_r2s, T * K, st.ints[0], st.NT, C or 0, R)
+                    + copy, stream, fast)
     sel = Selection(topk_ids=ids, topk_weights=weights, scores=None)
     plan = RoutingPlan(expert_counts=counts, kept_counts=kept, expert_offsets=offsets,
                        slot_to_row=slot_to_row, row_to_slot=row_to_slot, capacity=C, num_rows=R)
-    return sel, plan
+    return sel, plan, None if tokens is None else rows
 
 
 def _views(buf: torch.Tensor, o: tuple[int, ...], T: int, K: int, E: int, R: int
@@ -488,26 +515,43 @@ def _views(buf: torch.Tensor, o: tuple[int, ...], T: int, K: int, E: int, R: int
 # ---------------------------------------------------------------------------------------------
 
 _DISPATCH_SLOT_PROGRAMS = 128  # about one program an SM copies slots (132 SMs on an H100)
+_DISPATCH_ZERO_GROUPS = 8  # a zeroing program covers this many blocks of slots' worth of rows
+# up to this T the one-launch route + dispatch (every program plans all tokens); past it the
+# place kernel dispatches. results/h100/ab_decode_68e72d1.txt (CUDA graph, E=64 K=8 D=4096, the
+# path with the combine): one launch T=1 15.5 vs 16.5 us, T=8 16.9 vs 18.4, but T=64 22.6 vs
+# 21.0 and T=128 32.4 vs 24.6 (8 warps planning 64-128 tokens in every program: 9.9 / 15.8 us)
+_ONE_LAUNCH_DISPATCH_T = 32
 
 
 def dispatch_config(num_tokens: int, num_experts: int) -> tuple[int, int, int] | None:
-    """(H threads per token, num_warps, BT) of the fused route + dispatch, or None where it does
-    not apply: every token in one tile of at most 128 (8-bit counts in the rank table), a
-    thread holding <= 32 words of that table (W / H, W = E/4 rounded up to a power of two).
-    At least 4 warps: they also copy the rows."""
-    if num_tokens <= 64:
-        num_warps = max(4, next_pow2(-(-num_tokens // 8)))
-        return 4, num_warps, 8 * num_warps
-    if num_tokens <= 128 and num_experts <= 256:
-        return 2, 8, 128
-    return None
+    """(H threads per token, num_warps, BT) of the one-launch route + dispatch, or None where it
+    does not apply (T > _ONE_LAUNCH_DISPATCH_T). 4 threads a token (a thread then holds <= 32
+    words of the rank table at E <= 512), 4 warps: a tile of 32 tokens; they also copy."""
+    return (4, 4, 32) if num_tokens <= _ONE_LAUNCH_DISPATCH_T else None
 
 
-def dispatch_fuses(logits: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether route_dispatch_rows takes these inputs (the caller checked `applies` and
-    validated both). ROUTERLIB_ROWS_DISPATCH=0 switches it off (the route, then the dispatch)."""
-    return (os.environ.get("ROUTERLIB_ROWS_DISPATCH") != "0" and x.shape[1] > 0
-            and dispatch_config(logits.shape[0], logits.shape[1]) is not None)
+def dispatch_mode(logits: torch.Tensor, x: torch.Tensor, cfg: RouterConfig) -> str | None:
+    """How route_dispatch_rows dispatches these inputs (the caller checked `applies` and
+    validated both): "one" (T <= 32: one launch, _route_dispatch_kernels.py), "place" (the
+    route's place kernel also dispatches: two launches, where the route has no scan launch and
+    does not take the one cooperative launch), or None (the route, then dispatch: past decode
+    sizes the copy dominates and the row-map kernels move it at full bandwidth).
+    ROUTERLIB_ROWS_DISPATCH=0 switches both off."""
+    if os.environ.get("ROUTERLIB_ROWS_DISPATCH") == "0" or x.shape[1] == 0:
+        return None
+    T, E = logits.shape
+    if dispatch_config(T, E) is not None:
+        return "one"
+    _, _, BT = rows_config(E, T, cfg.top_k)
+    NT = -(-T // BT)
+    return "place" if NT > 1 and _sum_tiles(next_pow2(NT), max(2, next_pow2(E))) else None
+
+
+def _dispatch_block(n: int, D: int, num_warps: int) -> tuple[int, int]:
+    """(slots a program copies, BLOCK_D): ~_DISPATCH_SLOT_PROGRAMS programs, 16 elements a
+    thread a step."""
+    sp = max(1, min(16, next_pow2(-(-n // _DISPATCH_SLOT_PROGRAMS))))
+    return sp, max(16, min(next_pow2(D), 16 * 32 * num_warps // sp))
 
 
 def _dispatch_static(T: int, E: int, D: int, cfg: RouterConfig, logits: torch.Tensor,
@@ -518,9 +562,8 @@ def _dispatch_static(T: int, E: int, D: int, cfg: RouterConfig, logits: torch.Te
     H, num_warps, BT = dispatch_config(T, E)
     sizes = (T * K, T * K, T * K, E, E, E + 1, R)
     n = T * K
-    sp = max(1, min(16, next_pow2(-(-n // _DISPATCH_SLOT_PROGRAMS))))  # slots a program
-    block_d = max(16, min(next_pow2(D), 16 * 32 * num_warps // sp))  # 16 elements a thread
-    zg = 8
+    sp, block_d = _dispatch_block(n, D, num_warps)
+    zg = _DISPATCH_ZERO_GROUPS
     nsp = -(-n // sp)
     mark = C is not None or cfg.pad_to_multiple > 1
     kw = dict(_select_kw(T, E, cfg, logits, bias, H, num_warps, BT, True), SP=sp, ZG=zg,
@@ -534,9 +577,11 @@ def _dispatch_static(T: int, E: int, D: int, cfg: RouterConfig, logits: torch.Te
 def route_dispatch_rows(logits: torch.Tensor, x: torch.Tensor, cfg: RouterConfig,
                         bias: torch.Tensor | None = None
                         ) -> tuple[Selection, RoutingPlan, torch.Tensor]:
-    """route_rows, then dispatch(x, plan), in one launch (dispatch_fuses: decode sizes). The
-    caller checks `applies` and `dispatch_fuses` and validated the inputs. Returns (selection,
+    """route_rows, then dispatch(x, plan), in one or two launches (dispatch_mode: decode sizes).
+    The caller checks `applies` and `dispatch_mode` and validated the inputs. Returns (selection,
     plan, rows [R, D] in x's dtype: row r holds x[row_to_slot[r] // K], empty rows are zero)."""
+    if dispatch_config(*logits.shape) is None:  # "place"
+        return _route_rows(logits, cfg, bias, x)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     if x.stride(1) != 1:
