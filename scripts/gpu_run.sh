@@ -63,7 +63,7 @@ if has tests; then
       if [[ -n "$part" ]]; then mapfile -t targets <"$part"; else targets=("$f"); fi
       [[ ${#targets[@]} -gt 0 ]] || continue  # an empty chunk would run the whole suite
       HYPOTHESIS_PROFILE=ci timeout "${TESTS_TIMEOUT:-330}" "$PY" -m pytest -q -rf --tb=short \
-        "${sel[@]}" --junitxml="$OUT/pytest_gpu_$tag.xml" "${targets[@]}" \
+        "${sel[@]}" --junitxml="$ids_dir/pytest_gpu_$tag.xml" "${targets[@]}" \
         >"$OUT/pytest_gpu_$tag.log" 2>&1 &
       pids+=($!)
     done
@@ -83,6 +83,9 @@ if has tests; then
     last=$(grep -E "passed|failed|error|skipped|deselected|no tests ran" "$f" | tail -n 1)
     echo "$(basename "$f"): $last"
   done | tee "$OUT/pytest_gpu_summary.txt"
+  # the device returns few files: the logs travel as one archive
+  tar czf "$OUT/pytest_gpu_logs.tgz" -C "$OUT" $(cd "$OUT" && ls pytest_gpu_*.log) \
+    && rm -f "$OUT"/pytest_gpu_*.log
 fi
 if has sanitize; then
   for tool in memcheck racecheck; do
