@@ -374,7 +374,9 @@ def _static(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor, bias: torch
         launches.append((_scan_tiles_kernel, block_e // bc, dict(
             BLOCK_E=block_e, BC=bc, BLOCK_P=max(2, min(ntp, 4096 // bc)), num_warps=4, **dep)))
     if not fused:
-        block_s, block_r, copy = _BLOCK_S, sel_kw["BLOCK_R"], {}
+        # every constexpr explicit: the direct launch passes them in parameter order (_launch)
+        block_s, block_r, copy = _BLOCK_S, sel_kw["BLOCK_R"], dict(DISPATCH=False, BLOCK_D=16,
+                                                                   EVEN_D=True)
         if D is not None:  # small blocks of slots: the copy needs ~one program an SM
             block_s, block_d = _dispatch_block(n, D, 4)
             block_r = block_s * _DISPATCH_ZERO_GROUPS
