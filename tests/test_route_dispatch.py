@@ -6,6 +6,9 @@ and the plan."""
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import pytest
 import torch
 from helpers import assert_route_matches_reference, poison_like
@@ -16,7 +19,7 @@ from routerlib.kernels import _rowmap, route_dispatch, route_rows
 
 CASES = [  # (T, E, K, D, config, how it dispatches) with the edge each covers
     (1, 8, 2, 40, {}, "one"),  # one token; D not a multiple of the block
-    (20, 20, 3, 16, dict(pad_to_multiple=4, expert_bias=True), "one"),  # padded, bias
+    (16, 20, 3, 16, dict(pad_to_multiple=4, expert_bias=True), "one"),  # padded, bias
     (9, 1, 1, 8, {}, "one"),  # E = 1
     (12, 7, 7, 32, dict(softmax_after_topk=True, capacity_factor=0.5), "one"),  # k = E, drops
     (37, 13, 3, 33, dict(capacity_factor=1.0), "place"),  # odd sizes, drops, empty rows zeroed
@@ -49,8 +52,11 @@ def make(T, E, K, D, kw, device, dtype=torch.bfloat16, seed=0):
 
 
 def check(cfg, logits, bias, x, mode):
-    assert route_rows.dispatch_mode(logits, x, cfg) == mode
-    sel, plan, rows = route_dispatch(logits, x, cfg, bias)
+    """mode "place" (the place kernel dispatching) is taken only when pinned."""
+    with mock.patch.dict(os.environ, {"ROUTERLIB_ROWS_DISPATCH": "place"} if mode == "place"
+                         else {}):
+        assert route_rows.dispatch_mode(logits, x, cfg) == mode
+        sel, plan, rows = route_dispatch(logits, x, cfg, bias)
     assert_route_matches_reference(sel, plan, logits, cfg, bias)
     expected = ref.dispatch(x, plan)
     assert rows.dtype == x.dtype and rows.shape == expected.shape
@@ -64,12 +70,12 @@ def test_route_dispatch_equals_reference(T, E, K, D, kw, mode, device, poisoned)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("T,mode", [(23, "one"), (41, "place")])
+@pytest.mark.parametrize("T,mode", [(13, "one"), (41, "place")])
 def test_route_dispatch_token_dtypes(dtype, T, mode, device, poisoned):
     check(*make(T, 16, 4, 20, dict(capacity_factor=1.25), device, dtype=dtype), mode)
 
 
-@pytest.mark.parametrize("T,mode", [(30, "one"), (50, "place")])
+@pytest.mark.parametrize("T,mode", [(15, "one"), (50, "place")])
 def test_route_dispatch_strided_inputs(T, mode, device, poisoned):
     """Rows of x and of the logits with a stride past their width (views of wider tensors)."""
     cfg, logits, bias, x = make(T, 12, 3, 40, {}, device)
@@ -120,20 +126,25 @@ def test_knob_switches_it_off(device, monkeypatch):
     assert route_rows.dispatch_mode(logits, x, cfg) is None
 
 
-def test_dispatch_mode_rule():
-    """One launch up to 32 tokens (a tile of 32, 4 threads a token: <= 32 words of the rank
-    table a thread at E <= 512); the place kernel while the route skips the scan launch (tile
-    counts x experts <= 4096); past that the two ops."""
+def test_dispatch_mode_rule(monkeypatch):
+    """One launch up to 16 tokens (a tile of 32, 4 threads a token: <= 32 words of the rank
+    table a thread at E <= 512), else the two ops; pinned to "place", the place kernel while
+    the route skips the scan launch (tile counts x experts <= 4096)."""
     assert route_rows.dispatch_config(1, 512) == (4, 4, 32)
-    assert route_rows.dispatch_config(32, 512) == (4, 4, 32)
-    assert route_rows.dispatch_config(33, 8) is None
+    assert route_rows.dispatch_config(16, 512) == (4, 4, 32)
+    assert route_rows.dispatch_config(17, 8) is None
     assert route_rows.next_pow2(512 // 4) // 4 <= 32
     x = torch.empty(1024, 16)
-    for T, E, mode in [(32, 512, "one"), (64, 64, "place"), (512, 64, "place"),
-                       (513, 64, None), (256, 128, "place"), (257, 128, None),
-                       (64, 512, "place"), (4096, 128, None)]:
+    rules = [(16, 512, "one", "place"), (17, 64, None, "place"), (64, 64, None, "place"),
+             (512, 64, None, "place"), (513, 64, None, None), (256, 128, None, "place"),
+             (257, 128, None, None), (64, 512, None, "place"), (4096, 128, None, None)]
+    for T, E, default, _ in rules:
         cfg = RouterConfig(num_experts=E, top_k=8)
-        assert route_rows.dispatch_mode(torch.empty(T, E), x[:T], cfg) == mode, (T, E)
+        assert route_rows.dispatch_mode(torch.empty(T, E), x[:T], cfg) == default, (T, E)
+    monkeypatch.setenv("ROUTERLIB_ROWS_DISPATCH", "place")
+    for T, E, _, pinned in rules:
+        cfg = RouterConfig(num_experts=E, top_k=8)
+        assert route_rows.dispatch_mode(torch.empty(T, E), x[:T], cfg) == pinned, (T, E)
 
 
 def test_bad_inputs(device):
@@ -151,7 +162,8 @@ def test_bad_inputs(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,E,K,D,kw,mode", [
     (64, 64, 8, 4096, {}, "place"),  # the decode target's shape
-    (32, 64, 8, 4096, {}, "one"),
+    (16, 64, 8, 4096, {}, "one"),
+    (64, 64, 8, 4096, dict(renormalize=True), None),  # the default there: the two ops
     (1, 128, 8, 4096, dict(renormalize=True), "one"),
     (7, 256, 8, 7168, dict(score_func="sigmoid", expert_bias=True, renormalize=True,
                            routed_scaling_factor=2.5), "one"),
@@ -160,7 +172,7 @@ def test_bad_inputs(device):
     (64, 512, 8, 4096, {}, "place"),
     (50, 60, 6, 4096, dict(capacity_factor=0.5), "place"),
     (500, 64, 8, 2048, {}, "place"),
-    (20, 512, 8, 2048, dict(capacity_factor=0.5, pad_to_multiple=1), "one"),
+    (16, 512, 8, 2048, dict(capacity_factor=0.5, pad_to_multiple=1), "one"),
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_route_dispatch_full_size(T, E, K, D, kw, mode, dtype, device, poisoned):
@@ -169,9 +181,11 @@ def test_route_dispatch_full_size(T, E, K, D, kw, mode, dtype, device, poisoned)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [16, 64])  # one launch, the place kernel
-def test_route_dispatch_in_cuda_graph(T, device):
+@pytest.mark.parametrize("T,pin", [(16, None), (64, "place")])  # one launch, the place kernel
+def test_route_dispatch_in_cuda_graph(T, pin, device, monkeypatch):
     """Captured once, replayed on new logits and tokens; the direct launch after the first call."""
+    if pin:
+        monkeypatch.setenv("ROUTERLIB_ROWS_DISPATCH", pin)
     cfg, logits, bias, x = make(T, 64, 8, 4096, {}, device)
     route_dispatch(logits, x, cfg)  # compiled outside the capture
     torch.cuda.synchronize()

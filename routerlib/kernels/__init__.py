@@ -63,9 +63,8 @@ def route_dispatch(logits: torch.Tensor, x: torch.Tensor, cfg: RouterConfig,
                    ) -> tuple[Selection, RoutingPlan, torch.Tensor]:
     """route(logits, ...) then dispatch(x, plan): (selection, plan, rows [R, D]). At decode sizes
     of the row-wise route (route_rows.dispatch_mode; inference, x needing no gradient) the
-    dispatch runs inside the route's launches: T <= 32 in one launch, every program planning all
-    tokens itself (_route_dispatch_kernels.py), larger T in the place kernel; otherwise the two
-    ops one after the other."""
+    dispatch runs inside the route's launch: T <= 16 in one launch, every program planning all
+    tokens itself (_route_dispatch_kernels.py); otherwise the two ops one after the other."""
     if x.dim() != 2 or x.shape[0] != logits.shape[0]:
         raise ValueError(f"x must be [T, D] with T = {logits.shape[0]} (the logits' rows), got "
                          f"shape {tuple(x.shape)}")

@@ -518,11 +518,14 @@ def _views(buf: torch.Tensor, o: tuple[int, ...], T: int, K: int, E: int, R: int
 
 _DISPATCH_SLOT_PROGRAMS = 128  # about one program an SM copies slots (132 SMs on an H100)
 _DISPATCH_ZERO_GROUPS = 8  # a zeroing program covers this many blocks of slots' worth of rows
-# up to this T the one-launch route + dispatch (every program plans all tokens); past it the
-# place kernel dispatches. results/h100/ab_decode_68e72d1.txt (CUDA graph, E=64 K=8 D=4096, the
-# path with the combine): one launch T=1 15.5 vs 16.5 us, T=8 16.9 vs 18.4, but T=64 22.6 vs
-# 21.0 and T=128 32.4 vs 24.6 (8 warps planning 64-128 tokens in every program: 9.9 / 15.8 us)
-_ONE_LAUNCH_DISPATCH_T = 32
+# up to this T the one-launch route + dispatch (every program plans all tokens) by default.
+# Same-run A/Bs on an H100 (CUDA graph, E=64 K=8 D=4096, the path with the combine): against the
+# route then dispatch with the D split (results/h100/ab_decode_082f3c8.txt) T=1 14.8 vs 14.9 us,
+# T=16 16.8 vs 17.1, T=64 (place kernel copying) 21.0 vs 18.7, T=256 42.7 vs 34.3; the one
+# launch at T=64 planned with 8 warps in every program took 22.6 vs 21.0 (ab_decode_68e72d1.txt,
+# before the D split). The place kernel copies each slot's row from x (K reads of a token row
+# from L2, 4 warps a program): slower than scatter_rows, which reads a token once.
+_ONE_LAUNCH_DISPATCH_T = 16
 
 
 def dispatch_config(num_tokens: int, num_experts: int) -> tuple[int, int, int] | None:
@@ -534,16 +537,16 @@ def dispatch_config(num_tokens: int, num_experts: int) -> tuple[int, int, int] |
 
 def dispatch_mode(logits: torch.Tensor, x: torch.Tensor, cfg: RouterConfig) -> str | None:
     """How route_dispatch_rows dispatches these inputs (the caller checked `applies` and
-    validated both): "one" (T <= 32: one launch, _route_dispatch_kernels.py), "place" (the
-    route's place kernel also dispatches: two launches, where the route has no scan launch and
-    does not take the one cooperative launch), or None (the route, then dispatch: past decode
-    sizes the copy dominates and the row-map kernels move it at full bandwidth).
-    ROUTERLIB_ROWS_DISPATCH=0 switches both off."""
-    if os.environ.get("ROUTERLIB_ROWS_DISPATCH") == "0" or x.shape[1] == 0:
+    validated both): "one" (T <= 16: one launch, _route_dispatch_kernels.py), "place" (the
+    route's place kernel also dispatches: two launches where the route has no scan launch; only
+    with ROUTERLIB_ROWS_DISPATCH=place, it measured slower), or None (the route, then dispatch,
+    the default past 16 tokens). ROUTERLIB_ROWS_DISPATCH=0 switches both off."""
+    pinned = os.environ.get("ROUTERLIB_ROWS_DISPATCH")
+    if pinned == "0" or x.shape[1] == 0:
         return None
     T, E = logits.shape
-    if dispatch_config(T, E) is not None:
-        return "one"
+    if pinned != "place":
+        return "one" if dispatch_config(T, E) is not None else None
     _, _, BT = rows_config(E, T, cfg.top_k)
     NT = -(-T // BT)
     return "place" if NT > 1 and _sum_tiles(next_pow2(NT), max(2, next_pow2(E))) else None
@@ -582,7 +585,7 @@ def route_dispatch_rows(logits: torch.Tensor, x: torch.Tensor, cfg: RouterConfig
     """route_rows, then dispatch(x, plan), in one or two launches (dispatch_mode: decode sizes).
     The caller checks `applies` and `dispatch_mode` and validated the inputs. Returns (selection,
     plan, rows [R, D] in x's dtype: row r holds x[row_to_slot[r] // K], empty rows are zero)."""
-    if dispatch_config(*logits.shape) is None:  # "place"
+    if dispatch_mode(logits, x, cfg) == "place":
         return _route_rows(logits, cfg, bias, x)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
