@@ -2,7 +2,7 @@
 
 from routerlib.config import MoEConfig, RouterConfig
 from routerlib.layer import MoELayer, SwiGLUExperts
-from routerlib.ops import combine, dispatch, route
+from routerlib.ops import combine, dispatch, route, route_dispatch
 from routerlib.router import Router
 from routerlib.types import RouterOutput, RoutingPlan, Selection
 
@@ -10,5 +10,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MoEConfig", "MoELayer", "Router", "RouterConfig", "RouterOutput", "RoutingPlan", "Selection",
-    "SwiGLUExperts", "combine", "dispatch", "route",
+    "SwiGLUExperts", "combine", "dispatch", "route", "route_dispatch",
 ]

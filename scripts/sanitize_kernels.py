@@ -80,19 +80,29 @@ def main() -> None:
             want = ref.build_plan(ref.select(logits, cfg), cfg)
             assert torch.equal(plan.row_to_slot, want.row_to_slot), "row-wise route differs"
     del os.environ["ROUTERLIB_ROWS_PACKED"]
-    # the route with the dispatch in one launch (decode sizes): dropless, capacity (empty rows
-    # zeroed), padded with 2 threads a token
+    # the route with the dispatch: in one launch (T <= 16), in the place kernel (pinned), and
+    # the two ops with D split over the grid (few tokens); capacity (empty rows zeroed) and
+    # padded layouts; then the combine with the D split
     from routerlib.kernels import route_dispatch
 
-    for T, cfg, D in ((64, RouterConfig(num_experts=64, top_k=8), 512),
-                      (37, RouterConfig(num_experts=13, top_k=3, capacity_factor=1.0), 72),
-                      (100, RouterConfig(num_experts=130, top_k=4, pad_to_multiple=8), 200)):
+    for T, cfg, D, pin in ((12, RouterConfig(num_experts=64, top_k=8), 512, None),
+                           (9, RouterConfig(num_experts=13, top_k=3, capacity_factor=1.0), 72,
+                            None),
+                           (37, RouterConfig(num_experts=13, top_k=3, capacity_factor=1.0), 72,
+                            "place"),
+                           (100, RouterConfig(num_experts=130, top_k=4, pad_to_multiple=8), 200,
+                            "place"),
+                           (64, RouterConfig(num_experts=64, top_k=8), 4096, None)):
         logits = torch.randn(T, cfg.num_experts, device="cuda")
         x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
-        _, plan, rows = route_dispatch(logits, x, cfg)
+        with mock.patch.dict(os.environ, {"ROUTERLIB_ROWS_DISPATCH": pin} if pin else {}):
+            sel, plan, rows = route_dispatch(logits, x, cfg)
         want = ref.build_plan(ref.select(logits, cfg), cfg)
         assert torch.equal(plan.row_to_slot, want.row_to_slot), "route + dispatch plan differs"
         assert torch.equal(rows, ref.dispatch(x, want)), "route + dispatch rows differ"
+        y = combine(rows, plan, sel.topk_weights)
+        torch.testing.assert_close(y, ref.combine(rows, plan, sel.topk_weights), rtol=1e-2,
+                                   atol=1e-2)
     print("sanitize_kernels: all kernels ran and matched the reference")
 
 

@@ -15,6 +15,7 @@
 # | dispatch | `kernels/dispatch.py` | T·D tokens | R·D rows (empty rows zeroed) | 1 |
 # | combine | `kernels/combine.py` | T·K·D rows + T·K weights | T·D | 1 |
 # | inference route: score + top-K + plan | `kernels/route_rows.py` | T·E logits | ids, weights, the plan | 3 (PDL), or 1 with grid barriers |
+# | decode route + dispatch (T ≤ 16) | `kernels/_route_dispatch_kernels.py` | T·E logits (each program), T·D tokens | the route's outputs, R·D rows | 1 |
 #
 # On a CPU the kernels run under `TRITON_INTERPRET=1` (set below when there is no GPU), on small
 # shapes; the timings come from `results/h100/`.
@@ -558,6 +559,58 @@ pd.DataFrame({f"{label} {kind}": {T: d[(T, m)] for T in sorted({k[0] for k in gr
 # the cache key, the dataclasses.
 
 # %% [markdown]
+# ## 8. The decode path: the dispatch inside the route, D split over the grid
+#
+# At decode sizes every stage is a few microseconds of latency, and the path (route, dispatch,
+# the experts, combine) is a chain of kernel boundaries. Three changes, each measured in the
+# same run against the others (`ab_decode_*.txt`, CUDA graph, E = 64, K = 8, D = 4096):
+#
+# * **The route and the dispatch in one launch** (`kernels.route_dispatch`,
+#   `_route_dispatch_kernels.py`) for T ≤ 16: the plan of a one-tile route costs one program a
+#   few microseconds and reads T·E logits (4 KB at T = 16, from L2 after the first program), so
+#   *every* program selects and plans all T tokens itself, in registers, and no program waits
+#   for another: program 0 writes the route's outputs, the others copy their slots' token rows
+#   into the expert-major buffer (or write zeros to empty rows). No grid barrier, no second
+#   launch. It wins only while the tile is small: with 64 or 128 tokens every program plans with
+#   8 warps (9.9 / 15.8 µs of device time) and the path got slower (22.6 vs 21.0 µs at T = 64).
+#   A second variant, the route's place kernel copying each slot's row, also lost (21.0 vs
+#   18.7 µs at T = 64): it reads a token row K times, the dispatch kernel once. It stays
+#   available (`ROUTERLIB_ROWS_DISPATCH=place`), tested, off by default.
+# * **D split over a second grid axis** in the dispatch and combine kernels where the token
+#   blocks alone leave SMs idle (`_rowmap.d_split`: T = 64 at one token a program is 64
+#   programs on 132 SMs): each program then moves one range of D. The biggest win of the three:
+#   the path at T = 64 went from 36.7 to 18.7 µs in the A/B (the no-split number is inflated:
+#   the autotuner, whose key has no T, kept the configs it chose at T = 1 for every T of that
+#   process; the targets run at 9af1b90, tuned at T = 16384 first, had 21.5 µs).
+# * **Dispatch and combine as programmatic dependent launches** on Hopper (their launch and
+#   prologue overlap the previous kernel's tail): 0.4–0.9 µs less at every T.
+
+# %%
+from routerlib import route_dispatch  # noqa: E402
+
+cfg = RouterConfig(num_experts=16, top_k=2, capacity_factor=1.0)
+logits = make_logits("hot:2:2", 5, 16, device=DEVICE, seed=8)
+x = make_tokens(5, 40, torch.bfloat16, DEVICE, seed=9)
+sel, plan, rows = route_dispatch(logits, x, cfg, backend="triton")
+sel_r, plan_r, rows_r = route_dispatch(logits, x, cfg, backend="torch")
+assert torch.equal(sel.topk_ids, sel_r.topk_ids) and torch.equal(rows, rows_r)
+assert torch.equal(plan.row_to_slot, plan_r.row_to_slot)
+print(f"route + dispatch in one launch: ids, plan and {rows.shape[0]} rows equal the reference")
+
+# %%
+text = (RESULTS / "ab_decode_082f3c8.txt").read_text()
+path = {}
+for t, rest in re.findall(r"T=(\d+) E=64 D=4096 graph us [^:]*: (.*)", text):
+    for m, med in re.findall(r"(\w+) ([\d.]+) \[", rest):
+        path[(int(t), m)] = float(med)
+labels = {"fused": "default at 082f3c8 (one launch T<=16, place kernel past it)",
+          "split": "route, then dispatch (default since 70ae2c4)",
+          "split_nodsplit": "without the D split", "before": "and no dependent launches"}
+assert len(path) == 16, "4 sizes x 4 modes"
+pd.DataFrame({lab: {T: path[(T, m)] for T in (1, 16, 64, 256)} for m, lab in labels.items()}
+             ).rename_axis("T (decode path, µs)").round(1)
+
+# %% [markdown]
 # ## Conclusions
 #
 # * **Dispatch and combine meet the targets**: 89–90% and 95–98% of the measured copy bandwidth
@@ -581,9 +634,12 @@ pd.DataFrame({f"{label} {kind}": {T: d[(T, m)] for T in sorted({k[0] for k in gr
 #   kernel 8.5 µs (8 MB of logits: 2.7 µs at the copy roof; one warp per scheduler, so its
 #   instruction stream sets the pace), the scan and place kernels 3.0 + 4.1 µs, mostly latency.
 #   Eagerly ~37 µs is Python (an allocation, seven views, the cache key, two dataclasses) and
-#   ~12 µs the launch. The decode path (T = 64, D = 4096) takes 21.5 µs in a graph (target
-#   15 µs; 23.1 at 42230d5): five kernels in one graph (the route's two, dispatch, the experts'
-#   stand-in multiply, combine) over a 4.9 µs floor.
+#   ~12 µs the launch. The decode path (T = 64, D = 4096) takes 18.7 µs in a graph in the
+#   same-run A/B of section 8 (21.5 µs in the 9af1b90 targets run; 20.6 µs in the 082f3c8
+#   decode targets run with the place-kernel variant; target 15 µs): five kernels (the route's
+#   two, dispatch, the experts' stand-in multiply, combine) over a 4.9 µs graph floor; the
+#   dispatch and combine split D over the grid now, and the one-launch route + dispatch pays
+#   off only up to 16 tokens.
 
 # %%
 tg = targets.set_index("target")

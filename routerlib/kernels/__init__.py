@@ -9,6 +9,8 @@
                   place: 3 launches (2 at decode sizes, 1 when T fits a tile), or the same in
                   one cooperative launch with grid barriers (eager calls); the default where it
                   applies (ROUTERLIB_ROW_ROUTE=0 switches it off)
+  _route_dispatch_kernels.py   the route and the dispatch in one launch up to 16 tokens
+                  (route_dispatch below; every program plans all tokens itself)
 
 Every op computes exactly what routerlib.reference computes; tests compare them.
 On a machine without a GPU they run under TRITON_INTERPRET=1.

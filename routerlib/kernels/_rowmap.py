@@ -12,6 +12,9 @@ Both walk the tokens (token-major), so every HBM byte moves exactly once:
                  backward (w = 1: the dual of the gather, written as a gather so no atomics).
 
 Every output row or token is written by exactly one program: no atomics, deterministic results.
+Where the token blocks alone leave SMs idle (decode sizes) the grid's second axis splits D into
+ranges of whole blocks (d_split); on Hopper both kernels are programmatic dependent launches
+(use_pdl).
 
 Launch configs: on a GPU, triton.autotune over `_hopper_configs()` keyed on (D, S, flags, dtypes).
 Pin one with ROUTERLIB_SCATTER_CONFIG / ROUTERLIB_GATHER_CONFIG set to "default" (the heuristic
