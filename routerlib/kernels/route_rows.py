@@ -15,6 +15,8 @@ the fast route.
                           rank < C, row = the expert's start + rank; slot_to_row, row_to_slot;
                           extra programs mark the empty rows (capacity or padded layouts).
 When T <= BT, kernel 1 builds the whole plan itself (FUSED_PLAN): one launch.
+route_dispatch_rows adds the dispatch of the tokens: in the same single launch up to 16 tokens
+(_route_dispatch_kernels.py), or (pinned, measured slower) in the place kernel.
 
 Measured on an H100 (results/h100/route_breakdown.json at 42230d5, T=16384, E=128, K=8, fp32):
 select 8.7 us (bit-transposed ranks; 11.4 us with the 8-bit count table at ba899a1), scan 3.0
@@ -286,7 +288,8 @@ class _Static:
     sum_tiles: bool  # the place step scans the tile counts itself (no scan output)
     sync: bool  # one cooperative launch (_route_sync_kernel)
     launches: list[tuple]  # (kernel, grid, kwargs) in launch order
-    ints: tuple[int, ...] = ()  # trailing int arguments of a one-launch kernel
+    # int arguments fixed by the key: the one launch's sizes, the place kernel's slot blocks
+    ints: tuple[int, ...] = ()
     compiled: list = field(default_factory=list)
 
 
