@@ -12,6 +12,9 @@ from unittest import mock
 import pytest
 import torch
 from helpers import assert_route_matches_reference, poison_like
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_triton_backend import router_configs
 
 from routerlib import RouterConfig, ops
 from routerlib import reference as ref
@@ -84,6 +87,31 @@ def test_route_dispatch_strided_inputs(T, mode, device, poisoned):
     wide_logits = torch.zeros(T, 20, device=device)
     wide_logits[:, 4:16] = logits
     check(cfg, wide_logits[:, 4:16], bias, wide_x[:, 8:48], mode)
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fixtures: constants
+@given(cfg=router_configs(), T=st.integers(1, 24), D=st.integers(1, 40),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       pin=st.sampled_from([None, "place", "0"]), seed=st.integers(0, 2**16))
+def test_route_dispatch_random_configs(cfg, T, D, dtype, pin, seed, device, poisoned):
+    """Any configuration (where the row-wise route does not apply: the general route, then the
+    dispatch) equals the reference route + dispatch: ids, plan and rows exactly."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(T, cfg.num_experts, generator=g) * 2).to(device)
+    bias = (torch.randn(cfg.num_experts, generator=g) * 0.05).to(device) if cfg.expert_bias \
+        else None
+    pri = torch.rand(T, cfg.top_k, generator=g).to(device) if cfg.drop_policy == "random" \
+        else None
+    x = torch.randn(T, D, generator=g).to(device=device, dtype=dtype)
+    with mock.patch.dict(os.environ, {"ROUTERLIB_ROWS_DISPATCH": pin} if pin else {}):
+        sel, plan, rows = ops.route_dispatch(logits, x, cfg, bias, pri, backend="triton")
+    sel_r, plan_r, rows_r = ops.route_dispatch(logits, x, cfg, bias, pri, backend="torch")
+    assert torch.equal(sel.topk_ids, sel_r.topk_ids)
+    torch.testing.assert_close(sel.topk_weights, sel_r.topk_weights, rtol=1e-5, atol=1e-6)
+    for f in ("expert_counts", "kept_counts", "expert_offsets", "slot_to_row", "row_to_slot"):
+        assert torch.equal(getattr(plan, f), getattr(plan_r, f)), f
+    assert torch.equal(rows, rows_r)
 
 
 def test_ops_route_dispatch_backends_agree(device, poisoned):
