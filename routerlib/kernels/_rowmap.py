@@ -17,6 +17,10 @@ ranges of whole blocks (d_split); on Hopper both kernels are programmatic depend
 (use_pdl).
 
 Launch configs: on a GPU, triton.autotune over `_hopper_configs()` keyed on (D, S, flags, dtypes).
+The key has no T: a process keeps the configs chosen at the first call's size for every T of that
+D. On an H100 the decode path without the D split took 36.7 us at T=64 in a process whose first
+call had T=1 (results/h100/ab_decode_082f3c8.txt) and 21.5 us in the targets run, whose first
+row-map call had T=16384 (results/h100/targets.json). Warm up at the sizes that matter, or pin.
 Pin one with ROUTERLIB_SCATTER_CONFIG / ROUTERLIB_GATHER_CONFIG set to "default" (the heuristic
 below) or "BLOCK_T=4,BLOCK_D=1024,num_warps=8". Under TRITON_INTERPRET=1 there is no autotune.
 """
