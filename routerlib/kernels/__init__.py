@@ -76,12 +76,14 @@ def route_dispatch(logits: torch.Tensor, x: torch.Tensor, cfg: RouterConfig,
     check_device(x, "x")
     if need_stats is None:
         need_stats = torch.is_grad_enabled() and logits.requires_grad
+    mode = None
     if (logits.dim() == 2 and not (torch.is_grad_enabled() and x.requires_grad)
-            and route_rows.enabled()
-            and route_rows.dispatch_mode(logits, x, cfg) is not None):
+            and route_rows.enabled()):
+        mode = route_rows.dispatch_mode(logits, x, cfg)
+    if mode is not None:
         ref.check_logits(logits, cfg)
         ref.gating.check_bias(bias, logits, cfg)
         if route_rows.applies(logits, cfg, need_stats):
-            return route_rows.route_dispatch_rows(logits, x, cfg, bias)
+            return route_rows.route_dispatch_rows(logits, x, cfg, bias, mode)
     sel, plan = route(logits, cfg, bias, priority, need_stats)
     return sel, plan, dispatch(x, plan)

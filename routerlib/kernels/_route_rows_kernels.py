@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from routerlib.kernels._plan_kernels import _sortable
+from routerlib.kernels._rowmap import _pdl_start
 
 _INT32_MIN = tl.constexpr(-(2**31))
 
@@ -1121,13 +1122,6 @@ def _select_rows_kernel(
 
 
 @triton.jit
-def _pdl_start():
-    """A dependent kernel's first step: wait for the previous grid, then let the next start."""
-    tl.extra.cuda.gdc_wait()
-    tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
 def _scan_cols(c, hist_ptr, prefix_ptr, total_ptr, NT, BLOCK_E: tl.constexpr, BC: tl.constexpr,
                BLOCK_P: tl.constexpr):
     """Exclusive scan of the tile counts of expert columns [c*BC, c*BC + BC) down the tiles, in
@@ -1155,8 +1149,7 @@ def _scan_tiles_kernel(
 ):
     """Exclusive scan of the tile counts down the tiles, BC expert columns per program (O(NT*E)
     work in all)."""
-    if PDL:
-        _pdl_start()
+    _pdl_start(PDL)  # the dependent's first step (_rowmap)
     _scan_cols(tl.program_id(0), hist_ptr, prefix_ptr, total_ptr, NT, BLOCK_E, BC, BLOCK_P)
 
 
@@ -1241,8 +1234,7 @@ def _place_slots_kernel(
     """Programs < NP place BLOCK_S slots each, programs >= NP mark empty rows (_place_block).
     With SUM_TILES every program scans the tile counts itself: at decode sizes that is cheaper
     than a scan launch."""
-    if PDL:
-        _pdl_start()
+    _pdl_start(PDL)  # the dependent's first step (_rowmap)
     pid = tl.program_id(0)
     kept, starts, before = _plan_totals(prefix_ptr, total_ptr, counts_ptr, kept_ptr, offsets_ptr,
                                         pid, NT, C, E, BLOCK_E, CAPACITY, PAD, SUM_TILES, NTP)

@@ -583,12 +583,13 @@ def _dispatch_static(T: int, E: int, D: int, cfg: RouterConfig, logits: torch.Te
 
 
 def route_dispatch_rows(logits: torch.Tensor, x: torch.Tensor, cfg: RouterConfig,
-                        bias: torch.Tensor | None = None
+                        bias: torch.Tensor | None, mode: str
                         ) -> tuple[Selection, RoutingPlan, torch.Tensor]:
-    """route_rows, then dispatch(x, plan), in one or two launches (dispatch_mode: decode sizes).
-    The caller checks `applies` and `dispatch_mode` and validated the inputs. Returns (selection,
-    plan, rows [R, D] in x's dtype: row r holds x[row_to_slot[r] // K], empty rows are zero)."""
-    if dispatch_mode(logits, x, cfg) == "place":
+    """route_rows, then dispatch(x, plan), in one or two launches. The caller checks `applies`,
+    validated the inputs and passes dispatch_mode's answer ("one" or "place"). Returns
+    (selection, plan, rows [R, D] in x's dtype: row r holds x[row_to_slot[r] // K], empty rows
+    are zero)."""
+    if mode == "place":
         return _route_rows(logits, cfg, bias, x)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
