@@ -10,6 +10,9 @@
 #   tune       launch-config sweep of the kernels (the defaults are its winners)
 #   breakdown  where the routing time goes: device time per kernel, host time of an eager call
 #   targets    the issue's targets: kernels vs reference, compile and peers, in one run
+#   ncu        Nsight Compute of the route's kernels (three launches, no grid barrier) at the
+#              prefill target (T=16384 E=128) and decode (T=64 E=64): speed of light, warp
+#              stalls, scheduler, occupancy, instruction mix
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -114,6 +117,19 @@ fi
 if has breakdown; then
   timeout 180 "$PY" -m routerlib.bench.route_breakdown --out "$OUT/route_breakdown.json" 2>&1 \
     | tail -n 60
+fi
+if has ncu; then
+  sections=(--section SpeedOfLight --section WarpStateStats --section SchedulerStats
+            --section Occupancy --section LaunchStats --section InstructionStats
+            --section MemoryWorkloadAnalysis)
+  for te in "16384 128 9 3" "64 64 6 2"; do
+    read -r t e skip count <<<"$te"
+    ROUTERLIB_ROWS_SYNC=0 timeout "${NCU_TIMEOUT:-120}" ncu --clock-control none \
+      --kernel-name regex:'_rows_|_tiles_|_slots_' --launch-skip "$skip" --launch-count "$count" \
+      "${sections[@]}" "$PY" scripts/time_route.py --profile --T "$t" --E "$e" \
+      >"$OUT/ncu_route_T${t}_E${e}.txt" 2>&1
+    echo "ncu T=$t E=$e: exit $?"
+  done
 fi
 if has targets; then
   timeout "${TARGETS_TIMEOUT:-240}" "$PY" -m routerlib.bench.targets ${TARGETS_ARGS:-} --out "$OUT/targets" 2>&1 \
