@@ -32,6 +32,11 @@ MODES = {
     "split_nodsplit": {"ROUTERLIB_ROWS_DISPATCH": "0", "ROUTERLIB_ROWMAP_DSPLIT": "0"},
     "before": {"ROUTERLIB_ROWS_DISPATCH": "0", "ROUTERLIB_ROWMAP_DSPLIT": "0",
                "ROUTERLIB_ROWMAP_PDL": "0"},
+    # the selection: keys inserted one by one instead of the sorting network; packed keys
+    # forced at decode (4 threads a token)
+    "no_network": {"ROUTERLIB_ROWS_NETWORK": "0"},
+    "packed": {"ROUTERLIB_ROWS_PACKED": "1"},
+    "packed_no_network": {"ROUTERLIB_ROWS_PACKED": "1", "ROUTERLIB_ROWS_NETWORK": "0"},
 }
 
 
@@ -43,7 +48,12 @@ def main() -> None:
     ap.add_argument("--K", type=int, default=8)
     ap.add_argument("--D", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--modes", default="fused,split,split_nodsplit,before",
+                    help=f"comma separated, of {', '.join(MODES)}")
+    ap.add_argument("--bare", action="store_true",
+                    help="no stand-in expert: combine reads the dispatched rows")
     args = ap.parse_args()
+    modes = {m: MODES[m] for m in args.modes.split(",")}
     cfg = RouterConfig(num_experts=args.E, top_k=args.K, check_finite=False)
     for T in (int(t) for t in args.T.split(",")):
         logits = torch.randn(T, args.E, device="cuda") * 2
@@ -51,19 +61,22 @@ def main() -> None:
 
         def path(logits: torch.Tensor = logits, x: torch.Tensor = x) -> torch.Tensor:
             sel, plan, rows = ops.route_dispatch(logits, x, cfg, backend="triton")
-            return ops.combine(rows * 0.5, plan, sel.topk_weights, "triton")
+            return ops.combine(rows if args.bare else rows * 0.5, plan, sel.topk_weights,
+                               "triton")
 
         graph = defaultdict(list)
         with torch.no_grad():
-            for name, knobs in MODES.items():
+            for name, knobs in modes.items():
                 with mock.patch.dict(os.environ, knobs):
                     dev = {k[:28]: round(v, 2) for k, v in device_times(path).items()}
                 print(f"T={T} {name}: device {dev}", flush=True)
             for _ in range(args.rounds):
-                for name, knobs in MODES.items():
+                for name, knobs in modes.items():
                     with mock.patch.dict(os.environ, knobs):
                         graph[name].append(bench_cuda_graph(path).median_us)
-        print(f"T={T} E={args.E} D={args.D} graph us (median of {args.rounds} rounds; each): "
+        bare = " bare" if args.bare else ""
+        print(f"T={T} E={args.E} D={args.D}{bare} graph us (median of {args.rounds} rounds; "
+              "each): "
               + ", ".join(f"{n} {statistics.median(v):.2f} {[round(t, 2) for t in v]}"
                           for n, v in graph.items()), flush=True)
 

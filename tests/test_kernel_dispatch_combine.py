@@ -244,6 +244,16 @@ def test_d_split_rule():
     assert _rowmap.d_split(1, 10, 16, cpu) == 1
 
 
+def test_token_class_rule():
+    """The autotune key's size classes: decode sizes apart from prefill sizes, both kernels
+    keyed on it."""
+    tc = _rowmap.token_class
+    assert [tc(t) for t in (0, 1, 16, 17, 64, 128, 129, 1024, 4096, 8193, 16384, 65536)] == [
+        0, 0, 0, 1, 1, 1, 2, 2, 3, 4, 4, 5]
+    for tuned in (_rowmap._scatter_rows_tuned, _rowmap._gather_reduce_tuned):
+        assert "T_CLASS" in tuned.keys
+
+
 def test_runtime_slot_loop_for_token_choice(monkeypatch, device):
     """The non-unrolled slot loop on a K=2 plan with drops (normally unrolled)."""
     monkeypatch.setattr(_rowmap, "MAX_UNROLL", 1)
@@ -332,6 +342,23 @@ def test_big_shapes_match_reference_and_are_deterministic(layout, monkeypatch):
     x32 = x.detach().float().requires_grad_()
     ref.dispatch(x32, plan).backward(torch.ones(plan.num_rows, x.shape[1], device="cuda"))
     assert_close(gx, x32.grad.to(BF16), name="grad_x")
+
+
+@pytest.mark.gpu
+def test_configs_are_tuned_per_token_class(monkeypatch):
+    """A call at decode size after one at prefill size (same D, K) is tuned again: the autotune
+    cache holds one entry per token class, not the first call's configs for every T."""
+    _autotune(monkeypatch)
+    D, E, K = 320, 16, 2  # a D no other test uses: the cache starts without it
+    before = {k for k in _rowmap._gather_reduce_tuned.cache if k[0] == D}
+    assert not before
+    for T in (5000, 3):
+        plan, w = make_plan(T, E, K, "dropless", "cuda")
+        eo = torch.randn(plan.num_rows, D, device="cuda", dtype=BF16)
+        assert_close(combine(eo, plan, w), ref.combine(eo.float(), plan, w).to(BF16),
+                     name="combine")
+    keys = {k for k in _rowmap._gather_reduce_tuned.cache if k[0] == D}
+    assert {k[2] for k in keys} == {_rowmap.token_class(5000), _rowmap.token_class(3)}
 
 
 @pytest.mark.gpu

@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 import triton
+import triton.language as tl
 from helpers import assert_route_matches_reference, poison_like
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,6 +19,7 @@ from test_triton_backend import router_configs
 from routerlib import RouterConfig
 from routerlib import reference as ref
 from routerlib.kernels import route, route_rows
+from routerlib.kernels._route_rows_kernels import _merge8, _sort8
 
 CASES = [  # (T, E, K, config) with the edge each covers
     (1, 8, 2, {}),  # one token, one tile (fused plan)
@@ -118,6 +120,76 @@ def test_bit_transposed_ranks_apply_to_one_warp_tiles(monkeypatch):
     assert route_rows._use_lane_ranks(2, 2, 64, False)
     assert not route_rows._use_lane_ranks(4, 1, 64, False)  # 8 tokens a tile: not whole rows
     assert route_rows._use_lane_ranks(1, 4, 64, False)  # four warps a tile: rows of 32 tokens
+
+
+@pytest.mark.parametrize("T,E,K,dtype,kw", [
+    (70, 64, 8, torch.float32, {}),  # list of 10: the 16-input bitonic merger
+    (45, 33, 7, torch.float32, dict(capacity_factor=1.0)),  # 9 of the 10 used
+    (40, 24, 6, torch.float32, dict(pad_to_multiple=4)),  # 8: the 8-input merger, finished
+    (33, 20, 5, torch.float32, dict(expert_bias=True)),  # 7; softmax + bias: the second pass
+    (50, 40, 8, torch.bfloat16, dict(renormalize=True)),  # exact bf16 keys, 8 entries
+    (30, 7, 7, torch.float16, {}),  # E < 8: padding columns in the network
+    (20, 130, 8, torch.float32, dict(score_func="sigmoid", expert_bias=True)),
+])
+@pytest.mark.parametrize("net", ["0", "1"])  # insertion / sorting network
+@pytest.mark.parametrize("split", ["1,1", "2,2"])  # one list, or two merged
+def test_packed_network_equals_reference(T, E, K, dtype, kw, net, split, device, poisoned,
+                                         monkeypatch):
+    """The packed selection with its keys sorted 8 at a time by a network and merged (every
+    list length it takes: 7 to 10) against one-by-one insertion and the reference."""
+    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "1")
+    monkeypatch.setenv("ROUTERLIB_ROWS_NETWORK", net)
+    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
+    # no fallback to the exact insertion: a key the network lost would show (these logits have
+    # exact ties only, which the packed order decides by index)
+    monkeypatch.setattr(route_rows, "_TIE_CHECK", False)
+    check(T, E, K, kw, device, dtype)
+
+
+@triton.jit
+def _network_probe(keys_ptr, list_ptr, out_ptr, M: tl.constexpr):
+    """Row r: sort keys[r, :8] with _sort8 and merge them into the descending list[r, :10]."""
+    c = tl.arange(0, 2) * 0  # [2] lanes reading the same entry (Triton has no scalars blocks)
+    kp = keys_ptr + tl.program_id(0) * 8 + c
+    lp = list_ptr + tl.program_id(0) * 10 + c
+    op = out_ptr + tl.program_id(0) * 10 + c
+    k0, k1, k2, k3, k4, k5, k6, k7 = _sort8(
+        tl.load(kp), tl.load(kp + 1), tl.load(kp + 2), tl.load(kp + 3), tl.load(kp + 4),
+        tl.load(kp + 5), tl.load(kp + 6), tl.load(kp + 7))
+    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _merge8(
+        k0, k1, k2, k3, k4, k5, k6, k7, tl.load(lp), tl.load(lp + 1), tl.load(lp + 2),
+        tl.load(lp + 3), tl.load(lp + 4), tl.load(lp + 5), tl.load(lp + 6), tl.load(lp + 7),
+        tl.load(lp + 8), tl.load(lp + 9), M)
+    one = tl.arange(0, 2) == 0
+    tl.store(op, p0, mask=one)
+    tl.store(op + 1, p1, mask=one)
+    tl.store(op + 2, p2, mask=one)
+    tl.store(op + 3, p3, mask=one)
+    tl.store(op + 4, p4, mask=one)
+    tl.store(op + 5, p5, mask=one)
+    tl.store(op + 6, p6, mask=one)
+    tl.store(op + 7, p7, mask=one)
+    tl.store(op + 8, p8, mask=one)
+    tl.store(op + 9, p9, mask=one)
+
+
+@pytest.mark.parametrize("M", [8, 10])
+def test_sorting_network_and_merge(M, device):
+    """_sort8 + _merge8 keep the M largest of a descending list and 8 keys, in order (random
+    keys, duplicates included)."""
+    g = torch.Generator().manual_seed(M)
+    n = 300
+    keys = torch.randint(-50, 50, (n, 8), generator=g, dtype=torch.int32)
+    keys[: n // 2] = torch.randint(-2**31, 2**31 - 1, (n // 2, 8), generator=g,
+                                   dtype=torch.int64).to(torch.int32)
+    lst = torch.randint(-50, 50, (n, 10), generator=g, dtype=torch.int32)
+    lst[:, M:] = -2**31  # unused entries of the list
+    lst = lst.sort(dim=1, descending=True).values
+    out = torch.full((n, 10), 12345, dtype=torch.int32)
+    keys_d, lst_d, out_d = keys.to(device), lst.to(device), out.to(device)
+    _network_probe[(n,)](keys_d, lst_d, out_d, M)
+    want = torch.cat([keys, lst[:, :M]], 1).sort(dim=1, descending=True).values[:, :M]
+    assert torch.equal(out_d.cpu()[:, :M], want)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -235,6 +307,9 @@ def test_packed_where_it_measured_faster(monkeypatch):
     assert route_rows._packed(1, 16384) and route_rows._packed(1, 2000)
     assert not route_rows._packed(1, 65536) and not route_rows._packed(4, 64)
     assert not route_rows._packed(2, 16384)
+    assert route_rows._packed(1, 2000) == 2  # by a sorting network
+    monkeypatch.setenv("ROUTERLIB_ROWS_NETWORK", "0")
+    assert route_rows._packed(1, 2000) == 1  # one key at a time
     monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "1")
     assert route_rows._packed(4, 64)
     monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "0")

@@ -557,17 +557,18 @@ def run_decode(r: Runner, cases: Cases, seed: int) -> None:
               + stage_cost("dispatch", T, D, E, K, 1, s).bytes
               + stage_cost("combine", T, D, E, K, 1, s).bytes)
 
-    def path(backend: str):
+    def path(backend: str, expert: bool = True):
         def f():
             sel, plan, rows = ops.route_dispatch(logits, x, cfg, None, None, backend)
-            out = rows * EXPERT_SCALE  # [R, D] the experts' stand-in
+            out = rows * EXPERT_SCALE if expert else rows  # [R, D] the experts' stand-in
             y = ops.combine(out, plan, sel.topk_weights, backend)  # [T, D]
             return sel.topk_ids, y
         return _no_grad(f)
 
-    check = None
+    check = check_bare = None
     if r.wants("triton"):
         check = expect(path("torch")(), ["topk_ids", "y"], [None, 1e-2])
+        check_bare = expect(path("torch", False)(), ["topk_ids", "y"], [None, 1e-2])
     note = "logits -> route+dispatch -> rows*0.5 -> combine"
     m = lambda impl, mode, **kw: r.measure(  # noqa: E731
         "decode", f"T={T}", "path", impl, mode, shape=shape, build=_const(path(impl)),
@@ -575,6 +576,12 @@ def run_decode(r: Runner, cases: Cases, seed: int) -> None:
     if r.wants("triton"):
         m("triton", "graph", check=check)
         m("triton", "eager", check=check)
+        # the stages the issue names (score, top-K, plan, dispatch, combine) and nothing
+        # between: combine reads the dispatched rows. Reported beside the target's row, which
+        # keeps the stand-in expert (one more kernel)
+        r.measure("decode", f"T={T}", "path_no_expert", "triton", "graph", shape=shape,
+                  build=_const(path("triton", False)), nbytes=nbytes, check=check_bare,
+                  note="logits -> route+dispatch -> combine (no expert between)")
     if r.wants("torch"):
         m("torch", "eager")
         m("torch", "graph")

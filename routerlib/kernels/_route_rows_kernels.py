@@ -369,6 +369,123 @@ def _push4(keys, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L: tl.constexpr):
     return _push(c3, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
 
 
+# Sorting networks (NET): 8 keys at a time are sorted (Knuth's 19 comparators) and merged into
+# the list: C_j = max(p_j, b_(M-1-j)) keeps the M best of both as a bitonic sequence (the list
+# descending, the sorted 8 reversed), which a bitonic merger sorts (M = 8: 12 comparators; M =
+# 10: the 16-input merger with 6 +inf entries in front, 15 comparators left). 38 + 8 + 30 = 76
+# min/max for 8 keys against 8 * 19 = 152 inserting them one by one (L = 10); the list then
+# holds the M best, of which the first L are used.
+
+
+@triton.jit
+def _cx(a, b):
+    """Compare-exchange: (larger, smaller)."""
+    return tl.maximum(a, b), tl.minimum(a, b)
+
+
+@triton.jit
+def _sort8(k0, k1, k2, k3, k4, k5, k6, k7):
+    """The 8 keys in descending order (19 comparators, depth 6)."""
+    k0, k2 = _cx(k0, k2)
+    k1, k3 = _cx(k1, k3)
+    k4, k6 = _cx(k4, k6)
+    k5, k7 = _cx(k5, k7)
+    k0, k4 = _cx(k0, k4)
+    k1, k5 = _cx(k1, k5)
+    k2, k6 = _cx(k2, k6)
+    k3, k7 = _cx(k3, k7)
+    k0, k1 = _cx(k0, k1)
+    k2, k3 = _cx(k2, k3)
+    k4, k5 = _cx(k4, k5)
+    k6, k7 = _cx(k6, k7)
+    k2, k4 = _cx(k2, k4)
+    k3, k5 = _cx(k3, k5)
+    k1, k4 = _cx(k1, k4)
+    k3, k6 = _cx(k3, k6)
+    k1, k2 = _cx(k1, k2)
+    k3, k4 = _cx(k3, k4)
+    k5, k6 = _cx(k5, k6)
+    return k0, k1, k2, k3, k4, k5, k6, k7
+
+
+@triton.jit
+def _merge8(b0, b1, b2, b3, b4, b5, b6, b7, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9,
+            M: tl.constexpr):
+    """The M (8 or 10) best of the descending list p0.. and the descending b0..b7, descending."""
+    if M == 8:
+        p0, p1, p2, p3 = (tl.maximum(p0, b7), tl.maximum(p1, b6), tl.maximum(p2, b5),
+                          tl.maximum(p3, b4))
+        p4, p5, p6, p7 = (tl.maximum(p4, b3), tl.maximum(p5, b2), tl.maximum(p6, b1),
+                          tl.maximum(p7, b0))
+        p0, p4 = _cx(p0, p4)
+        p1, p5 = _cx(p1, p5)
+        p2, p6 = _cx(p2, p6)
+        p3, p7 = _cx(p3, p7)
+        p0, p2 = _cx(p0, p2)
+        p1, p3 = _cx(p1, p3)
+        p4, p6 = _cx(p4, p6)
+        p5, p7 = _cx(p5, p7)
+    else:
+        p2, p3, p4, p5 = (tl.maximum(p2, b7), tl.maximum(p3, b6), tl.maximum(p4, b5),
+                          tl.maximum(p5, b4))
+        p6, p7, p8, p9 = (tl.maximum(p6, b3), tl.maximum(p7, b2), tl.maximum(p8, b1),
+                          tl.maximum(p9, b0))
+        p0, p8 = _cx(p0, p8)
+        p1, p9 = _cx(p1, p9)
+        p2, p6 = _cx(p2, p6)
+        p3, p7 = _cx(p3, p7)
+        p4, p8 = _cx(p4, p8)
+        p5, p9 = _cx(p5, p9)
+        p2, p4 = _cx(p2, p4)
+        p3, p5 = _cx(p3, p5)
+        p6, p8 = _cx(p6, p8)
+        p7, p9 = _cx(p7, p9)
+        p8, p9 = _cx(p8, p9)
+    p0, p1 = _cx(p0, p1)
+    p2, p3 = _cx(p2, p3)
+    p4, p5 = _cx(p4, p5)
+    p6, p7 = _cx(p6, p7)
+    return p0, p1, p2, p3, p4, p5, p6, p7, p8, p9
+
+
+@triton.jit
+def _split4(keys):
+    """keys [BT, H, 4] -> its 4 columns [BT, H] (in the order 0, 2, 1, 3)."""
+    BT: tl.constexpr = keys.shape[0]
+    H: tl.constexpr = keys.shape[1]
+    a, b = tl.split(tl.reshape(keys, [BT, H, 2, 2]))
+    c0, c2 = tl.split(a)
+    c1, c3 = tl.split(b)
+    return c0, c2, c1, c3
+
+
+@triton.jit
+def _push8(ka, kb, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L: tl.constexpr,
+           NET: tl.constexpr):
+    """Insert the 8 packed columns of ka, kb [BT, H, 4]: one by one, or with NET (L >= 7) sorted
+    by a network and merged (the list then holds M >= L entries, see above)."""
+    if NET and L >= 7:
+        a0, a1, a2, a3 = _split4(ka)
+        a4, a5, a6, a7 = _split4(kb)
+        a0, a1, a2, a3, a4, a5, a6, a7 = _sort8(a0, a1, a2, a3, a4, a5, a6, a7)
+        return _merge8(a0, a1, a2, a3, a4, a5, a6, a7, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9,
+                       8 if L == 8 else 10)
+    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _push4(ka, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
+    return _push4(kb, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
+
+
+@triton.jit
+def _cut(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L: tl.constexpr):
+    """Entries past L back to INT32_MIN (a network's merge fills M >= L of them)."""
+    if L < 10:
+        p9 = tl.full(p9.shape, _INT32_MIN, tl.int32)
+    if L < 9:
+        p8 = tl.full(p8.shape, _INT32_MIN, tl.int32)
+    if L < 8:
+        p7 = tl.full(p7.shape, _INT32_MIN, tl.int32)
+    return p0, p1, p2, p3, p4, p5, p6, p7, p8, p9
+
+
 @triton.jit
 def _merge_packed(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L: tl.constexpr):
     """Merge the two lists held along the last axis (size 2) of every entry."""
@@ -571,7 +688,7 @@ def _select_packed(
     E: tl.constexpr, K: tl.constexpr, H: tl.constexpr, EH: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr,
     NEED_MS: tl.constexpr, STAGES: tl.constexpr, SHIFT: tl.constexpr,
-    EXACT_PACK: tl.constexpr,
+    EXACT_PACK: tl.constexpr, NET: tl.constexpr,
 ):
     """_select_rows with packed keys (see above). Returns (ids [BT] x 8, their logits [BT] x 8
     (gathered by the finishing; zeros with EXACT_PACK), m [BT], s [BT], unsure [BT]: the real
@@ -585,29 +702,40 @@ def _select_packed(
     s = tl.zeros([BT, H], tl.float32)
     KEYS_FIRST: tl.constexpr = KEY_LOGITS or SIGMOID
     for c in tl.range(0, EH, 16, num_stages=STAGES):
-        for j in tl.static_range(4):
-            col = hcol + c + 4 * j
-            x = _load4(base, rmask, col[:, :, None], E, EVEN)
+        for h in tl.static_range(2):  # 8 columns at a time: two loads of 4
+            col = hcol + c + 8 * h
+            xa = _load4(base, rmask, col[:, :, None], E, EVEN)
+            xb = _load4(base, rmask, col[:, :, None] + 4, E, EVEN)
             if NEED_MS:
-                m_new = tl.maximum(m, tl.max(x, axis=2))
-                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, :, None]), axis=2)
+                m_new = tl.maximum(m, tl.max(xa, axis=2))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(xa - m_new[:, :, None]), axis=2)
+                m = m_new
+                m_new = tl.maximum(m, tl.max(xb, axis=2))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(xb - m_new[:, :, None]), axis=2)
                 m = m_new
             if KEYS_FIRST:
-                key = _packed_keys(x, col, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
-                                   False, EVEN, SHIFT)
-                p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _push4(
-                    key, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
+                ka = _packed_keys(xa, col, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+                                  False, EVEN, SHIFT)
+                kb = _packed_keys(xb, col + 4, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+                                  False, EVEN, SHIFT)
+                p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _push8(
+                    ka, kb, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L, NET)
     m, s = _group_stats(m, s, NEED_MS)
     if not KEYS_FIRST:  # softmax scores + bias: a second pass once the normaliser is known
         mh = tl.broadcast_to(m[:, None], [BT, H])
         sh = tl.broadcast_to(s[:, None], [BT, H])
-        for c in range(0, EH, 4):
+        for c in range(0, EH, 8):
             col = hcol + c
-            x = _load4(base, rmask, col[:, :, None], E, EVEN)
-            key = _packed_keys(x, col, bias_ptr, mh, sh, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
-                               True, EVEN, SHIFT)
-            p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _push4(
-                key, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
+            xa = _load4(base, rmask, col[:, :, None], E, EVEN)
+            xb = _load4(base, rmask, col[:, :, None] + 4, E, EVEN)
+            ka = _packed_keys(xa, col, bias_ptr, mh, sh, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+                              True, EVEN, SHIFT)
+            kb = _packed_keys(xb, col + 4, bias_ptr, mh, sh, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
+                              True, EVEN, SHIFT)
+            p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _push8(
+                ka, kb, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L, NET)
+    if NET:
+        p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _cut(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
     if H == 4:  # [BT, 4] -> [BT, 2, 2]: merge groups (0, 1) and (2, 3)
         p0, p1, p2 = (tl.reshape(p0, [BT, 2, 2]), tl.reshape(p1, [BT, 2, 2]),
                       tl.reshape(p2, [BT, 2, 2]))
@@ -996,7 +1124,8 @@ def _select_ids(
     if PACKED:
         (i0, i1, i2, i3, i4, i5, i6, i7, x0, x1, x2, x3, x4, x5, x6, x7, m, s,
          unsure) = _select_packed(base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, HAS_BIAS,
-                                  KEY_LOGITS, NEED_MS, STAGES, SHIFT, EXACT_PACK)
+                                  KEY_LOGITS, NEED_MS, STAGES, SHIFT, EXACT_PACK,
+                                  PACKED == 2)
         I = tl.where(valid, _stack(i0, i1, i2, i3, i4, i5, i6, i7, KP), 0)  # [BT, KP]
         if EXACT_PACK:
             xs = tl.load(base[:, None] + I, mask=valid, other=0.0).to(tl.float32)

@@ -16,11 +16,13 @@ Where the token blocks alone leave SMs idle (decode sizes) the grid's second axi
 ranges of whole blocks (d_split); on Hopper both kernels are programmatic dependent launches
 (use_pdl).
 
-Launch configs: on a GPU, triton.autotune over `_hopper_configs()` keyed on (D, S, flags, dtypes).
-The key has no T: a process keeps the configs chosen at the first call's size for every T of that
-D. On an H100 the decode path without the D split took 36.7 us at T=64 in a process whose first
-call had T=1 (results/h100/ab_decode_082f3c8.txt) and 21.5 us in the targets run, whose first
-row-map call had T=16384 (results/h100/targets.json). Warm up at the sizes that matter, or pin.
+Launch configs: on a GPU, triton.autotune over `_hopper_configs()` keyed on (D, S, flags, dtypes)
+and the token class of T (token_class: six size classes from decode to prefill). Without the
+class a process kept the configs chosen at its first call's T for every T of that D: on an H100
+the decode path without the D split took 36.7 us at T=64 in a process whose first call had T=1
+(results/h100/ab_decode_082f3c8.txt) and 21.5 us in the targets run, whose first row-map call had
+T=16384 (results/h100/targets.json). A class, not T itself: a server sees every batch size, and
+each new key costs one tuning sweep.
 Pin one with ROUTERLIB_SCATTER_CONFIG / ROUTERLIB_GATHER_CONFIG set to "default" (the heuristic
 below) or "BLOCK_T=4,BLOCK_D=1024,num_warps=8". Under TRITON_INTERPRET=1 there is no autotune.
 """
@@ -161,6 +163,15 @@ def d_split(programs: int, D: int, block_d: int, dev: torch.device) -> int:
     return max(1, min(-(-D // block_d), want))
 
 
+# upper bounds of the token classes of the autotune key (class 5: past the last)
+TOKEN_CLASSES = (16, 128, 1024, 8192, 32768)
+
+
+def token_class(num_tokens: int) -> int:
+    """The autotune key's size class of T: 0 for T <= 16 (decode) ... 5 for T > 32768."""
+    return sum(num_tokens > b for b in TOKEN_CLASSES)
+
+
 def _pdl_flags(dev: torch.device) -> dict:
     return dict(PDL=True, launch_pdl=True) if use_pdl(dev) else {}
 
@@ -244,6 +255,7 @@ def _scatter_rows_kernel(
     dot_out_ptr,      # [T, S]  fp32 dot(src[t], dot_src[row]) per slot (if COMPUTE_DOT)
     dst_ptr,          # [R, D]  rows
     T, R, D, S,
+    T_CLASS,  # token_class(T): read only by the autotune key
     S_UNROLL: tl.constexpr,   # S when S <= MAX_UNROLL (slot loop unrolled), else 0
     S_PAD: tl.constexpr,      # next power of two >= S (dot accumulator width)
     HAS_WEIGHTS: tl.constexpr,
@@ -307,7 +319,7 @@ def _scatter_rows_kernel(
 
 _scatter_rows_plain = triton.heuristics(_EVEN_D)(_scatter_rows_kernel)
 _scatter_rows_tuned = triton.autotune(
-    configs=_hopper_configs(), key=["D", "S", "HAS_WEIGHTS", "COMPUTE_DOT"],
+    configs=_hopper_configs(), key=["D", "S", "T_CLASS", "HAS_WEIGHTS", "COMPUTE_DOT"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_scatter_rows_plain)
 
@@ -340,7 +352,8 @@ def scatter_rows(src: torch.Tensor, slot_to_row: torch.Tensor, row_to_slot: torc
             dots.zero_()
         return dst, dots
     args = (src, slot_to_row, row_to_slot, src if weights is None else weights,
-            src if dot_src is None else dot_src, dst if dots is None else dots, dst, T, R, D, S)
+            src if dot_src is None else dot_src, dst if dots is None else dots, dst, T, R, D, S,
+            token_class(T))
     # The dot accumulator is [BLOCK_T, S_PAD]; without dots keep it one column wide.
     flags = dict(S_UNROLL=S if S <= MAX_UNROLL else 0,
                  S_PAD=next_pow2(S) if dot_src is not None else 1,
@@ -385,6 +398,7 @@ def _gather_reduce_kernel(
     w_ptr,            # [T, S]  fp32 slot weights (read only if HAS_WEIGHTS)
     out_ptr,          # [T, D]
     T, D, S,
+    T_CLASS,  # token_class(T): read only by the autotune key
     S_UNROLL: tl.constexpr,   # S when S <= MAX_UNROLL (slot loop unrolled), else 0
     HAS_WEIGHTS: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -420,7 +434,7 @@ def _gather_reduce_kernel(
 
 _gather_reduce_plain = triton.heuristics(_EVEN_D)(_gather_reduce_kernel)
 _gather_reduce_tuned = triton.autotune(
-    configs=_hopper_configs(), key=["D", "S", "HAS_WEIGHTS"],
+    configs=_hopper_configs(), key=["D", "S", "T_CLASS", "HAS_WEIGHTS"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_gather_reduce_plain)
 
@@ -441,7 +455,7 @@ def gather_reduce(src: torch.Tensor, slot_to_row: torch.Tensor,
         return out
     if weights is not None:
         weights = weights.contiguous()
-    args = (src, slot_to_row, src if weights is None else weights, out, T, D, S)
+    args = (src, slot_to_row, src if weights is None else weights, out, T, D, S, token_class(T))
     flags = dict(S_UNROLL=S if S <= MAX_UNROLL else 0, HAS_WEIGHTS=weights is not None,
                  **_pdl_flags(src.device))
 

@@ -66,7 +66,7 @@ _MAX_SUM_TILES = 4096
 _KNOBS = ("ROUTERLIB_ROWS_CONFIG", "ROUTERLIB_ROWS_STAGES", "ROUTERLIB_ROWS_PACKED",
           "ROUTERLIB_ROWS_SCAN", "ROUTERLIB_ROWS_LANE_RANKS", "ROUTERLIB_ROWS_SYNC",
           "ROUTERLIB_ROWS_SYNC_GRID", "ROUTERLIB_ROWS_COOP", "ROUTERLIB_ROWS_PDL",
-          "TRITON_INTERPRET")
+          "ROUTERLIB_ROWS_NETWORK", "TRITON_INTERPRET")
 # CPython keeps the environment in a dict of encoded names (os.environ._data), which every
 # os.environ write (monkeypatch.setenv, mock.patch.dict) updates: reading it directly costs
 # ~0.1 us a knob instead of ~1 us through os.environ.get (nine a call: ~8 us of the eager
@@ -141,17 +141,23 @@ def _stages() -> int:
     return int(os.environ.get("ROUTERLIB_ROWS_STAGES", "3"))
 
 
-def _packed(h: int, num_tokens: int) -> bool:
+def _packed(h: int, num_tokens: int) -> int:
     """Packed-key selection (see _route_rows_kernels) where it measured faster: one thread a
     token, up to 16k tokens. Same-run A/B on an H100 (results/h100/ab_packed_2c62426.txt,
     CUDA graph, E=128 K=8): T=4096 20.8 vs 22.6 us, T=16384 24.2 vs 26.3 us (bf16 logits 22.1
     vs 24.7); slower at T=65536 (66.7 vs 65.5), with 4 threads a token (T=64: 12.9 vs 11.9) and
     at E=256 (2 threads, 51.1 vs 41.6: instruction-cache stalls, ncu). ROUTERLIB_ROWS_PACKED=1
-    or 0 forces it on or off."""
+    or 0 forces it on or off.
+    Returns 0 (off), 1 (keys inserted one by one) or 2 (8 at a time by a sorting network and a
+    bitonic merge: half the min/max of the insertion at K=8; ROUTERLIB_ROWS_NETWORK=0 keeps the
+    insertion). The select kernel at T=16384 E=128 issued 5,240 instructions a thread, 82% in
+    the column loop, at 0.34 a cycle on one warp a scheduler (ncu, results/h100/
+    ncu_route_T16384_E128_c26e3a6.txt): the insertion's min/max were the bulk of it."""
     pinned = os.environ.get("ROUTERLIB_ROWS_PACKED")
-    if pinned is not None:
-        return pinned != "0"
-    return h == 1 and num_tokens <= 16384
+    on = pinned != "0" if pinned is not None else h == 1 and num_tokens <= 16384
+    if not on:
+        return 0
+    return 1 if os.environ.get("ROUTERLIB_ROWS_NETWORK") == "0" else 2
 
 
 def _sum_tiles(num_tiles: int, block_e: int) -> bool:
