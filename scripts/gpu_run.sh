@@ -51,8 +51,11 @@ if has tests; then
   chunks="${GPU_TEST_CHUNKS:-1}"
   ids_dir=$(mktemp -d)  # not under $OUT: what comes back from the device is limited in count
   pids=()
+  declare -A seen=()  # one file named twice (file::test ids): its logs must not collide
   for f in "${files[@]}"; do
     name=$(basename "${f%%::*}" .py)
+    seen[$name]=$(( ${seen[$name]:-0} + 1 ))
+    [[ ${seen[$name]} -eq 1 ]] || name="${name}_id${seen[$name]}"
     sel=(-m "not notebook" -k "not bandwidth" -p no:cacheprovider "${opts[@]}")
     if [[ $chunks -gt 1 ]]; then
       "$PY" -m pytest --co -q "${sel[@]}" "$f" 2>/dev/null | grep "::" >"$ids_dir/$name.txt"

@@ -143,18 +143,20 @@ def _stages() -> int:
 
 def _packed(h: int, num_tokens: int) -> int:
     """Packed-key selection (see _route_rows_kernels) where it measured faster: one thread a
-    token, up to 16k tokens. Same-run A/B on an H100 (results/h100/ab_packed_2c62426.txt,
-    CUDA graph, E=128 K=8): T=4096 20.8 vs 22.6 us, T=16384 24.2 vs 26.3 us (bf16 logits 22.1
-    vs 24.7); slower at T=65536 (66.7 vs 65.5), with 4 threads a token (T=64: 12.9 vs 11.9) and
-    at E=256 (2 threads, 51.1 vs 41.6: instruction-cache stalls, ncu). ROUTERLIB_ROWS_PACKED=1
-    or 0 forces it on or off.
+    token. Same-run A/B on an H100 (results/h100/ab_packed_2c62426.txt, CUDA graph, E=128 K=8):
+    T=4096 20.8 vs 22.6 us, T=16384 24.2 vs 26.3 us (bf16 logits 22.1 vs 24.7); slower with 4
+    threads a token (T=64: 12.9 vs 11.9; with the network on an H200 10.4 vs 9.0) and at E=256
+    (2 threads, 51.1 vs 41.6: instruction-cache stalls, ncu). At T=65536 the insertion lost
+    (66.7 vs 65.5 us) and the network wins (H200, results/h200/ab_network_56cd269.txt: 46.9 /
+    46.4 vs 50.5 / 50.9 us). ROUTERLIB_ROWS_PACKED=1 or 0 forces it on or off.
     Returns 0 (off), 1 (keys inserted one by one) or 2 (8 at a time by a sorting network and a
     bitonic merge: half the min/max of the insertion at K=8; ROUTERLIB_ROWS_NETWORK=0 keeps the
     insertion). The select kernel at T=16384 E=128 issued 5,240 instructions a thread, 82% in
     the column loop, at 0.34 a cycle on one warp a scheduler (ncu, results/h100/
-    ncu_route_T16384_E128_c26e3a6.txt): the insertion's min/max were the bulk of it."""
+    ncu_route_T16384_E128_c26e3a6.txt): the insertion's min/max were the bulk of it. With the
+    network the loop's sm_90 code has 407 instructions per 16 columns instead of 535."""
     pinned = os.environ.get("ROUTERLIB_ROWS_PACKED")
-    on = pinned != "0" if pinned is not None else h == 1 and num_tokens <= 16384
+    on = pinned != "0" if pinned is not None else h == 1
     if not on:
         return 0
     return 1 if os.environ.get("ROUTERLIB_ROWS_NETWORK") == "0" else 2
