@@ -409,42 +409,41 @@ def _sort8(k0, k1, k2, k3, k4, k5, k6, k7):
 
 
 @triton.jit
+def _bitonic8(q0, q1, q2, q3, q4, q5, q6, q7):
+    """A bitonic sequence of 8 in descending order (three stages of 4 comparators)."""
+    q0, q4 = _cx(q0, q4)
+    q1, q5 = _cx(q1, q5)
+    q2, q6 = _cx(q2, q6)
+    q3, q7 = _cx(q3, q7)
+    q0, q2 = _cx(q0, q2)
+    q1, q3 = _cx(q1, q3)
+    q4, q6 = _cx(q4, q6)
+    q5, q7 = _cx(q5, q7)
+    q0, q1 = _cx(q0, q1)
+    q2, q3 = _cx(q2, q3)
+    q4, q5 = _cx(q4, q5)
+    q6, q7 = _cx(q6, q7)
+    return q0, q1, q2, q3, q4, q5, q6, q7
+
+
+@triton.jit
 def _merge8(b0, b1, b2, b3, b4, b5, b6, b7, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9,
             M: tl.constexpr):
-    """The M (8 or 10) best of the descending list p0.. and the descending b0..b7, descending."""
+    """The M (8 or 10) best of the descending list p0.. and the descending b0..b7, descending.
+    The last 8 of the M entries meet the sorted 8 reversed (C_j = max(p_j, b_(M-1-j))); M = 10:
+    the 16-input merger's first stage keeps two comparators (C0, C8), (C1, C9), then C2..C9 is
+    a bitonic 8 and (C0, C1) the last pair."""
     if M == 8:
-        p0, p1, p2, p3 = (tl.maximum(p0, b7), tl.maximum(p1, b6), tl.maximum(p2, b5),
-                          tl.maximum(p3, b4))
-        p4, p5, p6, p7 = (tl.maximum(p4, b3), tl.maximum(p5, b2), tl.maximum(p6, b1),
-                          tl.maximum(p7, b0))
-        p0, p4 = _cx(p0, p4)
-        p1, p5 = _cx(p1, p5)
-        p2, p6 = _cx(p2, p6)
-        p3, p7 = _cx(p3, p7)
-        p0, p2 = _cx(p0, p2)
-        p1, p3 = _cx(p1, p3)
-        p4, p6 = _cx(p4, p6)
-        p5, p7 = _cx(p5, p7)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _bitonic8(
+            tl.maximum(p0, b7), tl.maximum(p1, b6), tl.maximum(p2, b5), tl.maximum(p3, b4),
+            tl.maximum(p4, b3), tl.maximum(p5, b2), tl.maximum(p6, b1), tl.maximum(p7, b0))
     else:
-        p2, p3, p4, p5 = (tl.maximum(p2, b7), tl.maximum(p3, b6), tl.maximum(p4, b5),
-                          tl.maximum(p5, b4))
-        p6, p7, p8, p9 = (tl.maximum(p6, b3), tl.maximum(p7, b2), tl.maximum(p8, b1),
-                          tl.maximum(p9, b0))
-        p0, p8 = _cx(p0, p8)
-        p1, p9 = _cx(p1, p9)
-        p2, p6 = _cx(p2, p6)
-        p3, p7 = _cx(p3, p7)
-        p4, p8 = _cx(p4, p8)
-        p5, p9 = _cx(p5, p9)
-        p2, p4 = _cx(p2, p4)
-        p3, p5 = _cx(p3, p5)
-        p6, p8 = _cx(p6, p8)
-        p7, p9 = _cx(p7, p9)
-        p8, p9 = _cx(p8, p9)
-    p0, p1 = _cx(p0, p1)
-    p2, p3 = _cx(p2, p3)
-    p4, p5 = _cx(p4, p5)
-    p6, p7 = _cx(p6, p7)
+        p0, p8 = _cx(p0, tl.maximum(p8, b1))
+        p1, p9 = _cx(p1, tl.maximum(p9, b0))
+        p2, p3, p4, p5, p6, p7, p8, p9 = _bitonic8(
+            tl.maximum(p2, b7), tl.maximum(p3, b6), tl.maximum(p4, b5), tl.maximum(p5, b4),
+            tl.maximum(p6, b3), tl.maximum(p7, b2), p8, p9)
+        p0, p1 = _cx(p0, p1)
     return p0, p1, p2, p3, p4, p5, p6, p7, p8, p9
 
 

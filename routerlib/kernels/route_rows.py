@@ -88,8 +88,14 @@ _empty = torch.empty  # every output comes from here (tests swap in a poisoning 
 _TIE_CHECK = os.environ.get("ROUTERLIB_ROWS_TIE_CHECK", "1") != "0"
 
 
+_ROW_ROUTE_KEY = os.environ.encodekey("ROUTERLIB_ROW_ROUTE") if _ENV_KEYS is not None else None
+
+
 def enabled() -> bool:
-    """ROUTERLIB_ROW_ROUTE=0 switches the fast route off (the general path then runs)."""
+    """ROUTERLIB_ROW_ROUTE=0 switches the fast route off (the general path then runs). Read
+    from the environment's dict as the knobs are (~0.1 us instead of ~1 a call)."""
+    if _ROW_ROUTE_KEY is not None:
+        return _ENV.get(_ROW_ROUTE_KEY) not in (b"0", "0")
     return os.environ.get("ROUTERLIB_ROW_ROUTE", "1") != "0"
 
 
