@@ -304,16 +304,15 @@ def test_route_takes_it_for_inference_only(monkeypatch, device):
 
 def test_packed_where_it_measured_faster(monkeypatch):
     monkeypatch.delenv("ROUTERLIB_ROWS_PACKED", raising=False)
-    assert route_rows._packed(1, 16384) and route_rows._packed(1, 2000)
-    assert route_rows._packed(1, 65536) and not route_rows._packed(4, 64)
-    assert not route_rows._packed(2, 16384)
-    assert route_rows._packed(1, 2000) == 2  # by a sorting network
+    assert route_rows._packed(1) and not route_rows._packed(4)  # one thread a token, any T
+    assert not route_rows._packed(2)
+    assert route_rows._packed(1) == 2  # by a sorting network
     monkeypatch.setenv("ROUTERLIB_ROWS_NETWORK", "0")
-    assert route_rows._packed(1, 2000) == 1  # one key at a time
+    assert route_rows._packed(1) == 1  # one key at a time
     monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "1")
-    assert route_rows._packed(4, 64)
+    assert route_rows._packed(4)
     monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "0")
-    assert not route_rows._packed(1, 16384)
+    assert not route_rows._packed(1)
 
 
 def test_rows_config_pin_is_validated(monkeypatch):

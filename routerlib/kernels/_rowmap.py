@@ -29,6 +29,7 @@ below) or "BLOCK_T=4,BLOCK_D=1024,num_warps=8". Under TRITON_INTERPRET=1 there i
 
 from __future__ import annotations
 
+import bisect
 import os
 
 import torch
@@ -168,8 +169,9 @@ TOKEN_CLASSES = (16, 128, 1024, 8192, 32768)
 
 
 def token_class(num_tokens: int) -> int:
-    """The autotune key's size class of T: 0 for T <= 16 (decode) ... 5 for T > 32768."""
-    return sum(num_tokens > b for b in TOKEN_CLASSES)
+    """The autotune key's size class of T: 0 for T <= 16 (decode) ... 5 for T > 32768 (the
+    bounds below T; every dispatch and combine call asks, so a bisect, not a loop)."""
+    return bisect.bisect_left(TOKEN_CLASSES, num_tokens)
 
 
 def _pdl_flags(dev: torch.device) -> dict:

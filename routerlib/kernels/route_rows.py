@@ -147,14 +147,15 @@ def _stages() -> int:
     return int(os.environ.get("ROUTERLIB_ROWS_STAGES", "3"))
 
 
-def _packed(h: int, num_tokens: int) -> int:
+def _packed(h: int) -> int:
     """Packed-key selection (see _route_rows_kernels) where it measured faster: one thread a
-    token. Same-run A/B on an H100 (results/h100/ab_packed_2c62426.txt, CUDA graph, E=128 K=8):
-    T=4096 20.8 vs 22.6 us, T=16384 24.2 vs 26.3 us (bf16 logits 22.1 vs 24.7); slower with 4
-    threads a token (T=64: 12.9 vs 11.9; with the network on an H200 10.4 vs 9.0) and at E=256
-    (2 threads, 51.1 vs 41.6: instruction-cache stalls, ncu). At T=65536 the insertion lost
-    (66.7 vs 65.5 us) and the network wins (H200, results/h200/ab_network_56cd269.txt: 46.9 /
-    46.4 vs 50.5 / 50.9 us). ROUTERLIB_ROWS_PACKED=1 or 0 forces it on or off.
+    token (h), at every T. Same-run A/B on an H100 (results/h100/ab_packed_2c62426.txt, CUDA
+    graph, E=128 K=8): T=4096 20.8 vs 22.6 us, T=16384 24.2 vs 26.3 us (bf16 logits 22.1 vs
+    24.7); slower with 4 threads a token (T=64: 12.9 vs 11.9; with the network on an H200
+    10.4 vs 9.0) and at E=256 (2 threads, 51.1 vs 41.6: instruction-cache stalls, ncu). At
+    T=65536 the insertion lost (66.7 vs 65.5 us) and the network wins (H200, results/h200/
+    ab_network_56cd269.txt: 46.9 / 46.4 vs 50.5 / 50.9 us). ROUTERLIB_ROWS_PACKED=1 or 0
+    forces it on or off.
     Returns 0 (off), 1 (keys inserted one by one) or 2 (8 at a time by a sorting network and a
     bitonic merge: half the min/max of the insertion at K=8; ROUTERLIB_ROWS_NETWORK=0 keeps the
     insertion). The select kernel at T=16384 E=128 issued 5,240 instructions a thread, 82% in
@@ -323,7 +324,7 @@ def _select_kw(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor,
         W=next_pow2(-(-E // 4)), SIGMOID=sigmoid, SOFTMAX_AFTER=softmax_after, RENORM=renorm,
         HAS_BIAS=bias is not None, KEY_LOGITS=key_logits,
         NEED_MS=not sigmoid and not softmax_after and not (key_logits and renorm),
-        STAGES=_stages(), PACKED=_packed(H, T), SHIFT=max(1, (H * EH - 1).bit_length()),
+        STAGES=_stages(), PACKED=_packed(H), SHIFT=max(1, (H * EH - 1).bit_length()),
         TIE_CHECK=_TIE_CHECK, LANE_RANKS=_use_lane_ranks(H, num_warps, E, fused),
         # bf16/fp16 logits as the keys: their fp32 low 13 bits are zero, packing cuts nothing
         EXACT_PACK=bias is None and logits.dtype != torch.float32,
