@@ -19,7 +19,7 @@ from test_triton_backend import router_configs
 from routerlib import RouterConfig
 from routerlib import reference as ref
 from routerlib.kernels import route, route_rows
-from routerlib.kernels._route_rows_kernels import _merge8, _sort8
+from routerlib.kernels._route_rows_kernels import _merge8, _merge_packed, _sort8
 
 CASES = [  # (T, E, K, config) with the edge each covers
     (1, 8, 2, {}),  # one token, one tile (fused plan)
@@ -132,7 +132,7 @@ def test_bit_transposed_ranks_apply_to_one_warp_tiles(monkeypatch):
     (20, 130, 8, torch.float32, dict(score_func="sigmoid", expert_bias=True)),
 ])
 @pytest.mark.parametrize("net", ["0", "1"])  # insertion / sorting network
-@pytest.mark.parametrize("split", ["1,1", "2,2"])  # one list, or two merged
+@pytest.mark.parametrize("split", ["1,1", "2,2", "4,1"])  # one list, two or four merged
 def test_packed_network_equals_reference(T, E, K, dtype, kw, net, split, device, poisoned,
                                          monkeypatch):
     """The packed selection with its keys sorted 8 at a time by a network and merged (every
@@ -190,6 +190,49 @@ def test_sorting_network_and_merge(M, device):
     _network_probe[(n,)](keys_d, lst_d, out_d, M)
     want = torch.cat([keys, lst[:, :M]], 1).sort(dim=1, descending=True).values[:, :M]
     assert torch.equal(out_d.cpu()[:, :M], want)
+
+
+@triton.jit
+def _merge_probe(lists_ptr, out_ptr, L: tl.constexpr, NET: tl.constexpr):
+    """Rows 16r..16r+15: merge lists[row, 0, :10] and lists[row, 1, :10] with _merge_packed
+    (the two lists along the last axis, as two thread groups of one token hold them)."""
+    rows = tl.program_id(0) * 16 + tl.arange(0, 16)
+    at = lists_ptr + rows[:, None] * 20 + tl.arange(0, 2)[None, :] * 10
+    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _merge_packed(
+        tl.load(at), tl.load(at + 1), tl.load(at + 2), tl.load(at + 3), tl.load(at + 4),
+        tl.load(at + 5), tl.load(at + 6), tl.load(at + 7), tl.load(at + 8), tl.load(at + 9),
+        L, NET)
+    op = out_ptr + rows * 10
+    tl.store(op, p0)
+    tl.store(op + 1, p1)
+    tl.store(op + 2, p2)
+    tl.store(op + 3, p3)
+    tl.store(op + 4, p4)
+    tl.store(op + 5, p5)
+    tl.store(op + 6, p6)
+    tl.store(op + 7, p7)
+    tl.store(op + 8, p8)
+    tl.store(op + 9, p9)
+
+
+@pytest.mark.parametrize("L", [1, 4, 7, 8, 9, 10])
+@pytest.mark.parametrize("net", [False, True])
+def test_merge_of_two_lists(L, net, device):
+    """_merge_packed keeps the L largest of two descending lists of L unique keys, in order,
+    including lopsided pairs (one list holding all of them) that random logits rarely give."""
+    g = torch.Generator().manual_seed(L)
+    n = 320
+    keys = torch.randperm(2**20, generator=g)[: n * 2 * L].to(torch.int32) - 2**19
+    lists = keys.view(n, 2, L).sort(dim=2, descending=True).values
+    lists[: n // 4, 1] += 2**21  # the second list above the first ...
+    lists[n // 4: n // 2, 0] += 2**21  # ... and the other way round
+    full = torch.full((n, 2, 10), -2**31, dtype=torch.int32)
+    full[:, :, :L] = lists
+    out = torch.full((n, 10), 12345, dtype=torch.int32)
+    lists_d, out_d = full.to(device), out.to(device)
+    _merge_probe[(n // 16,)](lists_d, out_d, L, net)
+    want = full[:, :, :L].reshape(n, 2 * L).sort(dim=1, descending=True).values[:, :L]
+    assert torch.equal(out_d.cpu()[:, :L], want)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

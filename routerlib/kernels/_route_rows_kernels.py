@@ -427,23 +427,32 @@ def _bitonic8(q0, q1, q2, q3, q4, q5, q6, q7):
 
 
 @triton.jit
+def _bitonic10(c0, c1, c2, c3, c4, c5, c6, c7, c8, c9):
+    """A bitonic sequence of 10 in descending order: the 16-input merger with six +inf entries
+    in front keeps two comparators of its first stage, (c0, c8) and (c1, c9); then c2..c9 is a
+    bitonic 8 and (c0, c1) the last pair (15 comparators)."""
+    c0, c8 = _cx(c0, c8)
+    c1, c9 = _cx(c1, c9)
+    c2, c3, c4, c5, c6, c7, c8, c9 = _bitonic8(c2, c3, c4, c5, c6, c7, c8, c9)
+    c0, c1 = _cx(c0, c1)
+    return c0, c1, c2, c3, c4, c5, c6, c7, c8, c9
+
+
+@triton.jit
 def _merge8(b0, b1, b2, b3, b4, b5, b6, b7, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9,
             M: tl.constexpr):
     """The M (8 or 10) best of the descending list p0.. and the descending b0..b7, descending.
-    The last 8 of the M entries meet the sorted 8 reversed (C_j = max(p_j, b_(M-1-j))); M = 10:
-    the 16-input merger's first stage keeps two comparators (C0, C8), (C1, C9), then C2..C9 is
-    a bitonic 8 and (C0, C1) the last pair."""
+    The last 8 of the M entries meet the sorted 8 reversed (C_j = max(p_j, b_(M-1-j))): the M
+    best as a bitonic sequence."""
     if M == 8:
         p0, p1, p2, p3, p4, p5, p6, p7 = _bitonic8(
             tl.maximum(p0, b7), tl.maximum(p1, b6), tl.maximum(p2, b5), tl.maximum(p3, b4),
             tl.maximum(p4, b3), tl.maximum(p5, b2), tl.maximum(p6, b1), tl.maximum(p7, b0))
     else:
-        p0, p8 = _cx(p0, tl.maximum(p8, b1))
-        p1, p9 = _cx(p1, tl.maximum(p9, b0))
-        p2, p3, p4, p5, p6, p7, p8, p9 = _bitonic8(
-            tl.maximum(p2, b7), tl.maximum(p3, b6), tl.maximum(p4, b5), tl.maximum(p5, b4),
-            tl.maximum(p6, b3), tl.maximum(p7, b2), p8, p9)
-        p0, p1 = _cx(p0, p1)
+        p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _bitonic10(
+            p0, p1, tl.maximum(p2, b7), tl.maximum(p3, b6), tl.maximum(p4, b5),
+            tl.maximum(p5, b4), tl.maximum(p6, b3), tl.maximum(p7, b2), tl.maximum(p8, b1),
+            tl.maximum(p9, b0))
     return p0, p1, p2, p3, p4, p5, p6, p7, p8, p9
 
 
@@ -486,8 +495,12 @@ def _cut(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L: tl.constexpr):
 
 
 @triton.jit
-def _merge_packed(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L: tl.constexpr):
-    """Merge the two lists held along the last axis (size 2) of every entry."""
+def _merge_packed(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L: tl.constexpr,
+                  NET: tl.constexpr):
+    """Merge the two lists held along the last axis (size 2) of every entry (entries past L
+    INT32_MIN). NET (L >= 7, as the column loop's network): both are descending, so C_j = max(a_j, b_(M-1-j)) is the M best as a
+    bitonic sequence, sorted by a merger (M = 8 or 10: 8 + 12 or 10 + 15 min/max); else b is
+    inserted entry by entry (L pushes of 2L min/max)."""
     a0, b0 = tl.split(p0)
     a1, b1 = tl.split(p1)
     a2, b2 = tl.split(p2)
@@ -498,6 +511,17 @@ def _merge_packed(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L: tl.constexpr):
     a7, b7 = tl.split(p7)
     a8, b8 = tl.split(p8)
     a9, b9 = tl.split(p9)
+    if NET and L > 8:
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _bitonic10(
+            tl.maximum(a0, b9), tl.maximum(a1, b8), tl.maximum(a2, b7), tl.maximum(a3, b6),
+            tl.maximum(a4, b5), tl.maximum(a5, b4), tl.maximum(a6, b3), tl.maximum(a7, b2),
+            tl.maximum(a8, b1), tl.maximum(a9, b0))
+        return _cut(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
+    if NET and L >= 7:  # L <= 8: entries 8 and 9 of both lists are INT32_MIN
+        a0, a1, a2, a3, a4, a5, a6, a7 = _bitonic8(
+            tl.maximum(a0, b7), tl.maximum(a1, b6), tl.maximum(a2, b5), tl.maximum(a3, b4),
+            tl.maximum(a4, b3), tl.maximum(a5, b2), tl.maximum(a6, b1), tl.maximum(a7, b0))
+        return _cut(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b0, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     if L > 1:
         a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(
@@ -744,10 +768,10 @@ def _select_packed(
                       tl.reshape(p8, [BT, 2, 2]))
         p9 = tl.reshape(p9, [BT, 2, 2])
         p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _merge_packed(
-            p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
+            p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L, NET)
     if H >= 2:
         p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _merge_packed(
-            p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L)
+            p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L, NET)
     else:
         p0, p1, p2 = tl.reshape(p0, [BT]), tl.reshape(p1, [BT]), tl.reshape(p2, [BT])
         p3, p4, p5 = tl.reshape(p3, [BT]), tl.reshape(p4, [BT]), tl.reshape(p5, [BT])
