@@ -498,9 +498,9 @@ def _cut(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L: tl.constexpr):
 def _merge_packed(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L: tl.constexpr,
                   NET: tl.constexpr):
     """Merge the two lists held along the last axis (size 2) of every entry (entries past L
-    INT32_MIN). NET (L >= 7, as the column loop's network): both are descending, so C_j = max(a_j, b_(M-1-j)) is the M best as a
-    bitonic sequence, sorted by a merger (M = 8 or 10: 8 + 12 or 10 + 15 min/max); else b is
-    inserted entry by entry (L pushes of 2L min/max)."""
+    INT32_MIN). NET (L >= 7, as the column loop's network): both are descending, so
+    C_j = max(a_j, b_(M-1-j)) is the M best as a bitonic sequence, sorted by a merger (M = 8
+    or 10: 8 + 12 or 10 + 15 min/max); else b is inserted entry by entry (L pushes of 2L)."""
     a0, b0 = tl.split(p0)
     a1, b1 = tl.split(p1)
     a2, b2 = tl.split(p2)
