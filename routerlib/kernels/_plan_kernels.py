@@ -36,8 +36,9 @@ def _sortable(k):
     """fp32 -> int32 whose signed order is the float order (-0 == +0, NaN above +inf, as in
     torch.sort)."""
     bits = k.to(tl.int32, bitcast=True)
-    bits = tl.where(k == 0.0, 0, bits)  # -0.0 == +0.0, as a float compare says
-    bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: reverse their order
+    # negative floats (sign bit set: INT32_MIN + magnitude) to -magnitude: their order reversed,
+    # and -0.0 lands on +0.0's 0 (two integer ops where a zero test and an xor took four)
+    bits = tl.where(bits < 0, -2147483648 - bits, bits)
     return tl.where(k != k, 0x7FC00000, bits)  # NaN beats +inf (0x7F800000); low bits 0
 
 

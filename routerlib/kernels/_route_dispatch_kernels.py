@@ -59,7 +59,7 @@ def _route_dispatch_kernel(
     pid = tl.program_id(0)
     toks = tl.arange(0, BT)
     rmask = toks < T
-    base = logits_ptr + toks.to(tl.int64) * stride_t
+    base = logits_ptr + tl.minimum(toks, T - 1).to(tl.int64) * stride_t  # see _select_tile
     kc = tl.arange(0, KP)[None, :]
     valid = rmask[:, None] & (kc < K)
     slot = toks.to(tl.int64)[:, None] * K + kc

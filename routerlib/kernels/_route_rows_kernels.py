@@ -724,11 +724,13 @@ def _select_packed(
     m = tl.full([BT, H], -3.0e38, tl.float32)
     s = tl.zeros([BT, H], tl.float32)
     KEYS_FIRST: tl.constexpr = KEY_LOGITS or SIGMOID
+    # padding rows point at a real row (the callers clamp base): no row mask, no select
+    every = tl.full([BT], 1, tl.int1)
     for c in tl.range(0, EH, 16, num_stages=STAGES):
         for h in tl.static_range(2):  # 8 columns at a time: two loads of 4
             col = hcol + c + 8 * h
-            xa = _load4(base, rmask, col[:, :, None], E, EVEN)
-            xb = _load4(base, rmask, col[:, :, None] + 4, E, EVEN)
+            xa = _load4(base, every, col[:, :, None], E, EVEN)
+            xb = _load4(base, every, col[:, :, None] + 4, E, EVEN)
             if NEED_MS:
                 m_new = tl.maximum(m, tl.max(xa, axis=2))
                 s = s * tl.exp(m - m_new) + tl.sum(tl.exp(xa - m_new[:, :, None]), axis=2)
@@ -749,8 +751,8 @@ def _select_packed(
         sh = tl.broadcast_to(s[:, None], [BT, H])
         for c in range(0, EH, 8):
             col = hcol + c
-            xa = _load4(base, rmask, col[:, :, None], E, EVEN)
-            xb = _load4(base, rmask, col[:, :, None] + 4, E, EVEN)
+            xa = _load4(base, every, col[:, :, None], E, EVEN)
+            xb = _load4(base, every, col[:, :, None] + 4, E, EVEN)
             ka = _packed_keys(xa, col, bias_ptr, mh, sh, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
                               True, EVEN, SHIFT)
             kb = _packed_keys(xb, col + 4, bias_ptr, mh, sh, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
@@ -1143,7 +1145,8 @@ def _select_ids(
 ):
     """A tile's selection: (ids [BT, KP] (0 in padding), the selected logits [BT, KP] fp32,
     the softmax max and sum [BT] (if NEED_MS), the ids of each choice i0..i7 [BT]). base [BT]:
-    each token's logits row; rmask: the real tokens; valid [BT, KP]: the real slots."""
+    each token's logits row, a real row for the padding tokens too (the packed column loop
+    loads without a row mask); rmask: the real tokens; valid [BT, KP]: the real slots."""
     if PACKED:
         (i0, i1, i2, i3, i4, i5, i6, i7, x0, x1, x2, x3, x4, x5, x6, x7, m, s,
          unsure) = _select_packed(base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, HAS_BIAS,
@@ -1199,7 +1202,8 @@ def _select_tile(
     (T <= BT) the whole plan as well."""
     rows = pid * BT + tl.arange(0, BT)
     rmask = rows < T
-    base = logits_ptr + rows.to(tl.int64) * stride_t
+    # rows past T read row T - 1 (_select_ids: the column loop loads without a row mask)
+    base = logits_ptr + tl.minimum(rows, T - 1).to(tl.int64) * stride_t
     kc = tl.arange(0, KP)[None, :]
     valid = rmask[:, None] & (kc < K)
     slot = rows.to(tl.int64)[:, None] * K + kc
