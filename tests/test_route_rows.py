@@ -441,6 +441,76 @@ def test_use_sync_rule(monkeypatch):
     assert not use(True, 512, True, False, 16384, 128)  # the interpreter
 
 
+def test_use_last_rule(monkeypatch):
+    """The barrier-free one launch where a CUDA graph would launch select then place (several
+    tiles, the tile counts summed in registers); the knob pins it, also under the interpreter."""
+    monkeypatch.delenv("ROUTERLIB_ROWS_LAST", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    use = route_rows._use_last
+    assert use(True, 8, True, True)
+    assert not use(True, 8, True, False)  # eagerly the cooperative launch (_use_sync)
+    assert not use(True, 512, False, True)  # a scan launch: the three launches
+    assert not use(True, 1, True, True)  # one tile: the fused plan
+    assert not use(False, 8, True, True)
+    monkeypatch.setenv("ROUTERLIB_ROWS_LAST", "1")
+    assert use(False, 8, True, False) and not use(False, 512, False, False)
+    monkeypatch.setenv("ROUTERLIB_ROWS_LAST", "0")
+    assert not use(True, 8, True, True)
+
+
+LAST_CASES = [  # several tiles whose counts the last program sums in registers
+    (64, 64, 8, dict(renormalize=True)),  # the decode target's shape
+    (37, 13, 3, dict(capacity_factor=1.0)),  # drops decided across tiles
+    (300, 8, 2, dict(pad_to_multiple=4)),  # 38 tiles, padded ragged: empty rows marked
+    (129, 7, 7, dict(softmax_after_topk=True, capacity_factor=0.5)),  # k = E, heavy drops
+    (50, 130, 1, dict(expert_bias=True)),  # E > 128, two-pass keys
+    (200, 24, 4, dict(score_func="sigmoid", expert_bias=True, pad_to_multiple=16)),
+]
+
+
+@pytest.mark.parametrize("T,E,K,kw", LAST_CASES)
+def test_route_last_program_places(T, E, K, kw, device, poisoned, monkeypatch):
+    """The one launch in which the program that finishes its tile last places every slot:
+    equal to the reference, one launch, and the counter's low bits back at zero after each
+    route (three in a row on new logits)."""
+    monkeypatch.setenv("ROUTERLIB_ROWS_LAST", "1")
+    monkeypatch.setenv("ROUTERLIB_ROWS_SYNC", "0")
+    for seed in range(3):
+        check(T, E, K, kw, device, seed=seed)
+    cfg = RouterConfig(num_experts=E, top_k=K, **kw)
+    st = [s for k, s in route_rows._statics.items() if k[0] == T and k[1] == cfg]
+    assert st and all(s.sync and len(s.launches) == 1 and s.launches[0][2]["LAST"] for s in st)
+    dev = torch.device(device)
+    idx = torch.cuda.current_device() if dev.type == "cuda" else -1
+    stream = torch.cuda.current_stream().cuda_stream if dev.type == "cuda" else None
+    counter = route_rows._sync_counter(dev, idx, stream, False)
+    assert int(counter.item()) & 0x7FFFFFFF == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,E,K,kw", [(64, 64, 8, dict(renormalize=True)),
+                                      (256, 64, 8, dict(capacity_factor=1.0))])
+def test_route_last_in_cuda_graph(T, E, K, kw, device, monkeypatch):
+    """In a CUDA graph (the default there at decode sizes): replays on new logits stay right
+    (the counter is clean between replays)."""
+    monkeypatch.delenv("ROUTERLIB_ROWS_LAST", raising=False)
+    cfg = RouterConfig(num_experts=E, top_k=K, **kw)
+    logits = torch.randn(T, E, device=device)
+    route_rows.route_rows(logits, cfg)  # compiled, and the counter pool made, outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sel, plan = route_rows.route_rows(logits, cfg)
+    st = [s for k, s in route_rows._statics.items() if k[0] == T and k[1] == cfg and k[8]]
+    assert st and st[0].launches[0][2].get("LAST") is True
+    for seed in range(4):
+        logits.copy_(torch.randn(T, E, device=device, generator=torch.Generator(
+            device=device).manual_seed(seed)))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_route_matches_reference(sel, plan, logits, cfg, None)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,E,K,kw", SYNC_CASES)
 @pytest.mark.parametrize("grid", [None, "2", "7"])  # every program one tile, or looping
