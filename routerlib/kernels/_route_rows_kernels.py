@@ -1348,7 +1348,7 @@ def _place_block(b, ids_ptr, prefix_ptr, slot_to_row_ptr, row_to_slot_ptr, kept,
     BLOCK_R empty rows each (capacity or padded layouts only). With DISPATCH also the rows of
     the dispatch: x[token] copied to each kept slot's row, zeros to the empty rows."""
     if b < NP:
-        slot = tl.cast(b, tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)  # b: an int in a loop
+        slot = b.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
         valid = slot < N
         e = tl.load(ids_ptr + slot, mask=valid, other=0, cache_modifier=".cg")
         rank = tl.load(slot_to_row_ptr + slot, mask=valid, other=0, cache_modifier=".cg")
@@ -1429,20 +1429,6 @@ def _grid_sync(sync_ptr):
         now = tl.atomic_add(sync_ptr, 0, sem="acquire")
 
 
-@triton.jit
-def _last_arrival(sync_ptr):
-    """Whether this program is the grid's last to arrive (no waiting: the others go on, and
-    exit). The last takes the arrivals back off, so the low bits are zero again for the next
-    launch (and the sign bit, the grid barrier's phase, is untouched). The arrival is acq_rel:
-    every program's stores reach L2 before it counts, and the last one's loads come after."""
-    g = tl.num_programs(0)
-    seen = tl.atomic_add(sync_ptr, 1, sem="acq_rel")
-    last = (seen & 0x7FFFFFFF) == g - 1
-    if last:
-        tl.atomic_add(sync_ptr, -g, sem="relaxed")
-    return last
-
-
 @triton.jit(do_not_specialize=["T", "C", "R", "NT", "N", "NP", "NPR", "NC"])
 def _route_sync_kernel(
     logits_ptr, bias_ptr, ids_ptr, weights_ptr, hist_ptr,  # as _select_rows_kernel
@@ -1461,12 +1447,8 @@ def _route_sync_kernel(
     BC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
     SUM_TILES: tl.constexpr, NTP: tl.constexpr,
     ONE_TILE: tl.constexpr,  # NT == the grid size: program i selects tile i
-    LAST: tl.constexpr = False,  # no barrier: the last program to finish its tile places all
 ):
-    """The three launches of the route in one cooperative launch (see the section comment).
-    LAST (a tile a program, SUM_TILES: the decode sizes): no grid barrier and no cooperative
-    launch; the program that finishes its tile last (_last_arrival) scans the tile counts and
-    places every slot, the others exit."""
+    """The three launches of the route in one cooperative launch (see the section comment)."""
     pid = tl.program_id(0)
     g = tl.num_programs(0)
     if ONE_TILE:
@@ -1482,25 +1464,14 @@ def _route_sync_kernel(
                          scale, C, R, E, K, KP, H, EH, BT, BLOCK_E, W, SIGMOID, SOFTMAX_AFTER,
                          RENORM, HAS_BIAS, KEY_LOGITS, NEED_MS, STAGES, PACKED, SHIFT,
                          EXACT_PACK, TIE_CHECK, False, LANE_RANKS, CAPACITY, PAD, BLOCK_R)
-    if LAST:
-        if _last_arrival(sync_ptr):
-            kept, starts, before = _plan_totals(prefix_ptr, total_ptr, counts_ptr, kept_ptr,
-                                                offsets_ptr, 0, NT, C, E, BLOCK_E, CAPACITY, PAD,
-                                                True, NTP)
-            for b in range(0, NPR):
-                _place_block(b, ids_ptr, prefix_ptr, slot_to_row_ptr, row_to_slot_ptr, kept,
-                             starts, before, N, NP, R, ids_ptr, ids_ptr, 1, 1, E, BT, K, BLOCK_S,
-                             BLOCK_E, BLOCK_R, True, False, 16, True)
-    else:
+    _grid_sync(sync_ptr)
+    if not SUM_TILES:
+        for c in range(pid, NC, g):
+            _scan_cols(c, hist_ptr, prefix_ptr, total_ptr, NT, BLOCK_E, BC, BLOCK_P)
         _grid_sync(sync_ptr)
-        if not SUM_TILES:
-            for c in range(pid, NC, g):
-                _scan_cols(c, hist_ptr, prefix_ptr, total_ptr, NT, BLOCK_E, BC, BLOCK_P)
-            _grid_sync(sync_ptr)
-        kept, starts, before = _plan_totals(prefix_ptr, total_ptr, counts_ptr, kept_ptr,
-                                            offsets_ptr, pid, NT, C, E, BLOCK_E, CAPACITY, PAD,
-                                            SUM_TILES, NTP)
-        for b in range(pid, NPR, g):
-            _place_block(b, ids_ptr, prefix_ptr, slot_to_row_ptr, row_to_slot_ptr, kept, starts,
-                         before, N, NP, R, ids_ptr, ids_ptr, 1, 1, E, BT, K, BLOCK_S, BLOCK_E,
-                         BLOCK_R, SUM_TILES, False, 16, True)
+    kept, starts, before = _plan_totals(prefix_ptr, total_ptr, counts_ptr, kept_ptr, offsets_ptr,
+                                        pid, NT, C, E, BLOCK_E, CAPACITY, PAD, SUM_TILES, NTP)
+    for b in range(pid, NPR, g):
+        _place_block(b, ids_ptr, prefix_ptr, slot_to_row_ptr, row_to_slot_ptr, kept, starts,
+                     before, N, NP, R, ids_ptr, ids_ptr, 1, 1, E, BT, K, BLOCK_S, BLOCK_E,
+                     BLOCK_R, SUM_TILES, False, 16, True)

@@ -14,9 +14,7 @@ the fast route.
   3. _place_slots_kernel  elementwise over the slots: + the earlier tiles' count, kept iff
                           rank < C, row = the expert's start + rank; slot_to_row, row_to_slot;
                           extra programs mark the empty rows (capacity or padded layouts).
-When T <= BT, kernel 1 builds the whole plan itself (FUSED_PLAN): one launch. With several
-tiles and no scan launch (decode sizes) in a CUDA graph, one launch too (_use_last): every
-program selects its tile, and the one that finishes last places every slot.
+When T <= BT, kernel 1 builds the whole plan itself (FUSED_PLAN): one launch.
 route_dispatch_rows adds the dispatch of the tokens: in the same single launch up to 16 tokens
 (_route_dispatch_kernels.py), or (pinned, measured slower) in the place kernel.
 
@@ -68,7 +66,7 @@ _MAX_SUM_TILES = 4096
 _KNOBS = ("ROUTERLIB_ROWS_CONFIG", "ROUTERLIB_ROWS_STAGES", "ROUTERLIB_ROWS_PACKED",
           "ROUTERLIB_ROWS_SCAN", "ROUTERLIB_ROWS_LANE_RANKS", "ROUTERLIB_ROWS_SYNC",
           "ROUTERLIB_ROWS_SYNC_GRID", "ROUTERLIB_ROWS_COOP", "ROUTERLIB_ROWS_PDL",
-          "ROUTERLIB_ROWS_NETWORK", "ROUTERLIB_ROWS_LAST", "TRITON_INTERPRET")
+          "ROUTERLIB_ROWS_NETWORK", "TRITON_INTERPRET")
 # CPython keeps the environment in a dict of encoded names (os.environ._data), which every
 # os.environ write (monkeypatch.setenv, mock.patch.dict) updates: reading it directly costs
 # ~0.1 us a knob instead of ~1 us through os.environ.get (nine a call: ~8 us of the eager
@@ -221,20 +219,6 @@ def _use_sync(cuda: bool, num_tiles: int, scan: bool, capturing: bool, num_token
                                        or (num_experts > 128 and num_tokens <= 4096)))
 
 
-def _use_last(cuda: bool, num_tiles: int, sum_tiles: bool, capturing: bool) -> bool:
-    """The one launch without a barrier (_route_sync_kernel's LAST: the program that finishes
-    its tile last places every slot) where the separate launches would run select then place
-    (several tiles, no scan launch: decode sizes) in a CUDA graph: the place launch goes.
-    ROUTERLIB_ROWS_LAST=1 or 0 pins it on (where it applies: also under the interpreter, for
-    the tests) or off."""
-    if num_tiles < 2 or not sum_tiles:
-        return False
-    pinned = os.environ.get("ROUTERLIB_ROWS_LAST")
-    if pinned is not None:
-        return pinned != "0"
-    return cuda and capturing and not interpreting()
-
-
 # Barrier counters of the one-launch route: one zeroed int32 pool per device, 32 ints (128
 # bytes) a counter. A counter must never be shared by two launches that can run at once, so each
 # stream gets its own, and each CUDA-graph capture a new one (replays of one graph are
@@ -363,7 +347,6 @@ def _static(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor, bias: torch
     sum_tiles = _sum_tiles(ntp, block_e)
     scan = not fused and not sum_tiles  # the scan step: its output, the tile counts' prefix
     sync = allow_sync and _use_sync(logits.is_cuda, NT, scan, capturing, T, E)
-    last = allow_sync and not sync and _use_last(logits.is_cuda, NT, sum_tiles, capturing)
     n_hist = 0 if fused else NT * block_e
     sizes = (T * K, T * K, T * K, E, E, E + 1, R, n_hist, n_hist if scan else 0,
              block_e if scan else 0)
@@ -371,15 +354,6 @@ def _static(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor, bias: torch
     mark = capacity or pad > 1
     n = T * K
     sel_kw = _select_kw(T, E, cfg, logits, bias, H, num_warps, BT, fused)
-    if last:  # one program places every slot: blocks of up to 1024 slots
-        block_r = max(2, min(1024, 2048 * num_warps // block_e))
-        block_s = max(128, min(_BLOCK_S, next_pow2(n)))
-        n_place = -(-n // block_s)
-        ints = (NT, n, n_place, n_place + (-(-R // block_r) if mark else 0), 0)
-        last_kw = dict(sel_kw, BC=2, BLOCK_P=2, BLOCK_R=block_r, BLOCK_S=block_s,
-                       SUM_TILES=True, NTP=ntp, num_warps=num_warps, ONE_TILE=True, LAST=True)
-        return _Static(C, R, NT, sizes, *_carve(sizes), fused, sum_tiles, True,
-                       [(_route_sync_kernel, NT, last_kw)], ints)
     if sync:
         bc = max(2, block_e // 64)  # 64 scan programs: short columns, low latency
         # the mark-empty-rows block is [BLOCK_R, BLOCK_E] booleans: <= 64 a thread (with the
@@ -407,7 +381,7 @@ def _static(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor, bias: torch
             g = min(g, _resident_programs(args, dict(sync_kw, ONE_TILE=False)))
         if g < 2:  # the barrier's arithmetic needs two programs
             raise RuntimeError(f"route_rows: {g} program(s) of the one-launch route fit the GPU")
-        launches = [(_route_sync_kernel, g, dict(sync_kw, ONE_TILE=g == NT, LAST=False))]
+        launches = [(_route_sync_kernel, g, dict(sync_kw, ONE_TILE=g == NT))]
         return _Static(C, R, NT, sizes, *_carve(sizes), fused, sum_tiles, True, launches, ints)
     pdl = not fused and _use_pdl(logits.device)
     dep = dict(PDL=True, launch_pdl=True) if pdl else dict(PDL=False)  # a dependent launch
