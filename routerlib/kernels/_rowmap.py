@@ -157,10 +157,12 @@ def d_split(programs: int, D: int, block_d: int, dev: torch.device) -> int:
     """Ranges of D per token block (the grid's second axis): where the token blocks alone leave
     SMs idle (decode: T=64 at BLOCK_T=1 is 64 programs on 132 SMs), split D into up to
     PROGRAMS_PER_SM * SMs / programs ranges of whole blocks; 1 at prefill sizes.
-    ROUTERLIB_ROWMAP_DSPLIT=0 turns it off (A/B runs)."""
+    ROUTERLIB_ROWMAP_DSPLIT=0 turns it off, ROUTERLIB_ROWMAP_PPS sets the programs an SM (A/B
+    runs)."""
     if os.environ.get("ROUTERLIB_ROWMAP_DSPLIT") == "0":
         return 1
-    want = -(-PROGRAMS_PER_SM * sm_count(dev) // max(programs, 1))
+    per_sm = int(os.environ.get("ROUTERLIB_ROWMAP_PPS", PROGRAMS_PER_SM))  # A/B runs
+    want = -(-per_sm * sm_count(dev) // max(programs, 1))
     return max(1, min(-(-D // block_d), want))
 
 
