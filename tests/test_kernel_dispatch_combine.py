@@ -361,6 +361,36 @@ def test_configs_are_tuned_per_token_class(monkeypatch):
     assert {k[2] for k in keys} == {_rowmap.token_class(5000), _rowmap.token_class(3)}
 
 
+def test_decode_config_rule(monkeypatch):
+    """Token class 1 (17..128 tokens) takes one token a program, up to 1024 columns and 4
+    warps; the other classes autotune; the knob hands class 1 back to the autotuner."""
+    monkeypatch.delenv("ROUTERLIB_ROWMAP_DECODE", raising=False)
+    c = _rowmap.decode_config
+    assert c(_rowmap.token_class(64), 4096) == {"BLOCK_T": 1, "BLOCK_D": 1024, "num_warps": 4}
+    assert c(_rowmap.token_class(128), 320) == {"BLOCK_T": 1, "BLOCK_D": 512, "num_warps": 2}
+    assert c(_rowmap.token_class(17), 8) == {"BLOCK_T": 1, "BLOCK_D": 16, "num_warps": 1}
+    assert c(_rowmap.token_class(16), 4096) is None and c(_rowmap.token_class(129), 4096) is None
+    monkeypatch.setenv("ROUTERLIB_ROWMAP_DECODE", "0")
+    assert c(_rowmap.token_class(64), 4096) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["dropless", "capacity"])
+def test_decode_class_runs_its_fixed_config(layout, monkeypatch):
+    """At T=64 dispatch and combine launch the plain kernels with decode_config (no autotune
+    entry for the class) and match the reference."""
+    _autotune(monkeypatch)
+    D, E, K = 192, 16, 4  # a D no other test uses
+    plan, w = make_plan(64, E, K, layout, "cuda")
+    x = torch.randn(64, D, device="cuda", dtype=BF16)
+    rows = dispatch(x, plan)
+    assert_close(rows, ref.dispatch(x, plan), name="rows")
+    eo = torch.randn(plan.num_rows, D, device="cuda", dtype=BF16)
+    assert_close(combine(eo, plan, w), ref.combine(eo.float(), plan, w).to(BF16), name="combine")
+    for tuned in (_rowmap._scatter_rows_tuned, _rowmap._gather_reduce_tuned):
+        assert not {k for k in tuned.cache if k[0] == D}
+
+
 @pytest.mark.gpu
 def test_cuda_graph_capture(monkeypatch):
     """No host syncs: dispatch + combine (and backward) replay from a CUDA graph."""

@@ -180,12 +180,28 @@ def _pdl_flags(dev: torch.device) -> dict:
     return dict(PDL=True, launch_pdl=True) if use_pdl(dev) else {}
 
 
+def decode_config(t_class: int, D: int) -> dict[str, int] | None:
+    """The fixed config of token class 1 (17 <= T <= 128, the decode target's T=64), or None
+    (autotune). There the autotuner, timing each kernel alone, chose wide tiles (scatter
+    BLOCK_T=4, BLOCK_D=1024, 8 warps; gather BLOCK_T=2, BLOCK_D=2048, 8 warps) and the decode
+    path (route, dispatch, combine of T=64 D=4096 in a CUDA graph) took 15.1 / 15.4 us on an
+    H100; one token a program, 1024 columns, 4 warps: 14.7 / 14.7 (results/h100/
+    ab_rowmap_decode_efea340.txt). ROUTERLIB_ROWMAP_DECODE=0 autotunes it too."""
+    if t_class != 1 or os.environ.get("ROUTERLIB_ROWMAP_DECODE") == "0":
+        return None
+    block_d = min(1024, max(16, next_pow2(D)))
+    return {"BLOCK_T": 1, "BLOCK_D": block_d, "num_warps": max(1, min(4, block_d // 256))}
+
+
 def _launch(tuned, plain, env: str, D: int, grid, args: tuple, flags: dict) -> None:
     """Launch the autotuned kernel, or the plain one with the config pinned by `env` (always
-    pinned under the interpreter, where autotuning would only cost time)."""
+    pinned under the interpreter, where autotuning would only cost time) or fixed for the
+    token class (decode_config; args end with it)."""
     pin = _parse_pin(env, D)
     if pin is None and interpreting():
         pin = default_config(D)
+    if pin is None:
+        pin = decode_config(args[-1], D)
     if pin is None:
         tuned[grid](*args, **flags)
     else:
