@@ -146,6 +146,23 @@ def test_packed_network_equals_reference(T, E, K, dtype, kw, net, split, device,
     check(T, E, K, kw, device, dtype)
 
 
+@pytest.mark.parametrize("T,E,K,kw", [
+    (70, 130, 8, {}),  # 9 steps of 16 columns with one thread a token (ragged: 130 of 144)
+    (33, 20, 5, dict(expert_bias=True)),  # softmax + bias: the second pass
+    (50, 64, 8, dict(renormalize=True)),  # whole steps (EVEN)
+])
+@pytest.mark.parametrize("stages", ["0", "3"])  # registers prefetched / Triton's stages
+@pytest.mark.parametrize("split", ["1,1", "2,2"])
+def test_packed_loop_prefetch(T, E, K, kw, stages, split, device, poisoned, monkeypatch):
+    """The packed column loop both ways: prefetching the next 16 columns into registers (the
+    default) and software-pipelined by Triton."""
+    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "1")
+    monkeypatch.setenv("ROUTERLIB_ROWS_STAGES", stages)
+    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
+    monkeypatch.setattr(route_rows, "_TIE_CHECK", False)
+    check(T, E, K, kw, device, seed=T)
+
+
 @triton.jit
 def _network_probe(keys_ptr, list_ptr, out_ptr, M: tl.constexpr):
     """Row r: sort keys[r, :8] with _sort8 and merge them into the descending list[r, :10]."""

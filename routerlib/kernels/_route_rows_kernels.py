@@ -252,8 +252,10 @@ def _select_rows(
                 i6, k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
     else:
         # 16 columns per step (four 16-byte loads in flight) and the next step's loads issued while
-        # this one computes (tl.range stages): the loop is bound by load latency otherwise
-        for c in tl.range(0, EH, 16, num_stages=STAGES):
+        # this one computes (tl.range stages): the loop is bound by load latency otherwise.
+        # (STAGES = 0 is the packed loop's register prefetch; here it means 1 stage)
+        NS: tl.constexpr = 1 if STAGES == 0 else STAGES
+        for c in tl.range(0, EH, 16, num_stages=NS):
             col = hcol + c
             x0 = _load4(base, rmask, col[:, :, None], E)
             x1 = _load4(base, rmask, col[:, :, None] + 4, E)
@@ -706,6 +708,30 @@ def _finish(base, rmask, bias_ptr, m, s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9,
 
 
 @triton.jit
+def _step8(xa, xb, col, bias_ptr, m, s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9,
+           E: tl.constexpr, L: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+           KEY_LOGITS: tl.constexpr, NEED_MS: tl.constexpr, KEYS_FIRST: tl.constexpr,
+           EVEN: tl.constexpr, SHIFT: tl.constexpr, NET: tl.constexpr):
+    """8 columns (xa, xb: [BT, H, 4] each, from col) of the packed pass: the softmax
+    statistics (NEED_MS) and the keys into the list (KEYS_FIRST). Returns (m, s, p0..p9)."""
+    if NEED_MS:
+        m_new = tl.maximum(m, tl.max(xa, axis=2))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(xa - m_new[:, :, None]), axis=2)
+        m = m_new
+        m_new = tl.maximum(m, tl.max(xb, axis=2))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(xb - m_new[:, :, None]), axis=2)
+        m = m_new
+    if KEYS_FIRST:
+        ka = _packed_keys(xa, col, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS, False,
+                          EVEN, SHIFT)
+        kb = _packed_keys(xb, col + 4, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS, False,
+                          EVEN, SHIFT)
+        p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _push8(
+            ka, kb, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L, NET)
+    return m, s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9
+
+
+@triton.jit
 def _select_packed(
     base, rmask, bias_ptr, BT: tl.constexpr,
     E: tl.constexpr, K: tl.constexpr, H: tl.constexpr, EH: tl.constexpr,
@@ -726,25 +752,33 @@ def _select_packed(
     KEYS_FIRST: tl.constexpr = KEY_LOGITS or SIGMOID
     # padding rows point at a real row (the callers clamp base): no row mask, no select
     every = tl.full([BT], 1, tl.int1)
-    for c in tl.range(0, EH, 16, num_stages=STAGES):
-        for h in tl.static_range(2):  # 8 columns at a time: two loads of 4
-            col = hcol + c + 8 * h
-            xa = _load4(base, every, col[:, :, None], E, EVEN)
-            xb = _load4(base, every, col[:, :, None] + 4, E, EVEN)
-            if NEED_MS:
-                m_new = tl.maximum(m, tl.max(xa, axis=2))
-                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(xa - m_new[:, :, None]), axis=2)
-                m = m_new
-                m_new = tl.maximum(m, tl.max(xb, axis=2))
-                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(xb - m_new[:, :, None]), axis=2)
-                m = m_new
-            if KEYS_FIRST:
-                ka = _packed_keys(xa, col, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
-                                  False, EVEN, SHIFT)
-                kb = _packed_keys(xb, col + 4, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS,
-                                  False, EVEN, SHIFT)
-                p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _push8(
-                    ka, kb, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L, NET)
+    if STAGES == 0:  # the next 16 columns load into registers while these are sorted
+        ya = _load4(base, every, hcol[:, :, None], E, EVEN)
+        yb = _load4(base, every, hcol[:, :, None] + 4, E, EVEN)
+        yc = _load4(base, every, hcol[:, :, None] + 8, E, EVEN)
+        yd = _load4(base, every, hcol[:, :, None] + 12, E, EVEN)
+        for c in tl.range(0, EH, 16, num_stages=1):
+            xa, xb, xc, xd = ya, yb, yc, yd
+            nxt = (hcol + tl.minimum(c + 16, EH - 16))[:, :, None]  # the last step: itself
+            ya = _load4(base, every, nxt, E, EVEN)
+            yb = _load4(base, every, nxt + 4, E, EVEN)
+            yc = _load4(base, every, nxt + 8, E, EVEN)
+            yd = _load4(base, every, nxt + 12, E, EVEN)
+            m, s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _step8(
+                xa, xb, hcol + c, bias_ptr, m, s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, E, L,
+                SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST, EVEN, SHIFT, NET)
+            m, s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _step8(
+                xc, xd, hcol + c + 8, bias_ptr, m, s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, E,
+                L, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST, EVEN, SHIFT, NET)
+    else:  # software-pipelined by Triton (cp.async through shared memory)
+        for c in tl.range(0, EH, 16, num_stages=STAGES):
+            for h in tl.static_range(2):  # 8 columns at a time: two loads of 4
+                col = hcol + c + 8 * h
+                xa = _load4(base, every, col[:, :, None], E, EVEN)
+                xb = _load4(base, every, col[:, :, None] + 4, E, EVEN)
+                m, s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 = _step8(
+                    xa, xb, col, bias_ptr, m, s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, E, L,
+                    SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST, EVEN, SHIFT, NET)
     m, s = _group_stats(m, s, NEED_MS)
     if not KEYS_FIRST:  # softmax scores + bias: a second pass once the normaliser is known
         mh = tl.broadcast_to(m[:, None], [BT, H])
