@@ -146,6 +146,20 @@ def test_packed_network_equals_reference(T, E, K, dtype, kw, net, split, device,
     check(T, E, K, kw, device, dtype)
 
 
+def test_stages_rule(monkeypatch):
+    """Register prefetch (0) for the packed loop in tiles of 4 warps, Triton's 3 stages
+    otherwise; the knob pins it."""
+    monkeypatch.delenv("ROUTERLIB_ROWS_STAGES", raising=False)
+    assert route_rows._stages(2, 4) == 0 and route_rows._stages(1, 4) == 0
+    assert route_rows._stages(2, 1) == 3 and route_rows._stages(0, 4) == 3
+    h, nw, _ = route_rows.rows_config(128, 65536, 8)
+    assert route_rows._stages(route_rows._packed(h), nw) == 0  # where it measured faster
+    h, nw, _ = route_rows.rows_config(128, 16384, 8)
+    assert route_rows._stages(route_rows._packed(h), nw) == 3
+    monkeypatch.setenv("ROUTERLIB_ROWS_STAGES", "2")
+    assert route_rows._stages(2, 4) == 2
+
+
 @pytest.mark.parametrize("T,E,K,kw", [
     (70, 130, 8, {}),  # 9 steps of 16 columns with one thread a token (ragged: 130 of 144)
     (33, 20, 5, dict(expert_bias=True)),  # softmax + bias: the second pass

@@ -139,17 +139,21 @@ def rows_config(num_experts: int, num_tokens: int, top_k: int) -> tuple[int, int
     return h, nw, 32 // h * nw
 
 
-def _stages(packed: int) -> int:
-    """Software-pipelining stages of the select kernel's column loop: 0 for the packed loop (it
-    prefetches the next 16 columns into registers itself: no shared memory, no barrier; its
-    sm_90 code has 285 instructions a 16-column step instead of 375 with Triton's cp.async
-    stages), 3 for the exact insertion's (measured against 2 on an H100, results/h100/
-    stages_1d3dbd6.txt, CUDA graph, E=128: T=16384 26.1 vs 28.9 us, T=65536 65.5 vs 72.2 us).
-    ROUTERLIB_ROWS_STAGES pins another (0: the exact insertion's loop then runs unpipelined)."""
+def _stages(packed: int, num_warps: int) -> int:
+    """Software-pipelining stages of the select kernel's column loop. 0: the packed loop
+    prefetches the next 16 columns into registers itself (no cp.async, shared memory or
+    barrier: its sm_90 code has 285 instructions a 16-column step instead of 375), where it
+    measured faster: tiles of 4 warps (T > 16384). Same-run A/B on an H100 against 3 stages
+    (results/h100/ab_prefetch_d2a2fb5.txt, CUDA graph, E=128): T=65536 47.9 / 47.9 vs 52.3 /
+    52.1 us; with one warp a tile it loses (T=16384 21.3 / 21.7 vs 19.7 / 19.9, T=4096 16.7 vs
+    15.8: one warp a scheduler, and the loads a step ahead come too late). 3 stages measured
+    against 2 on an H100 (results/h100/stages_1d3dbd6.txt, E=128): T=16384 26.1 vs 28.9 us,
+    T=65536 65.5 vs 72.2. ROUTERLIB_ROWS_STAGES pins another (0 with the exact insertion:
+    its loop then runs unpipelined)."""
     pinned = os.environ.get("ROUTERLIB_ROWS_STAGES")
     if pinned is not None:
         return int(pinned)
-    return 0 if packed else 3
+    return 0 if packed and num_warps >= 4 else 3
 
 
 def _packed(h: int) -> int:
@@ -329,7 +333,8 @@ def _select_kw(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor,
         W=next_pow2(-(-E // 4)), SIGMOID=sigmoid, SOFTMAX_AFTER=softmax_after, RENORM=renorm,
         HAS_BIAS=bias is not None, KEY_LOGITS=key_logits,
         NEED_MS=not sigmoid and not softmax_after and not (key_logits and renorm),
-        STAGES=_stages(_packed(H)), PACKED=_packed(H), SHIFT=max(1, (H * EH - 1).bit_length()),
+        STAGES=_stages(_packed(H), num_warps), PACKED=_packed(H),
+        SHIFT=max(1, (H * EH - 1).bit_length()),
         TIE_CHECK=_TIE_CHECK, LANE_RANKS=_use_lane_ranks(H, num_warps, E, fused),
         # bf16/fp16 logits as the keys: their fp32 low 13 bits are zero, packing cuts nothing
         EXACT_PACK=bias is None and logits.dtype != torch.float32,
