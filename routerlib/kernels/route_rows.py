@@ -66,7 +66,7 @@ _MAX_SUM_TILES = 4096
 _KNOBS = ("ROUTERLIB_ROWS_CONFIG", "ROUTERLIB_ROWS_STAGES", "ROUTERLIB_ROWS_PACKED",
           "ROUTERLIB_ROWS_SCAN", "ROUTERLIB_ROWS_LANE_RANKS", "ROUTERLIB_ROWS_SYNC",
           "ROUTERLIB_ROWS_SYNC_GRID", "ROUTERLIB_ROWS_COOP", "ROUTERLIB_ROWS_PDL",
-          "ROUTERLIB_ROWS_NETWORK", "TRITON_INTERPRET")
+          "ROUTERLIB_ROWS_NETWORK", "ROUTERLIB_ROWS_DISPATCH_PROGRAMS", "TRITON_INTERPRET")
 # CPython keeps the environment in a dict of encoded names (os.environ._data), which every
 # os.environ write (monkeypatch.setenv, mock.patch.dict) updates: reading it directly costs
 # ~0.1 us a knob instead of ~1 us through os.environ.get (nine a call: ~8 us of the eager
@@ -582,8 +582,9 @@ def dispatch_mode(logits: torch.Tensor, x: torch.Tensor, cfg: RouterConfig) -> s
 
 def _dispatch_block(n: int, D: int, num_warps: int) -> tuple[int, int]:
     """(slots a program copies, BLOCK_D): ~_DISPATCH_SLOT_PROGRAMS programs, 16 elements a
-    thread a step."""
-    sp = max(1, min(16, next_pow2(-(-n // _DISPATCH_SLOT_PROGRAMS))))
+    thread a step. ROUTERLIB_ROWS_DISPATCH_PROGRAMS sets another count (A/B runs)."""
+    programs = int(os.environ.get("ROUTERLIB_ROWS_DISPATCH_PROGRAMS", _DISPATCH_SLOT_PROGRAMS))
+    sp = max(1, min(16, next_pow2(-(-n // programs))))
     return sp, max(16, min(next_pow2(D), 16 * 32 * num_warps // sp))
 
 
