@@ -27,7 +27,8 @@ from routerlib.kernels import combine, dispatch, route
 
 
 def _time(args: argparse.Namespace, T: int) -> str:
-    cfg = RouterConfig(num_experts=args.E, top_k=args.K, renormalize=True, check_finite=False)
+    cfg = RouterConfig(num_experts=args.E, top_k=args.K, renormalize=bool(args.renormalize),
+                       check_finite=False)
     logits = (torch.randn(T, args.E, device="cuda") * 2).to(getattr(torch, args.dtype))
     with torch.no_grad():
         if args.profile:
@@ -64,6 +65,8 @@ def main() -> None:
     ap.add_argument("--E", type=int, default=128)
     ap.add_argument("--K", type=int, default=8)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--renormalize", type=int, default=1,
+                    help="0: softmax weights over all experts (OLMoE; the targets' decode case)")
     ap.add_argument("--D", type=int, default=0, help="time route + dispatch + combine")
     ap.add_argument("--stand-in", action="store_true", help="with --D: rows * 0.5 (experts)")
     ap.add_argument("--variants", default="",

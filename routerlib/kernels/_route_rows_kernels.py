@@ -261,18 +261,25 @@ def _select_rows(
             x1 = _load4(base, rmask, col[:, :, None] + 4, E)
             x2 = _load4(base, rmask, col[:, :, None] + 8, E)
             x3 = _load4(base, rmask, col[:, :, None] + 12, E)
+            if NEED_MS:  # the online softmax statistics once a step: one rescale, not four
+                m_new = tl.maximum(tl.maximum(m, tl.max(tl.maximum(x0, x1), axis=2)),
+                                   tl.max(tl.maximum(x2, x3), axis=2))
+                e = tl.exp(x0 - m_new[:, :, None]) + tl.exp(x1 - m_new[:, :, None])
+                e += tl.exp(x2 - m_new[:, :, None]) + tl.exp(x3 - m_new[:, :, None])
+                s = s * tl.exp(m - m_new) + tl.sum(e, axis=2)
+                m = m_new
             m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
                 x0, col, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7,
-                i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
+                i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, False, KEYS_FIRST)
             m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
                 x1, col + 4, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6,
-                k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
+                k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, False, KEYS_FIRST)
             m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
                 x2, col + 8, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6,
-                k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
+                k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, False, KEYS_FIRST)
             m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
                 x3, col + 12, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6,
-                i6, k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
+                i6, k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, False, KEYS_FIRST)
     m, s = _group_stats(m, s, NEED_MS)
     if not KEYS_FIRST:  # softmax scores + bias: a second pass once the normaliser is known
         for c in range(0, EH, 4):  # a loop, not unrolled: small code, fast compile
