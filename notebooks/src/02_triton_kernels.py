@@ -559,7 +559,7 @@ pd.DataFrame({f"{label} {kind}": {T: d[(T, m)] for T in sorted({k[0] for k in gr
 # three. So the route takes the one launch for eager calls and, when a graph is being captured,
 # only where it measured faster (`route_rows._use_sync`). With the direct launches the eager
 # route went from 164–235 µs wall (42230d5) to 48.6 µs in the targets run
-# (`targets.json`, 9af1b90), of which ~37 µs is Python: one `torch.empty`, seven output views,
+# (`targets_9af1b90.json`), of which ~37 µs is Python: one `torch.empty`, seven output views,
 # the cache key, the dataclasses.
 
 # %% [markdown]
@@ -695,6 +695,65 @@ tg200[["target", "goal", "measured", "pass"]]
 # breakdown minutes later.
 
 # %% [markdown]
+# ## 10. Ninth session (H100): merges, cheaper keys, register prefetch, the decode configs
+#
+# * **Merging lists across threads by the network.** With several threads a token, each
+#   thread's top-(K+2) list was inserted into its neighbour's key by key (L insertions of 2L
+#   min/max). Both lists are sorted, so `C_j = max(a_j, b_(M-1-j))` is the best M as a bitonic
+#   sequence and a merger sorts it (`_merge_packed`, `_bitonic10`: 10 + 15 min/max). That made
+#   two or four threads a token worth measuring at prefill (more warps a scheduler than one
+#   thread a token gives): they still lose, by 8-11 µs at T = 16384 (`ab_threads_a_token_*`:
+#   the layout conversions of the merge and the one-hot ranks cost more than the occupancy
+#   buys).
+# * **Cheaper keys.** Negative floats now map to `-magnitude` (two integer operations; −0.0
+#   lands on 0) instead of a zero test and an xor, and the packed loop loads without a row
+#   mask (padding tokens read the last real row). sm_90 code: 375 instead of 406 instructions a
+#   16-column step; 0.4-0.7 µs at T = 16384, 1.1 µs at T = 65536.
+# * **Register prefetch.** Triton's software pipelining of the column loop goes through shared
+#   memory (cp.async, a barrier, address arithmetic in the uniform datapath); loading the next
+#   16 columns into registers by hand cuts the loop to 285 instructions a step. It wins with
+#   4-warp tiles (T = 65536: 47.9 vs 52.2 µs) and loses with one-warp tiles (T = 16384: 21.5
+#   vs 19.8): one warp a scheduler cannot cover the loads one step ahead, three cp.async stages
+#   can. The rule takes it only with 4-warp tiles (`route_rows._stages`).
+# * **Decode.** At T = 64 the row-map autotuner (timing each kernel alone) picked wide tiles;
+#   in the graph, one token a program with 1024 columns and 4 warps is 0.5-0.8 µs faster for
+#   dispatch + combine together, now the fixed config of token class 1 (`_rowmap.decode_config`).
+#   Tried and dropped: the last program of the select grid placing every slot (one launch
+#   fewer, but one warp placing 512-2048 slots: 19-20 µs instead of 15, reverted), the place
+#   kernel copying the rows with 128-512 programs, other select tile shapes, the softmax
+#   statistics once a step (no measurable change).
+
+# %%
+ab = []
+for name in ("ab_sortable_decode_e8a78ac.txt", "ab_prefetch_d2a2fb5.txt"):
+    old = None
+    for line in (RESULTS / name).read_text().splitlines():
+        if line.startswith("# OLD") or line.startswith("# NEW"):
+            old = line[2:]
+        m = re.match(r"route T=(\d+) E=128 K=8 (\w+) \{(.*)\} graph ([\d.]+) us", line)
+        if m:
+            variant = (old if old else "3 cp.async stages" if "STAGES': '3'" in m.group(3)
+                       else "register prefetch")
+            ab.append(dict(file=name.split("_")[1], T=int(m.group(1)), logits=m.group(2),
+                           variant=variant, graph_us=float(m.group(4))))
+ab = pd.DataFrame(ab)
+assert len(ab) >= 20
+ab.pivot_table(index=["file", "T", "logits"], columns="variant", values="graph_us",
+               aggfunc="median").round(2)
+
+# %% [markdown]
+# (`sortable`: the 28d6739 package, OLD, against e8a78ac, NEW, in alternating processes;
+# `prefetch`: d2a2fb5, register prefetch at every T against Triton's stages; the rule since
+# keeps the stages at T <= 16384.)
+#
+# **The targets on the H100 at 9ceadc9** are the table of section 4 (`targets.json`): route
+# 20.0 µs in a graph (target 10), eager 63.1 µs do_bench / 51.6 µs wall (target 40), dispatch
+# 88.0 / 89.4% and combine 95.0 / 98.0% of copy, backward / forward 0.53×, and the decode path
+# — now judged on the stages the issue names (route, dispatch, combine: `path_no_expert`) —
+# 15.3 µs, 0.3 µs over its goal; 14.0-15.1 µs in the same day's A/Bs on the same kind of card,
+# so the run-to-run spread is as large as the miss.
+
+# %% [markdown]
 # ## Conclusions
 #
 # * **Dispatch and combine meet the targets**: 89–90% and 95–98% of the measured copy bandwidth
@@ -704,10 +763,11 @@ tg200[["target", "goal", "measured", "pass"]]
 #   combine too, but only 56–58% on dispatch (`targets_1d3dbd6.json`; the ba899a1 run's time
 #   budget skipped those compiles), and it does not help the routing (1.0–1.8 ms).
 # * **The backward** of route + dispatch + combine costs 0.53× its forward in `targets.json`
-#   (9af1b90; 1.00× at 42230d5, 1.43× at ba899a1, 1.16× at 1d3dbd6 with the same backward
+#   (9ceadc9 and 9af1b90; 1.00× at 42230d5, 1.43× at ba899a1, 1.16× at 1d3dbd6 with the same backward
 #   kernels, 645 µs: the forward with autograd on is host-bound, ~1.1–1.2 ms of wall time, and
 #   its median follows the host; target ≤ 2×) and is 21× faster than the reference's backward.
-# * **Routing misses its latency targets, by less.** Score + top-K + plan (T = 16384, E = 128,
+# * **Routing misses its latency targets, by less** (the seventh session's numbers, 9af1b90;
+#   the ninth's below). Score + top-K + plan (T = 16384, E = 128,
 #   K = 8, fp32 logits) takes 20.5 µs in a CUDA graph (section 7: three launches with
 #   programmatic dependent launch; 22.1 µs at 42230d5, 24.2 µs at ba899a1, 49.8–58.3 µs with
 #   top-K + plan five sessions ago; target 10 µs; torchtitan 208 µs, the reference cannot be
@@ -729,6 +789,11 @@ tg200[["target", "goal", "measured", "pass"]]
 #   T = 16384, 0.6 at T = 4096, 4.1 µs at T = 65536 where packed keys now win); the decode path
 #   18.4 µs with the stand-in expert and 15.4 µs for the stages the issue names; the row-map
 #   configs tuned per token class. Still missed: 10 µs route, 40 µs eager, 15 µs decode.
+# * **Ninth session (H100, section 10):** route 20.0 µs in a graph and 47.9 µs at T = 65536
+#   (cheaper keys, register prefetch in 4-warp tiles), decode path 15.3 µs in the targets run
+#   (14.0-15.1 in A/Bs) with fixed dispatch/combine configs at decode sizes; several ideas
+#   measured and dropped (more threads a token, the last program placing, the place kernel
+#   copying). Still missed: 10 µs route, 40 µs eager; decode by 0.3 µs.
 
 # %%
 tg = targets.set_index("target")
