@@ -146,7 +146,8 @@ def _stages(packed: int, num_warps: int) -> int:
     measured faster: tiles of 4 warps (T > 16384). Same-run A/B on an H100 against 3 stages
     (results/h100/ab_prefetch_d2a2fb5.txt, CUDA graph, E=128): T=65536 47.9 / 47.9 vs 52.3 /
     52.1 us; with one warp a tile it loses (T=16384 21.3 / 21.7 vs 19.7 / 19.9, T=4096 16.7 vs
-    15.8: one warp a scheduler, and the loads a step ahead come too late). 3 stages measured
+    15.8: with one warp a scheduler the loads one step ahead apparently do not cover the
+    latency that three cp.async stages cover; not profiled). 3 stages measured
     against 2 on an H100 (results/h100/stages_1d3dbd6.txt, E=128): T=16384 26.1 vs 28.9 us,
     T=65536 65.5 vs 72.2. ROUTERLIB_ROWS_STAGES pins another (0 with the exact insertion:
     its loop then runs unpipelined)."""
