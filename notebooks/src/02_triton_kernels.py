@@ -716,7 +716,7 @@ tg200[["target", "goal", "measured", "pass"]]
 #   vs 19.8): one warp a scheduler cannot cover the loads one step ahead, three cp.async stages
 #   can. The rule takes it only with 4-warp tiles (`route_rows._stages`).
 # * **Decode.** At T = 64 the row-map autotuner (timing each kernel alone) picked wide tiles;
-#   in the graph, one token a program with 1024 columns and 4 warps is 0.5-0.8 µs faster for
+#   in the graph, one token a program with 1024 columns and 4 warps is 0.4-1.2 µs faster for
 #   dispatch + combine together, now the fixed config of token class 1 (`_rowmap.decode_config`).
 #   Tried and dropped: the last program of the select grid placing every slot (one launch
 #   fewer, but one warp placing 512-2048 slots: 19-20 µs instead of 15, reverted), the place
@@ -751,7 +751,12 @@ ab.pivot_table(index=["file", "T", "logits"], columns="variant", values="graph_u
 # 88.0 / 89.4% and combine 95.0 / 98.0% of copy, backward / forward 0.53×, and the decode path
 # — now judged on the stages the issue names (route, dispatch, combine: `path_no_expert`) —
 # 15.3 µs, 0.3 µs over its goal; 14.0-15.1 µs in the same day's A/Bs on the same kind of card,
-# so the run-to-run spread is as large as the miss.
+# so the run-to-run spread is as large as the miss. Where the time goes at the session's last
+# commit (`route_breakdown_8a3804a.json`, `decode_profile_8a3804a.txt`): at T = 16384 the select
+# kernel takes 6.98 µs of device time (8.5 at 9af1b90), scan 2.98, place 4.07, 20.06 µs in a
+# graph over a 4.8 µs one-kernel floor; at T = 64 select 3.49 + place 2.08 µs, dispatch 2.78
+# and combine 2.62 µs, four dependent launches: 15.0 µs in a graph (14.6-15.4 over rounds).
+# Eagerly 35.5 µs of the 46.8 µs wall is Python (a `torch.empty` alone is 5.6 µs on that host).
 
 # %% [markdown]
 # ## Conclusions
