@@ -527,9 +527,8 @@ def _merge_packed(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, L: tl.constexpr,
             tl.maximum(a8, b1), tl.maximum(a9, b0))
         return _cut(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     if NET and L >= 7:  # L <= 8: entries 8 and 9 of both lists are INT32_MIN
-        a0, a1, a2, a3, a4, a5, a6, a7 = _bitonic8(
-            tl.maximum(a0, b7), tl.maximum(a1, b6), tl.maximum(a2, b5), tl.maximum(a3, b4),
-            tl.maximum(a4, b3), tl.maximum(a5, b2), tl.maximum(a6, b1), tl.maximum(a7, b0))
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _merge8(
+            b0, b1, b2, b3, b4, b5, b6, b7, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, 8)
         return _cut(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _push(b0, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, L)
     if L > 1:

@@ -329,12 +329,13 @@ def _select_kw(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor,
     softmax_after, renorm = cfg.softmax_after_topk, cfg.renormalize
     sigmoid = cfg.score_func == "sigmoid"
     key_logits = softmax_after or bias is None
+    packed = _packed(H)
     return dict(
         E=E, K=cfg.top_k, KP=next_pow2(cfg.top_k), H=H, EH=EH, BT=BT, BLOCK_E=block_e,
         W=next_pow2(-(-E // 4)), SIGMOID=sigmoid, SOFTMAX_AFTER=softmax_after, RENORM=renorm,
         HAS_BIAS=bias is not None, KEY_LOGITS=key_logits,
         NEED_MS=not sigmoid and not softmax_after and not (key_logits and renorm),
-        STAGES=_stages(_packed(H), num_warps), PACKED=_packed(H),
+        STAGES=_stages(packed, num_warps), PACKED=packed,
         SHIFT=max(1, (H * EH - 1).bit_length()),
         TIE_CHECK=_TIE_CHECK, LANE_RANKS=_use_lane_ranks(H, num_warps, E, fused),
         # bf16/fp16 logits as the keys: their fp32 low 13 bits are zero, packing cuts nothing
