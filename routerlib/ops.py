@@ -9,6 +9,19 @@ from routerlib import reference as ref
 from routerlib.config import Backend, RouterConfig
 from routerlib.types import RoutingPlan, Selection
 
+_triton = None  # routerlib.kernels, imported on the first triton call (it needs triton)
+
+
+def _kernels():
+    """routerlib.kernels. A module global instead of an import statement in every call: ~0.7 us
+    less host time a call (an eager route takes ~40)."""
+    global _triton
+    if _triton is None:
+        import routerlib.kernels as kernels
+
+        _triton = kernels
+    return _triton
+
 
 def _check_backend(backend: str) -> None:
     if backend not in ("torch", "triton"):
@@ -23,9 +36,7 @@ def route(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = N
     zsq_sum) are needed; None: when autograd records. The torch reference always computes them."""
     _check_backend(backend)
     if backend == "triton":
-        from routerlib.kernels import route as triton_route
-
-        return triton_route(logits, cfg, bias=bias, priority=priority, need_stats=need_stats)
+        return _kernels().route(logits, cfg, bias=bias, priority=priority, need_stats=need_stats)
     sel = ref.select(logits, cfg, bias)
     return sel, ref.build_plan(sel, cfg, priority)
 
@@ -38,9 +49,7 @@ def route_dispatch(logits: torch.Tensor, x: torch.Tensor, cfg: RouterConfig,
     launch at decode sizes (kernels.route_dispatch)."""
     _check_backend(backend)
     if backend == "triton":
-        from routerlib.kernels import route_dispatch as triton_route_dispatch
-
-        return triton_route_dispatch(logits, x, cfg, bias=bias, priority=priority,
+        return _kernels().route_dispatch(logits, x, cfg, bias=bias, priority=priority,
                                      need_stats=need_stats)
     sel, plan = route(logits, cfg, bias, priority, backend)
     return sel, plan, ref.dispatch(x, plan)
@@ -49,9 +58,7 @@ def route_dispatch(logits: torch.Tensor, x: torch.Tensor, cfg: RouterConfig,
 def dispatch(x: torch.Tensor, plan: RoutingPlan, backend: Backend = "torch") -> torch.Tensor:
     _check_backend(backend)
     if backend == "triton":
-        from routerlib.kernels import dispatch as triton_dispatch
-
-        return triton_dispatch(x, plan)
+        return _kernels().dispatch(x, plan)
     return ref.dispatch(x, plan)
 
 
@@ -59,7 +66,5 @@ def combine(expert_out: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor,
             backend: Backend = "torch") -> torch.Tensor:
     _check_backend(backend)
     if backend == "triton":
-        from routerlib.kernels import combine as triton_combine
-
-        return triton_combine(expert_out, plan, weights)
+        return _kernels().combine(expert_out, plan, weights)
     return ref.combine(expert_out, plan, weights)

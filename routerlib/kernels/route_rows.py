@@ -526,20 +526,21 @@ def _route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | No
             _launch(st, len(st.launches) - 1, (a_ids, prefix, total, a_cnt, a_kept, a_off, a_s2r,
                                                a_r2s, T * K, st.ints[0], st.NT, C or 0, R)
                     + copy, stream, fast)
-    sel = Selection(topk_ids=ids, topk_weights=weights, scores=None)
-    plan = RoutingPlan(expert_counts=counts, kept_counts=kept, expert_offsets=offsets,
-                       slot_to_row=slot_to_row, row_to_slot=row_to_slot, capacity=C, num_rows=R)
+    sel = Selection.of_kernel(ids, weights)
+    plan = RoutingPlan.of_kernel(counts, kept, offsets, slot_to_row, row_to_slot, C, R)
     return sel, plan, None if tokens is None else rows
 
 
 def _views(buf: torch.Tensor, o: tuple[int, ...], T: int, K: int, E: int, R: int
            ) -> tuple[torch.Tensor, ...]:
     """(ids, slot_to_row, weights, counts, kept, offsets, row_to_slot): views of a route's one
-    int32 allocation (_carve)."""
-    return (buf.as_strided((T, K), (K, 1), o[0]), buf.as_strided((T, K), (K, 1), o[1]),
-            buf.view(torch.float32).as_strided((T, K), (K, 1), o[2]),
-            buf.as_strided((E,), (1,), o[3]), buf.as_strided((E,), (1,), o[4]),
-            buf.as_strided((E + 1,), (1,), o[5]), buf.as_strided((R,), (1,), o[6]))
+    int32 allocation (_carve). torch.as_strided rather than the method: ~0.2 us less a view
+    (CPU timeit, 10.3-11.5 vs 11.1-12.9 us for the seven)."""
+    view = torch.as_strided
+    return (view(buf, (T, K), (K, 1), o[0]), view(buf, (T, K), (K, 1), o[1]),
+            view(buf.view(torch.float32), (T, K), (K, 1), o[2]),
+            view(buf, (E,), (1,), o[3]), view(buf, (E,), (1,), o[4]),
+            view(buf, (E + 1,), (1,), o[5]), view(buf, (R,), (1,), o[6]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,7 +653,6 @@ def route_dispatch_rows(logits: torch.Tensor, x: torch.Tensor, cfg: RouterConfig
                 offsets, slot_to_row, row_to_slot, x, rows)
     _launch(st, 0, args + (T, logits.stride(0), float(cfg.routed_scaling_factor), C or 0, R, D,
                            x.stride(0)) + st.ints, stream, fast)
-    sel = Selection(topk_ids=ids, topk_weights=weights, scores=None)
-    plan = RoutingPlan(expert_counts=counts, kept_counts=kept, expert_offsets=offsets,
-                       slot_to_row=slot_to_row, row_to_slot=row_to_slot, capacity=C, num_rows=R)
+    sel = Selection.of_kernel(ids, weights)
+    plan = RoutingPlan.of_kernel(counts, kept, offsets, slot_to_row, row_to_slot, C, R)
     return sel, plan, rows
