@@ -324,3 +324,27 @@ def test_random_policy_priority_shape():
     cfg = RouterConfig(num_experts=2, top_k=1, capacity_factor=1.0, drop_policy="random")
     with pytest.raises(ValueError, match=r"priority must have shape \(4, 1\), got \(4, 2\)"):
         ref.build_plan(selection(IDS_4x1), cfg, torch.rand(4, 2))
+
+
+def test_of_kernel_constructors_set_every_field():
+    """Selection/RoutingPlan.of_kernel skip __post_init__ (route_rows' eager host path): they
+    must still set every dataclass field, to the value given or the field's default, so that a
+    field added later cannot go missing on the fast path."""
+    import dataclasses
+
+    ids = torch.arange(6, dtype=torch.int32).reshape(3, 2)
+    weights = torch.rand(3, 2)
+    sel = Selection.of_kernel(ids, weights)
+    full = Selection(topk_ids=ids, topk_weights=weights)
+    plan_args = dict(expert_counts=torch.tensor([2, 4], dtype=torch.int32),
+                     kept_counts=torch.tensor([2, 3], dtype=torch.int32),
+                     expert_offsets=torch.tensor([0, 2, 5], dtype=torch.int32),
+                     slot_to_row=torch.tensor([[0, 2], [1, 3], [4, -1]], dtype=torch.int32),
+                     row_to_slot=torch.tensor([0, 2, 1, 3, 4], dtype=torch.int32),
+                     capacity=3, num_rows=5)
+    plan = RoutingPlan.of_kernel(*plan_args.values())
+    for fast, checked in ((sel, full), (plan, RoutingPlan(**plan_args))):
+        names = [f.name for f in dataclasses.fields(checked)]
+        assert list(vars(fast)) == names
+        for n in names:
+            assert getattr(fast, n) is getattr(checked, n), n

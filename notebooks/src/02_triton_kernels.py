@@ -746,13 +746,14 @@ ab.pivot_table(index=["file", "T", "logits"], columns="variant", values="graph_u
 # `prefetch`: d2a2fb5, register prefetch at every T against Triton's stages; the rule since
 # keeps the stages at T <= 16384.)
 #
-# **The targets on the H100 at 9ceadc9** are the table of section 4 (`targets.json`): route
-# 20.0 µs in a graph (target 10), eager 63.1 µs do_bench / 51.6 µs wall (target 40), dispatch
-# 88.0 / 89.4% and combine 95.0 / 98.0% of copy, backward / forward 0.53×, and the decode path
-# — now judged on the stages the issue names (route, dispatch, combine: `path_no_expert`) —
-# 15.3 µs, 0.3 µs over its goal; 14.0-15.1 µs in the same day's A/Bs on the same kind of card,
-# so the run-to-run spread is as large as the miss. Where the time goes at the session's last
-# commit (`route_breakdown_8a3804a.json`, `decode_profile_8a3804a.txt`): at T = 16384 the select
+# **The targets on the H100** at the tenth session's end are the table of section 4
+# (`targets.json` at b6bfe8f; `targets_c96d3dd.json` is the same kernels on another host an
+# hour earlier): route 20.1 / 19.7 µs in a graph (target 10), eager 72.3 / 43.3 µs wall (do_bench
+# 29.5 / 23.6; target 40: the host sets it), dispatch 88.0 / 89.4% and combine 94.9-95.0 /
+# 97.7-97.9% of copy, backward / forward 1.07 / 1.09×, and the decode path — judged on the stages
+# the issue names (route, dispatch, combine: `path_no_expert`) — 15.2 / 14.98 µs: on its 15 µs
+# line (15.3 at 9ceadc9; 14.0-15.1 µs in same-day A/Bs). Where the time goes
+# (`route_breakdown_8a3804a.json`, `decode_profile_8a3804a.txt`): at T = 16384 the select
 # kernel takes 6.98 µs of device time (8.5 at 9af1b90), scan 2.98, place 4.07, 20.06 µs in a
 # graph over a 4.8 µs one-kernel floor; at T = 64 select 3.49 + place 2.08 µs, dispatch 2.78
 # and combine 2.62 µs, four dependent launches: 15.0 µs in a graph (14.6-15.4 over rounds).
@@ -767,8 +768,8 @@ ab.pivot_table(index=["file", "T", "logits"], columns="variant", values="graph_u
 #   no atomics. torch.compile of the reference fuses the K-way gather-sum and reaches 94–96% on
 #   combine too, but only 56–58% on dispatch (`targets_1d3dbd6.json`; the ba899a1 run's time
 #   budget skipped those compiles), and it does not help the routing (1.0–1.8 ms).
-# * **The backward** of route + dispatch + combine costs 0.53× its forward in `targets.json`
-#   (9ceadc9 and 9af1b90; 1.00× at 42230d5, 1.43× at ba899a1, 1.16× at 1d3dbd6 with the same backward
+# * **The backward** of route + dispatch + combine costs 1.07× its forward in `targets.json`
+#   (b6bfe8f; 1.09× at c96d3dd, 0.53× at 9ceadc9 and 9af1b90 on slower hosts, 1.00× at 42230d5, 1.43× at ba899a1, 1.16× at 1d3dbd6 with the same backward
 #   kernels, 645 µs: the forward with autograd on is host-bound, ~1.1–1.2 ms of wall time, and
 #   its median follows the host; target ≤ 2×) and is 21× faster than the reference's backward.
 # * **Routing misses its latency targets, by less** (the seventh session's numbers, 9af1b90;
@@ -799,6 +800,12 @@ ab.pivot_table(index=["file", "T", "logits"], columns="variant", values="graph_u
 #   (14.0-15.1 in A/Bs) with fixed dispatch/combine configs at decode sizes; several ideas
 #   measured and dropped (more threads a token, the last program placing, the place kernel
 #   copying). Still missed: 10 µs route, 40 µs eager; decode by 0.3 µs.
+# * **Tenth session (H100):** GPU tests, memcheck and racecheck at c96d3dd (0 errors, 0
+#   hazards); the eager host path trimmed (the plan's dataclasses built without re-checking,
+#   cheaper views: ~4 µs less in CPU timeit; on the lent hosts the process-to-process spread,
+#   47-96 µs, hid it, `ab_host_path_*.txt`); two targets runs: decode 14.98 µs (met) and
+#   15.2 µs (missed by 0.2), eager 43.3 and 72.3 µs on two hosts. Missed: 10 µs route, 40 µs
+#   eager; decode at the line.
 
 # %%
 tg = targets.set_index("target")

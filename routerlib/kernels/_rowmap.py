@@ -20,9 +20,9 @@ Launch configs: on a GPU, triton.autotune over `_hopper_configs()` keyed on (D, 
 and the token class of T (token_class: six size classes from decode to prefill). Without the
 class a process kept the configs chosen at its first call's T for every T of that D: on an H100
 the decode path without the D split took 36.7 us at T=64 in a process whose first call had T=1
-(results/h100/ab_decode_082f3c8.txt) and 21.5 us in the targets run, whose first row-map call had
-T=16384 (results/h100/targets.json). A class, not T itself: a server sees every batch size, and
-each new key costs one tuning sweep.
+(results/h100/ab_decode_082f3c8.txt) and 21.5 us in the targets run, whose first row-map call
+had T=16384 (results/h100/targets_9af1b90.json). A class, not T itself: a server sees every
+batch size, and each new key costs one tuning sweep.
 Pin one with ROUTERLIB_SCATTER_CONFIG / ROUTERLIB_GATHER_CONFIG set to "default" (the heuristic
 below) or "BLOCK_T=4,BLOCK_D=1024,num_warps=8". Under TRITON_INTERPRET=1 there is no autotune.
 """

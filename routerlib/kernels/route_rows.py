@@ -18,10 +18,10 @@ When T <= BT, kernel 1 builds the whole plan itself (FUSED_PLAN): one launch.
 route_dispatch_rows adds the dispatch of the tokens: in the same single launch up to 16 tokens
 (_route_dispatch_kernels.py), or (pinned, measured slower) in the place kernel.
 
-Measured on an H100 (results/h100/route_breakdown.json at 42230d5, T=16384, E=128, K=8, fp32):
-select 8.7 us (bit-transposed ranks; 11.4 us with the 8-bit count table at ba899a1), scan 3.0
-us, place 3.9 us of device time; 22.1 us a route in a CUDA graph (results/h100/targets.json),
-where a one-kernel graph takes 4.8 us.
+Measured on an H100 (results/h100/route_breakdown_8a3804a.json, T=16384, E=128, K=8, fp32):
+select 7.0 us (8.7 at 42230d5, 11.4 with the 8-bit count table at ba899a1), scan 3.0 us, place
+4.1 us of device time; 19.7-20.1 us a route in a CUDA graph (results/h100/targets.json at
+b6bfe8f, targets_c96d3dd.json), where a one-kernel graph takes 4.9 us.
 
 Scope (`applies`): token choice, drop_policy "position", no group limit, K <= 8, E <= 512,
 fp32/bf16/fp16 logits, no gradient and no loss sums needed (inference), not while torch.compile
