@@ -3,6 +3,8 @@ padded ragged layout), slot_to_row / row_to_slot; hand cases, naive agreement, i
 
 from __future__ import annotations
 
+import dataclasses
+
 import naive
 import pytest
 import torch
@@ -330,8 +332,6 @@ def test_of_kernel_constructors_set_every_field():
     """Selection/RoutingPlan.of_kernel skip __post_init__ (route_rows' eager host path): they
     must still set every dataclass field, to the value given or the field's default, so that a
     field added later cannot go missing on the fast path."""
-    import dataclasses
-
     ids = torch.arange(6, dtype=torch.int32).reshape(3, 2)
     weights = torch.rand(3, 2)
     sel = Selection.of_kernel(ids, weights)
