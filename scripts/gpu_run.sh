@@ -13,6 +13,7 @@
 #   ncu        Nsight Compute of the route's kernels (three launches, no grid barrier) at the
 #              prefill target (T=16384 E=128) and decode (T=64 E=64): speed of light, warp
 #              stalls, scheduler, occupancy, instruction mix
+#   <name>     any scripts/gpu_steps/<name>.sh: one file per stage (experts, balance, quant, ...)
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -138,4 +139,11 @@ if has targets; then
   timeout "${TARGETS_TIMEOUT:-240}" "$PY" -m routerlib.bench.targets ${TARGETS_ARGS:-} --out "$OUT/targets" 2>&1 \
     | tail -n 40
 fi
+# Steps of the other stages live in scripts/gpu_steps/<step>.sh (sourced with OUT, PY, rc set).
+for step in $STEPS; do
+  if [[ -f "scripts/gpu_steps/$step.sh" ]]; then
+    echo "== step $step"
+    source "scripts/gpu_steps/$step.sh" || rc=$((rc | 1))
+  fi
+done
 exit $rc
