@@ -19,6 +19,7 @@
 # Shapes: T tokens, D hidden, E experts, K top-k, F expert width, C capacity, L MoE layers.
 
 # %%
+%matplotlib inline
 import dataclasses
 import math
 import tempfile
@@ -36,7 +37,7 @@ from routerlib.models.lm import MoETransformer
 matplotlib.rcParams["figure.dpi"] = 80
 pd.set_option("display.width", 160, "display.max_columns", 20, "display.precision", 3)
 GPU = torch.cuda.is_available()
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # toy shapes on a CPU: threads only add overhead
 RESULTS = traces.ROOT / "results"
 print(f"device: {torch.cuda.get_device_name() if GPU else 'CPU'}; torch {torch.__version__}")
 

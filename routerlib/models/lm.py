@@ -46,7 +46,7 @@ class LMConfig:
     router: RouterConfig = field(default_factory=_default_router)
     first_layer_dense: bool = False
     backend: Backend = "torch"
-    expert_path: str = "batched"
+    expert_path: str | None = None  # None: MoEConfig's default
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -68,9 +68,7 @@ class LMConfig:
         if self.first_layer_dense and self.num_layers < 2:
             raise ValueError("LMConfig.first_layer_dense needs num_layers >= 2 (at least one "
                              "MoE layer)")
-        # MoEConfig validates backend and expert_path
-        MoEConfig(self.hidden_size, self.ffn_size, self.router, expert_path=self.expert_path,
-                  backend=self.backend)
+        self.moe_config()  # MoEConfig validates backend and expert_path
 
     @property
     def head_dim(self) -> int:
@@ -81,8 +79,9 @@ class LMConfig:
         return self.num_layers - int(self.first_layer_dense)
 
     def moe_config(self) -> MoEConfig:
-        return MoEConfig(self.hidden_size, self.ffn_size, self.router,
-                         expert_path=self.expert_path, backend=self.backend)
+        path = {} if self.expert_path is None else {"expert_path": self.expert_path}
+        return MoEConfig(self.hidden_size, self.ffn_size, self.router, backend=self.backend,
+                         **path)
 
 
 @dataclass

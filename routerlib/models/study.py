@@ -10,7 +10,7 @@ writes into DIR
                             the layers), median step time
     balance_history.npz     per strategy and step: losses, step time, routing metrics per layer,
                             the per-expert load [N, L, E]; validation loss at each evaluation
-    balance_model.pt        the checkpoint of the strategy with the lowest validation loss
+    model.pt                the checkpoint of the strategy with the lowest validation loss
     lm_trace.npz            routing trace (routerlib.models.traces) of the best token-choice run
     lm_trace_none.npz       routing trace of the unbalanced run
 Each file is rewritten after every run, so a run cut short leaves the finished strategies.
@@ -290,14 +290,16 @@ def run_study(out: str | Path, size: str = "full", names: list[str] | None = Non
         label = f"{size} model trained on {device_name}, strategy {s.name}"
         if summ["val_loss"] < best_val:
             best_val = summ["val_loss"]
-            save_checkpoint(model, out / "balance_model.pt", step=tcfg.steps - 1, strategy=s.name,
+            save_checkpoint(model, out / "model.pt", step=tcfg.steps - 1, strategy=s.name,
                             val_loss=summ["val_loss"])
+        trace_tokens = 16384 if size == "full" else 1024
         if cfg.router.routing == "token_choice" and summ["val_loss"] < best_tc_val:
             best_tc_val = summ["val_loss"]
-            capture_trace(model, corpus, tcfg.seq_len, label=label, strategy=s.name
-                          ).save(out / "lm_trace.npz")
+            capture_trace(model, corpus, tcfg.seq_len, trace_tokens, label=label,
+                          strategy=s.name, val_loss=summ["val_loss"]).save(out / "lm_trace.npz")
         if s.name == "none":
-            capture_trace(model, corpus, tcfg.seq_len, label=label, strategy=s.name
+            capture_trace(model, corpus, tcfg.seq_len, trace_tokens, label=label,
+                          strategy=s.name, val_loss=summ["val_loss"]
                           ).save(out / "lm_trace_none.npz")
         print(f"{s.name:>22}: val loss {summ['val_loss']:.4f}  imbalance "
               f"{summ['imbalance']:.2f}  drop {summ['drop_rate']:.3f}  dead "

@@ -1,8 +1,8 @@
 # The load-balancing study (notebook 03): the language model's GPU tests, then every balancing
 # strategy trained at full size (routerlib.models.study), steps chosen so that the training fits
 # BALANCE_BUDGET_S. Writes $OUT/balance/: balance.json/.csv, balance_history.npz,
-# balance_model.pt, lm_trace.npz, lm_trace_none.npz, study.log, pytest_models.log.
-# Commit balance.* under results/h200/ and lm_trace*.npz under results/traces/.
+# model.pt, lm_trace.npz, lm_trace_none.npz, study.log, pytest_models.log.
+# Commit balance.* and model.pt under results/h200/ and lm_trace*.npz under results/traces/.
 mkdir -p "$OUT/balance"
 timeout "${BALANCE_TESTS_TIMEOUT:-75}" "$PY" -m pytest -q -rf --tb=short -p no:cacheprovider \
   -m gpu tests/test_models.py >"$OUT/balance/pytest_models.log" 2>&1
