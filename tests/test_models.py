@@ -7,6 +7,7 @@ import dataclasses
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -309,3 +310,28 @@ def test_gpu_cache_decoding_matches_full_forward():
         steps.append(model(idx[:, t:t + 1], cache=cache,
                            input_pos=torch.tensor([t], device="cuda")).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_conclusion_reads_its_numbers_from_the_summary():
+    from routerlib.models.study import conclusion
+
+    names = [s.name for s in STUDY]
+    rng = np.random.default_rng(1)
+    caps = np.array([n.startswith("cap") for n in names])
+    summary = pd.DataFrame({
+        "val_loss": rng.uniform(3, 4, len(names)), "imbalance": rng.uniform(1, 3, len(names)),
+        "cv": rng.uniform(0, 1, len(names)), "max_vio": rng.uniform(0, 2, len(names)),
+        "drop_rate": np.where(caps, rng.uniform(0.01, 0.3, len(names)), 0.0),
+        "tokens_unrouted": np.where(np.array(names) == "expert_choice", 0.05, 0.0),
+        "dead_experts": rng.uniform(0, 2, len(names)),
+        "step_time_ms": rng.uniform(20, 60, len(names))}, index=names)
+    summary["val_ppl"] = np.exp(summary.val_loss)
+    summary.loc["aux_free_bias", "imbalance"] = 1.1  # a balanced dropless run exists
+    text = conclusion(summary)
+    best = summary.val_loss.idxmin()
+    assert f"**{best}** ({summary.val_loss[best]:.3f} nats" in text
+    assert all(f"| {n} | {summary.val_loss[n]:.3f} |" in text for n in names)
+    assert "Capacity factor 1.25" in text and "Expert choice" in text
+    ok = summary[(summary.drop_rate == 0) & (summary.tokens_unrouted == 0)
+                 & (summary.imbalance <= 1.25)]
+    assert f"**{ok.val_loss.idxmin()}** has the lowest validation loss" in text
