@@ -219,7 +219,7 @@ def _wgrad(p: _Plan, a: torch.Tensor, b: torch.Tensor, m: int, n: int, a_gather:
            a_swiglu: bool, b_gather: bool, b_scale: bool, weights: torch.Tensor,
            out_dtype: torch.dtype, tile: TileConfig) -> torch.Tensor:
     """dW [E, m, n] = A_e^T @ B_e over each expert's rows (one _grouped_wgrad_kernel launch)."""
-    out = torch.empty((p.E, m, n), dtype=out_dtype, device=a.device)
+    out = _rowmap.empty((p.E, m, n), out_dtype, a.device)
     grid = (triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n), p.E)
     K._grouped_wgrad_kernel[grid](
         a, b, out, p.row_to_slot, p.kept_counts, p.expert_offsets, weights, m, n, p.S,
@@ -245,15 +245,15 @@ def experts_forward(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tens
     T, D = x.shape
     F = w_down.shape[1]
     cfg = _config(p, x.dtype, config)
-    pre = torch.empty((p.R, 2 * F), dtype=x.dtype, device=x.device) if save_pre else None
+    pre = _rowmap.empty((p.R, 2 * F), x.dtype, x.device) if save_pre else None
     if T == 0 or p.R == 0 or D == 0:
         return torch.zeros_like(x), pre
     if F == 0:
         return torch.zeros_like(x), pre
-    h = torch.empty((p.R, F), dtype=x.dtype, device=x.device)  # [R, F] rows past a tile unset
+    h = _rowmap.empty((p.R, F), x.dtype, x.device)  # [R, F] rows past a tile unset
     _mm(p, x, w_gate_up, tuple(w_gate_up.stride()), h, F, D, K.EPI_SWIGLU, True, cfg.up,
         weights, pre=pre, store_pre=save_pre)
-    o = torch.empty((p.R, D), dtype=x.dtype, device=x.device)  # [R, D] weighted expert rows
+    o = _rowmap.empty((p.R, D), x.dtype, x.device)  # [R, D] weighted expert rows
     _mm(p, h, w_down, tuple(w_down.stride()), o, D, F, K.EPI_SCALE, False, cfg.down, weights)
     del h
     return _rowmap.gather_reduce(o, p.slot_to_row), pre
@@ -282,8 +282,8 @@ def experts_backward(dy: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor,
     if need_x or need_wgu or need_w:
         tile = cfg.down
         n_tiles = triton.cdiv(F, tile.block_n)
-        dgu = torch.empty((p.R, 2 * F), dtype=x.dtype, device=x.device)  # [R, 2F] dg | du
-        partial = torch.empty((p.R, n_tiles), dtype=torch.float32, device=x.device)
+        dgu = _rowmap.empty((p.R, 2 * F), x.dtype, x.device)  # [R, 2F] dg | du
+        partial = _rowmap.empty((p.R, n_tiles), torch.float32, x.device)
         wd_t = (w_down.stride(0), w_down.stride(2), w_down.stride(1))  # w_down[e]^T [D, F]
         _mm(p, dy, w_down, wd_t, dgu, F, D, K.EPI_SWIGLU_BWD, True, tile, weights, pre=pre,
             dw=partial)
@@ -296,7 +296,7 @@ def experts_backward(dy: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor,
                           b_scale=False, weights=weights, out_dtype=w_gate_up.dtype,
                           tile=cfg.wgrad)
         if need_x:
-            dx_rows = torch.empty((p.R, D), dtype=x.dtype, device=x.device)
+            dx_rows = _rowmap.empty((p.R, D), x.dtype, x.device)
             wgu_t = (w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1))  # [2F, D]
             _mm(p, dgu, w_gate_up, wgu_t, dx_rows, D, 2 * F, K.EPI_STORE, False, cfg.down,
                 weights)
