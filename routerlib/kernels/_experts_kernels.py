@@ -75,12 +75,15 @@ def _load_b(b_ptr, offs_k, offs_n, K, N, stride_bk, stride_bn):
 
 
 @triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b. UPCAST (set under TRITON_INTERPRET=1 only): the interpreter's tl.dot reads
-    16-bit float tiles as integers, so there the tiles go in as fp32."""
+def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. IEEE: fp32 tiles multiplied in full fp32 (no TF32). UPCAST (set under
+    TRITON_INTERPRET=1 only): the interpreter's tl.dot reads 16-bit float tiles as integers, so
+    there the tiles go in as fp32."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -98,67 +101,68 @@ def _grouped_mm_kernel(
     N, K, S, E, M_TILES,
     stride_a, stride_be, stride_bk, stride_bn, stride_out, stride_pre,
     EPILOGUE: tl.constexpr, A_GATHER: tl.constexpr, NEED_SLOT: tl.constexpr, PRE: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_E: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _swizzle(tl.program_id(0), M_TILES, num_n, GROUP_M)
     expert, row_lo, row_hi, valid = _tile_of(pid_m, counts_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
-    if valid:
-        offs_m = row_lo + tl.arange(0, BLOCK_M)  # [BLOCK_M] buffer rows
-        row_ok = offs_m < row_hi
-        slot = offs_m
-        if NEED_SLOT:
-            slot = tl.load(row_to_slot_ptr + offs_m, mask=row_ok, other=-1)
-            row_ok = row_ok & (slot >= 0)
-        src = offs_m
-        if A_GATHER:
-            src = slot // S  # token of the row
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        b_base = b_ptr + expert.to(tl.int64) * stride_be
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the up half (EPI_SWIGLU)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            a = _load_a(a_ptr, src, row_ok, offs_k, K, stride_a)
-            b = _load_b(b_base, offs_k, offs_n, K, N, stride_bk, stride_bn)
-            acc = _dot(a, b, acc, PRECISION, UPCAST)
-            if EPILOGUE == 1:
-                b2 = _load_b(b_base + N * stride_bn, offs_k, offs_n, K, N, stride_bk, stride_bn)
-                acc2 = _dot(a, b2, acc2, PRECISION, UPCAST)
-        rows64 = offs_m.to(tl.int64)
-        n_ok = offs_n < N
-        mask = (offs_m < row_hi)[:, None] & n_ok[None, :]
-        out_ptrs = out_ptr + rows64[:, None] * stride_out + offs_n[None, :]
-        if EPILOGUE == 0:
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        elif EPILOGUE == 1:
-            h = acc * tl.sigmoid(acc) * acc2
-            tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=mask)
-            if PRE:
-                pre_ptrs = pre_ptr + rows64[:, None] * stride_pre + offs_n[None, :]
-                tl.store(pre_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
-                tl.store(pre_ptrs + N, acc2.to(pre_ptr.dtype.element_ty), mask=mask)
-        elif EPILOGUE == 2:
-            w = tl.load(weights_ptr + slot, mask=row_ok, other=0.0)  # [BLOCK_M] fp32
-            tl.store(out_ptrs, (acc * w[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            # acc = dy[token] @ W_down[e]^T = d(unweighted h); recompute h from the saved pair
+    if not valid:
+        return
+    offs_m = row_lo + tl.arange(0, BLOCK_M)  # [BLOCK_M] buffer rows
+    row_ok = offs_m < row_hi
+    slot = offs_m
+    if NEED_SLOT:
+        slot = tl.load(row_to_slot_ptr + offs_m, mask=row_ok, other=-1)
+        row_ok = row_ok & (slot >= 0)
+    src = offs_m
+    if A_GATHER:
+        src = slot // S  # token of the row
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    b_base = b_ptr + expert.to(tl.int64) * stride_be
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the up half (EPI_SWIGLU)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = _load_a(a_ptr, src, row_ok, offs_k, K, stride_a)
+        b = _load_b(b_base, offs_k, offs_n, K, N, stride_bk, stride_bn)
+        acc = _dot(a, b, acc, IEEE, UPCAST)
+        if EPILOGUE == 1:
+            b2 = _load_b(b_base + N * stride_bn, offs_k, offs_n, K, N, stride_bk, stride_bn)
+            acc2 = _dot(a, b2, acc2, IEEE, UPCAST)
+    rows64 = offs_m.to(tl.int64)
+    n_ok = offs_n < N
+    mask = (offs_m < row_hi)[:, None] & n_ok[None, :]
+    out_ptrs = out_ptr + rows64[:, None] * stride_out + offs_n[None, :]
+    if EPILOGUE == 0:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    elif EPILOGUE == 1:
+        h = acc * tl.sigmoid(acc) * acc2
+        tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=mask)
+        if PRE:
             pre_ptrs = pre_ptr + rows64[:, None] * stride_pre + offs_n[None, :]
-            g = tl.load(pre_ptrs, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(pre_ptrs + N, mask=mask, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(g)
-            silu = g * sig
-            # d(weight) = <dy, h @ W_down> = <dy @ W_down^T, h>, one partial dot per N tile;
-            # h rounded to the activation dtype as the forward's down GEMM read it
-            h = (silu * u).to(pre_ptr.dtype.element_ty).to(tl.float32)
-            dot = tl.sum(tl.where(mask, acc * h, 0.0), 1)  # [BLOCK_M]
-            tl.store(dw_ptr + rows64 * num_n + pid_n, dot, mask=offs_m < row_hi)
-            w = tl.load(weights_ptr + slot, mask=row_ok, other=0.0)
-            dh = acc * w[:, None]
-            dg = dh * u * sig * (1.0 + g * (1.0 - sig))
-            tl.store(out_ptrs, dg.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.store(out_ptrs + N, (dh * silu).to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(pre_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
+            tl.store(pre_ptrs + N, acc2.to(pre_ptr.dtype.element_ty), mask=mask)
+    elif EPILOGUE == 2:
+        w = tl.load(weights_ptr + slot, mask=row_ok, other=0.0)  # [BLOCK_M] fp32
+        tl.store(out_ptrs, (acc * w[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        # acc = dy[token] @ W_down[e]^T = d(unweighted h); recompute h from the saved pair
+        pre_ptrs = pre_ptr + rows64[:, None] * stride_pre + offs_n[None, :]
+        g = tl.load(pre_ptrs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(pre_ptrs + N, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        silu = g * sig
+        # d(weight) = <dy, h @ W_down> = <dy @ W_down^T, h>, one partial dot per N tile;
+        # h rounded to the activation dtype as the forward's down GEMM read it
+        h = (silu * u).to(pre_ptr.dtype.element_ty).to(tl.float32)
+        dot = tl.sum(tl.where(mask, acc * h, 0.0), 1)  # [BLOCK_M]
+        tl.store(dw_ptr + rows64 * num_n + pid_n, dot, mask=offs_m < row_hi)
+        w = tl.load(weights_ptr + slot, mask=row_ok, other=0.0)
+        dh = acc * w[:, None]
+        dg = dh * u * sig * (1.0 + g * (1.0 - sig))
+        tl.store(out_ptrs, dg.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptrs + N, (dh * silu).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -172,7 +176,7 @@ def _grouped_wgrad_kernel(
     weights_ptr,  # [T * S] fp32
     M, N, S, stride_a, stride_b,
     A_GATHER: tl.constexpr, A_SWIGLU: tl.constexpr, B_GATHER: tl.constexpr,
-    B_SCALE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    B_SCALE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dW[e][m, n] = sum over rows r of expert e of A[r, m] * B[r, n]; an expert without rows
@@ -213,7 +217,7 @@ def _grouped_wgrad_kernel(
         if B_SCALE:
             w = tl.load(weights_ptr + slot, mask=r_ok, other=0.0)
             b = (b.to(tl.float32) * w[:, None]).to(b_ptr.dtype.element_ty)
-        acc = _dot(tl.trans(a), b, acc, PRECISION, UPCAST)
+        acc = _dot(tl.trans(a), b, acc, IEEE, UPCAST)
     out_ptrs = (out_ptr + expert.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N
                 + offs_n[None, :])
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

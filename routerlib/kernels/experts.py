@@ -157,9 +157,6 @@ def padding_waste(kept_counts: torch.Tensor, block_m: int) -> torch.Tensor:
     return computed.double() / used.clamp(min=1).double()
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs stay fp32-accurate (no TF32); the setting is ignored for 16-bit inputs
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _block_e(num_experts: int) -> int:
@@ -210,7 +207,7 @@ def _mm(p: _Plan, a: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, i
         a.stride(0), w_strides[0], w_strides[1], w_strides[2], out.stride(0), pre_t.stride(0),
         EPILOGUE=epilogue, A_GATHER=a_gather,
         NEED_SLOT=a_gather or epilogue in (K.EPI_SCALE, K.EPI_SWIGLU_BWD), PRE=store_pre,
-        PRECISION=_precision(a.dtype), UPCAST=_rowmap.interpreting(), BLOCK_E=_block_e(p.E),
+        IEEE=a.dtype == torch.float32, UPCAST=_rowmap.interpreting(), BLOCK_E=_block_e(p.E),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
 
@@ -224,7 +221,7 @@ def _wgrad(p: _Plan, a: torch.Tensor, b: torch.Tensor, m: int, n: int, a_gather:
     K._grouped_wgrad_kernel[grid](
         a, b, out, p.row_to_slot, p.kept_counts, p.expert_offsets, weights, m, n, p.S,
         a.stride(0), b.stride(0), A_GATHER=a_gather, A_SWIGLU=a_swiglu, B_GATHER=b_gather,
-        B_SCALE=b_scale, PRECISION=_precision(a.dtype), UPCAST=_rowmap.interpreting(),
+        B_SCALE=b_scale, IEEE=a.dtype == torch.float32, UPCAST=_rowmap.interpreting(),
         BLOCK_M=tile.block_m,
         BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, num_warps=tile.num_warps,
         num_stages=tile.num_stages)
