@@ -127,6 +127,11 @@ def test_custom_op_matches_function(device):
     want = torch.autograd.grad(y_fn.sum(), (x, wgu, wd, w))
     for a, b in zip(grads, want):
         assert_close(a, b, name="custom op grad")
+    # what torch.compile relies on: the schema, the fake (meta) kernel, the autograd registration
+    checks = torch.library.opcheck(
+        torch.ops.routerlib.experts.default, (x, wgu, wd, w, *args, True),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    assert set(checks.values()) == {"SUCCESS"}, checks
 
 
 def test_tile_bound_and_padding_waste():

@@ -156,7 +156,8 @@ class Runner:
         x_floor, peak_mem_mb. Errors (capture refused, out of memory) become a status row."""
         conf = dict(conf, graph=graph)
         try:
-            fn()  # warm-up: compilation, autotuning
+            if self.cuda:
+                fn()  # warm-up: compilation, autotuning
             us = self._time(fn, graph)
             peak = self._peak_mb(fn)
         except Exception as e:  # noqa: BLE001 (a benchmark reports and carries on)
