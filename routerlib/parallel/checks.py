@@ -74,9 +74,9 @@ def expected_rows(ref_out, placement: list[int], world: int) -> tuple[list[int],
     return rows, slots
 
 
-def _max_err(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
-    if a is None or b is None:
-        return 0.0 if a is None and b is None else float("inf")
+def _max_err(a: torch.Tensor | None, b: torch.Tensor) -> float:
+    """Max |a - b|; a None gradient (a parameter no token reached) counts as zeros."""
+    a = torch.zeros_like(b) if a is None else a
     if a.numel() == 0:
         return 0.0
     return (a.float() - b.float()).abs().max().item()
@@ -147,3 +147,38 @@ def tolerance(case: Case) -> float:
     the partial sums on the wire; fp8/int8 payloads quantize the rows (~2^-4 / 2^-7 relative)."""
     base = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 4e-3}[case.dtype]
     return max(base, {"native": 0.0, "int8": 3e-2, "fp8": 1.5e-1}[case.ep.payload])
+
+
+def robustness_errors(rank: int, world: int) -> dict[str, str]:
+    """Build layers that must fail on every rank with a ValueError (and not hang): -> the
+    message of each case (or 'no error')."""
+    from routerlib.config import RouterConfig
+
+    def msg(fn) -> str:
+        try:
+            fn()
+        except ValueError as e:
+            return str(e)
+        return "no error"
+
+    r8 = RouterConfig(num_experts=4 * world, top_k=2)
+    cfg = MoEConfig(hidden_size=8, ffn_size=4, router=r8)
+    odd = MoEConfig(hidden_size=8, ffn_size=4, router=RouterConfig(num_experts=4 * world + 1,
+                                                                   top_k=2))
+    beyond = [e % (world + 1) for e in range(4 * world)]  # names rank `world`
+    uneven = [0] * (4 * world)
+    skew = MoEConfig(hidden_size=8, ffn_size=4 + rank % 2, router=r8)  # differs on odd ranks
+    return {
+        "ep_size": msg(lambda: EPMoELayer(odd)),
+        "placement_world": msg(lambda: EPMoELayer(cfg, placement=beyond)),
+        "placement_uneven": msg(lambda: EPMoELayer(cfg, placement=uneven)),
+        "placement_length": msg(lambda: EPMoELayer(cfg, placement=[0] * 3)),
+        "config_mismatch": msg(lambda: EPMoELayer(skew)),
+        "chunks_mismatch": msg(lambda: EPMoELayer(cfg, EPConfig(num_chunks=1 + rank % 2))),
+    }
+
+
+def suite(rank: int, world: int, cases: list[Case]) -> dict:
+    """compare_with_reference and robustness_errors in one launch of the ranks."""
+    return {"cases": compare_with_reference(rank, world, cases),
+            "errors": robustness_errors(rank, world)}

@@ -20,6 +20,7 @@ dtype, unquantized.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,7 +56,8 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """[N, ...] -> [N, bytes] uint8 view of a contiguous copy."""
-    return t.contiguous().view(torch.uint8).reshape(t.shape[0], -1)
+    width = math.prod(t.shape[1:]) * t.element_size()
+    return t.contiguous().view(torch.uint8).reshape(t.shape[0], width)
 
 
 def pack(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, payload: Payload) -> torch.Tensor:
