@@ -10,7 +10,9 @@ import torch
 
 from routerlib import MoEConfig, MoELayer, RouterConfig
 from routerlib.parallel import EPConfig, EPMoELayer, check_placement, local_plan, run_ranks, wire
+from routerlib.parallel import simulator as sim
 from routerlib.parallel.checks import Case, suite, tolerance
+from routerlib.parallel.ep import default_placement
 
 
 def _moe(E: int, K: int, D: int = 16, F: int = 8, shared: int = 0, **router) -> MoEConfig:
@@ -77,6 +79,14 @@ def _check_run(cases: list[Case], world: int) -> None:
             back = [res[q]["expected_rows_to"][r] * D * elem for q in range(world)]
             assert got["combine_bytes_to"] == back, (case.name, r)
             assert got["baseline_bytes_to"] == [n * D * 2 for n in got["expected_slots_to"]]
+        # the simulator counts the same rows from the same routing
+        S = case.cfg.router.slots_per_token
+        ids = torch.tensor(sum((g["topk_ids"] for g in res), []), dtype=torch.int32).view(-1, S)
+        home = torch.cat([torch.full((g["tokens"],), r) for r, g in enumerate(res)])
+        placement = case.placement or default_placement(case.cfg.router.num_experts, world)
+        kept = torch.tensor(sum((g["kept"] for g in res), []), dtype=torch.bool).view(-1, S)
+        sim_rows = sim.row_matrix(ids, placement, world, home=home, kept=kept)
+        assert sim_rows.tolist() == [g["rows_to"] for g in res], case.name
         # no token lost: every kept slot went to exactly one rank
         sent = sum(sum(g["slots_to"]) for g in res)
         assert sent == sum(sum(g["expected_slots_to"]) for g in res)
@@ -168,6 +178,50 @@ def test_local_plan_matches_a_loop(M, S, E_l):
     counts = [int((ids == e).sum()) for e in range(E_l)]
     assert plan.expert_counts.tolist() == counts
     assert plan.expert_offsets.tolist() == [sum(counts[:e]) for e in range(E_l + 1)]
+
+
+def test_simulator_target_deepseek_v3_8_ranks():
+    """Dedup + fp8 payload: dispatch bytes on the wire per token <= 30% of a bf16 all-to-all
+    sending K copies (DeepSeek-V3 routing: 8 groups, 4 kept, one group a rank)."""
+    shape = sim.SHAPES["deepseek-v3"]
+    ids = sim.generate_routing(shape, 2048, seed=1)
+    placement = default_placement(shape.experts, 8)
+    p = sim.predict(ids, placement, 8, shape, sim.calibrated_h200(), payload="fp8")
+    wb = p.wire_bytes_per_token(2048)
+    assert wb["dispatch_ratio"] <= 0.30, wb
+    plain = sim.predict(ids, placement, 8, shape, sim.calibrated_h200(), dedup=False)
+    assert plain.wire_bytes_per_token(2048)["baseline_dispatch"] == wb["baseline_dispatch"]
+    # a token reaches at most topk_groups = 4 ranks: at most 4 rows, never more than K slots
+    rows = sim.row_matrix(ids, placement, 8)
+    assert rows.sum() <= 4 * 2048 and rows.sum() < sim.row_matrix(ids, placement, 8, False).sum()
+
+
+def test_simulator_calibration():
+    topo = sim.calibrated_h200()
+    shape = sim.Shape("d7168", 7168, 2048, 8, 1)
+    # 128 tokens of D=7168 bf16, 4 GPUs, each token to every other GPU's share: the measured
+    # 80-108 us; 0.5 GB a rank on 2 GPUs: the measured 282 GB/s bus bandwidth
+    b = torch.full((4, 4), 128 * 7168 * 2 // 4)
+    assert 80 <= sim.all_to_all_us(b, topo) <= 108
+    half = torch.full((2, 2), 2**28)
+    t = sim.all_to_all_us(half, topo) - topo.nvlink_latency_us
+    assert abs(2**28 / (t * 1e3) - 282) < 1
+    assert shape.router().num_experts == 8
+
+
+def test_placement_search_balances_hot_experts():
+    shape = sim.SHAPES["qwen3-30b-a3b"]
+    ids = sim.generate_routing(shape, 1024, skew=1.5, seed=2)
+    load = torch.bincount(ids.reshape(-1).long(), minlength=shape.experts)
+    lpt = sim.lpt_placement(load, 8)
+    assert sorted(lpt.count(r) for r in range(8)) == [16] * 8
+    topo = sim.calibrated_h200()
+    best, hist = sim.search_placement(ids, 8, shape, topo, swaps=5)
+    check_placement(best, shape.experts, 8)
+    assert hist[-1] <= min(hist[:2])  # never worse than the blocks or LPT
+    blocks = sim.predict(ids, default_placement(shape.experts, 8), 8, shape, topo)
+    searched = sim.predict(ids, best, 8, shape, topo)
+    assert searched.imbalance < blocks.imbalance
 
 
 @pytest.mark.gpu

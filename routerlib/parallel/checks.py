@@ -138,7 +138,9 @@ def compare_with_reference(rank: int, world: int, cases: list[Case],
                         "dispatch_bytes_to": s.dispatch_bytes_to,
                         "combine_bytes_to": s.combine_bytes_to,
                         "baseline_bytes_to": s.baseline_bytes_to,
-                        "local_ids": ep.local_ids, "tokens": case.tokens[rank]})
+                        "local_ids": ep.local_ids, "tokens": case.tokens[rank],
+                        "topk_ids": out_ref.topk_ids.tolist(),  # lists: plain pickles
+                        "kept": (out_ref.plan.slot_to_row >= 0).tolist()})
     return results
 
 
