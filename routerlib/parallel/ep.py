@@ -269,7 +269,7 @@ class EPMoELayer(nn.Module):
         out = self.router(x2, seq_len=seq_len, generator=generator)
         if self.balance_group is not None:
             out.aux_loss = self._global_aux(out, x2.shape[0])
-        chunks = self._plan_chunks(x2, out)
+        chunks = self.plan_chunks(x2, out)
         y = x2.new_zeros(x2.shape, dtype=torch.float32)  # [T, D] fp32 accumulator
 
         payload = self.ep.payload
@@ -298,8 +298,9 @@ class EPMoELayer(nn.Module):
             y = y + shared
         return y.view(shape), out
 
-    def _plan_chunks(self, x2: torch.Tensor, out: RouterOutput) -> list[_Chunk]:
-        """Deduplicated send lists of every chunk, after the counts exchange (the host sync)."""
+    def plan_chunks(self, x2: torch.Tensor, out: RouterOutput) -> list[_Chunk]:
+        """Deduplicated send lists of every chunk, after the counts exchange (the host sync);
+        sets last_stats. A collective: every rank of the group calls it."""
         T, S = out.topk_ids.shape
         W, C = self.world, self.ep.num_chunks
         ids = out.topk_ids.long()  # [T, S]
