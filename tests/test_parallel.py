@@ -90,6 +90,10 @@ def _check_run(cases: list[Case], world: int) -> None:
         # no token lost: every kept slot went to exactly one rank
         sent = sum(sum(g["slots_to"]) for g in res)
         assert sent == sum(sum(g["expected_slots_to"]) for g in res)
+    for r in range(world):  # the data-parallel balance loss over every rank's tokens
+        b = out[r]["balance"]
+        assert b["aux"] == pytest.approx(b["aux_ref"], rel=1e-5), b
+        assert b["grad_err"] <= 1e-5, b
     errs = [o["errors"] for o in out]
     for name in errs[0]:
         for r in range(world):

@@ -180,7 +180,33 @@ def robustness_errors(rank: int, world: int) -> dict[str, str]:
     }
 
 
+
+
+def global_balance_loss(rank: int, world: int) -> dict[str, float]:
+    """EPMoELayer(balance_group=WORLD): each rank's aux loss is the batch balance loss of all
+    ranks' tokens (the reference layer on their concatenation), and the gate gradients of the
+    ranks' losses, averaged over the ranks as data parallelism does, equal the reference's."""
+    from routerlib.config import RouterConfig
+
+    cfg = MoEConfig(hidden_size=16, ffn_size=8,
+                    router=RouterConfig(num_experts=4 * world, top_k=2, aux_loss_coef=0.1))
+    case = Case("aux", cfg, tuple(3 + 2 * r for r in range(world)))
+    ref = reference_layer(case, world, "cpu")
+    xs, _ = inputs(case, world, "cpu")
+    _, out = ref(torch.cat(xs))
+    out.aux_loss.backward()
+    ep = EPMoELayer.from_layer(ref, balance_group=dist.group.WORLD)
+    _, mine = ep(xs[rank])
+    mine.aux_loss.backward()
+    grad = ep.router.gate.weight.grad.clone()
+    dist.all_reduce(grad)
+    want = ref.router.gate.weight.grad
+    return {"aux": mine.aux_loss.item(), "aux_ref": out.aux_loss.item(),
+            "grad_err": _max_err(grad / world, want) / _scale(want)}
+
+
 def suite(rank: int, world: int, cases: list[Case]) -> dict:
-    """compare_with_reference and robustness_errors in one launch of the ranks."""
+    """compare_with_reference, robustness_errors and global_balance_loss in one launch."""
     return {"cases": compare_with_reference(rank, world, cases),
-            "errors": robustness_errors(rank, world)}
+            "errors": robustness_errors(rank, world),
+            "balance": global_balance_loss(rank, world)}
