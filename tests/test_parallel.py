@@ -59,8 +59,9 @@ def _row_bytes(case: Case) -> int:
     return data + S * (2 + 4)  # int16 local expert id + fp32 weight a slot
 
 
-def _check_run(cases: list[Case], world: int) -> None:
-    out = run_ranks(suite, world, cases, timeout_s=90)
+def _check_run(cases: list[Case], world: int, backend: str = "gloo") -> None:
+    device = "cuda" if backend == "nccl" else "cpu"
+    out = run_ranks(suite, world, cases, device, timeout_s=90, backend=backend)
     by_case = {c.name: [out[r]["cases"][i] for r in range(world)] for i, c in enumerate(cases)}
     for case in cases:
         res = by_case[case.name]
@@ -113,6 +114,13 @@ def test_ep_two_ranks_equals_reference():
 
 def test_ep_four_ranks_equals_reference():
     _check_run(CASES_4, 4)
+
+
+@pytest.mark.multigpu
+def test_ep_nccl_equals_reference():
+    """The same checks with NCCL, one GPU a rank (2 to 4 GPUs)."""
+    world = 4 if torch.cuda.device_count() >= 4 else 2
+    _check_run(CASES_4 if world == 4 else CASES_2, world, "nccl")
 
 
 def test_dedup_sends_fewer_rows_than_slots():

@@ -151,7 +151,7 @@ def tolerance(case: Case) -> float:
     return max(base, {"native": 0.0, "int8": 3e-2, "fp8": 1.5e-1}[case.ep.payload])
 
 
-def robustness_errors(rank: int, world: int) -> dict[str, str]:
+def robustness_errors(rank: int, world: int, device: str = "cpu") -> dict[str, str]:
     """Build layers that must fail on every rank with a ValueError (and not hang): -> the
     message of each case (or 'no error')."""
     from routerlib.config import RouterConfig
@@ -171,18 +171,19 @@ def robustness_errors(rank: int, world: int) -> dict[str, str]:
     uneven = [0] * (4 * world)
     skew = MoEConfig(hidden_size=8, ffn_size=4 + rank % 2, router=r8)  # differs on odd ranks
     return {
-        "ep_size": msg(lambda: EPMoELayer(odd)),
-        "placement_world": msg(lambda: EPMoELayer(cfg, placement=beyond)),
-        "placement_uneven": msg(lambda: EPMoELayer(cfg, placement=uneven)),
-        "placement_length": msg(lambda: EPMoELayer(cfg, placement=[0] * 3)),
-        "config_mismatch": msg(lambda: EPMoELayer(skew)),
-        "chunks_mismatch": msg(lambda: EPMoELayer(cfg, EPConfig(num_chunks=1 + rank % 2))),
+        "ep_size": msg(lambda: EPMoELayer(odd, device=device)),
+        "placement_world": msg(lambda: EPMoELayer(cfg, placement=beyond, device=device)),
+        "placement_uneven": msg(lambda: EPMoELayer(cfg, placement=uneven, device=device)),
+        "placement_length": msg(lambda: EPMoELayer(cfg, placement=[0] * 3, device=device)),
+        "config_mismatch": msg(lambda: EPMoELayer(skew, device=device)),
+        "chunks_mismatch": msg(lambda: EPMoELayer(cfg, EPConfig(num_chunks=1 + rank % 2),
+                                                  device=device)),
     }
 
 
 
 
-def global_balance_loss(rank: int, world: int) -> dict[str, float]:
+def global_balance_loss(rank: int, world: int, device: str = "cpu") -> dict[str, float]:
     """EPMoELayer(balance_group=WORLD): each rank's aux loss is the batch balance loss of all
     ranks' tokens (the reference layer on their concatenation), and the gate gradients of the
     ranks' losses, averaged over the ranks as data parallelism does, equal the reference's."""
@@ -191,8 +192,8 @@ def global_balance_loss(rank: int, world: int) -> dict[str, float]:
     cfg = MoEConfig(hidden_size=16, ffn_size=8,
                     router=RouterConfig(num_experts=4 * world, top_k=2, aux_loss_coef=0.1))
     case = Case("aux", cfg, tuple(3 + 2 * r for r in range(world)))
-    ref = reference_layer(case, world, "cpu")
-    xs, _ = inputs(case, world, "cpu")
+    ref = reference_layer(case, world, device)
+    xs, _ = inputs(case, world, device)
     _, out = ref(torch.cat(xs))
     out.aux_loss.backward()
     ep = EPMoELayer.from_layer(ref, balance_group=dist.group.WORLD)
@@ -205,8 +206,8 @@ def global_balance_loss(rank: int, world: int) -> dict[str, float]:
             "grad_err": _max_err(grad / world, want) / _scale(want)}
 
 
-def suite(rank: int, world: int, cases: list[Case]) -> dict:
+def suite(rank: int, world: int, cases: list[Case], device: str = "cpu") -> dict:
     """compare_with_reference, robustness_errors and global_balance_loss in one launch."""
-    return {"cases": compare_with_reference(rank, world, cases),
-            "errors": robustness_errors(rank, world),
-            "balance": global_balance_loss(rank, world)}
+    return {"cases": compare_with_reference(rank, world, cases, device),
+            "errors": robustness_errors(rank, world, device),
+            "balance": global_balance_loss(rank, world, device)}

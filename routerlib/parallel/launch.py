@@ -1,8 +1,10 @@
-"""Run a function on W local CPU ranks with gloo: what the tests and notebook 05 use to check
-expert parallelism without GPUs (on GPUs, start ranks with torchrun instead).
+"""Run a function on W local ranks: gloo on the CPU (what the tests and notebook 05 use to check
+expert parallelism without GPUs), or NCCL with one GPU a rank (the multi-GPU tests; scripts
+run under torchrun instead).
 
-`run_ranks(fn, world, *args)` spawns W processes, initialises a gloo process group on a free
-local port in each, calls fn(rank, world, *args), and returns the W return values. Every
+`run_ranks(fn, world, *args)` spawns W processes, initialises a process group on a free local
+port in each (rank r on cuda:r with NCCL), calls fn(rank, world, *args), and returns the W
+return values. Every
 collective has a timeout and so does the join: a rank that dies or hangs fails the call with a
 RuntimeError instead of hanging it.
 """
@@ -26,14 +28,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, timeout_s: float, queue, fn: Callable,
-           args: tuple) -> None:
+def _entry(rank: int, world: int, port: int, timeout_s: float, backend: str, queue,
+           fn: Callable, args: tuple) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # W ranks share the machine's cores
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         try:
@@ -44,12 +48,15 @@ def _entry(rank: int, world: int, port: int, timeout_s: float, queue, fn: Callab
         queue.put((rank, False, traceback.format_exc()))
 
 
-def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 60.0
-              ) -> list[Any]:
-    """fn(rank, world, *args) on `world` gloo ranks -> [result of rank 0, 1, ...].
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 60.0,
+              backend: str = "gloo") -> list[Any]:
+    """fn(rank, world, *args) on `world` ranks -> [result of rank 0, 1, ...].
 
-    fn must be importable (a module-level function) and its result picklable. timeout_s bounds
-    each collective and the whole run."""
+    fn must be importable (a module-level function) and its result picklable (plain Python
+    values: tensors travel through shared memory that dies with the rank). timeout_s bounds
+    each collective and the whole run. backend: "gloo" or "nccl" (one GPU a rank)."""
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend={backend!r}: must be 'gloo' or 'nccl'")
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
@@ -57,8 +64,9 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float =
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        procs = [ctx.Process(target=_entry, args=(r, world, port, timeout_s, queue, fn, args),
-                             daemon=True) for r in range(world)]
+        procs = [ctx.Process(target=_entry, daemon=True,
+                             args=(r, world, port, timeout_s, backend, queue, fn, args))
+                 for r in range(world)]
         for p in procs:
             p.start()
     finally:
