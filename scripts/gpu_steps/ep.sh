@@ -1,7 +1,8 @@
-# Expert parallelism (issue 19): the gpu- and multigpu-marked tests of tests/test_parallel.py (pack /
-# unpack on the GPU, the EP layer with a group of size 1 against MoELayer), then scripts/ep_gpu.py
-# under torchrun on every GPU of the machine (NCCL; correctness against the single-GPU layer,
-# all-to-all bandwidth against plain NCCL, layer time and tokens/s). Results: $OUT/ep/ep_w<W>.json.
+# Expert parallelism (issue 19): the gpu- and multigpu-marked tests of tests/test_parallel.py
+# (pack / unpack on the GPU, the EP layer with a group of size 1 against MoELayer; with 2+ GPUs
+# the gloo checks over NCCL), then scripts/ep_gpu.py under torchrun on every GPU of the machine
+# (correctness against the single-GPU layer, all-to-all bandwidth against plain NCCL, layer time
+# and tokens/s). Results: $OUT/ep/ep_w<W>.json; logs beside it.
 mkdir -p "$OUT/ep"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 HYPOTHESIS_PROFILE=ci timeout 90 "$PY" -m pytest -q -rf --tb=short -m "gpu or multigpu" -p no:cacheprovider \
