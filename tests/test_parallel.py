@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import INTERPRET
 
 from routerlib import MoEConfig, MoELayer, RouterConfig
 from routerlib.parallel import EPConfig, EPMoELayer, check_placement, local_plan, run_ranks, wire
@@ -114,6 +115,15 @@ def test_ep_two_ranks_equals_reference():
 
 def test_ep_four_ranks_equals_reference():
     _check_run(CASES_4, 4)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="gloo ranks run Triton on the CPU: TRITON_INTERPRET=1")
+def test_ep_triton_fused_experts_two_ranks():
+    """backend="triton": the route kernels and the fused experts (gather, GEMMs, K-sum in the
+    kernels) on the received rows; a rank with no tokens of its own still computes for others."""
+    cfg = MoEConfig(hidden_size=16, ffn_size=8, backend="triton",
+                    router=RouterConfig(num_experts=4, top_k=2))
+    _check_run([Case("triton_fused", cfg, (0, 7), ep=EPConfig(num_chunks=2))], 2)
 
 
 @pytest.mark.multigpu

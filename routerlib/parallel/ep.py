@@ -10,7 +10,9 @@ the partial sums in fp32. Per forward pass:
     counts   one all_to_all_single of int64 [W, chunks, 2] (rows, slots per rank and chunk)
     sync     ONE host sync: the split sizes and receive-buffer sizes come from those counts
     dispatch one all_to_all_single of uint8 rows per chunk (see wire.py for a row's bytes)
-    experts  routerlib's SwiGLUExperts over a local RoutingPlan (ops.dispatch/combine)
+    experts  routerlib's SwiGLUExperts over a local RoutingPlan: the fused Triton experts
+             (gather, GEMMs and weighted K-sum in the kernels) or dispatch / grouped GEMM /
+             combine, as MoEConfig.expert_path picks for MoELayer
     combine  one all_to_all_single back per chunk; the backward of each is its reverse
 
 Overlap: the shared expert runs while the first chunk's dispatch is in flight; with chunks > 1
@@ -350,8 +352,13 @@ class EPMoELayer(nn.Module):
         plan = local_plan(idr, len(self.local_ids), num_slots)
         # the reference handles a rank that received nothing (M is a host int: no sync)
         backend = self.cfg.backend if xr.shape[0] else "torch"
+        path = self.cfg.expert_path  # as MoELayer: auto = fused with triton, else batched
+        if path == "auto":
+            path = "fused" if backend == "triton" else "batched"
+        if path == "fused" and backend == "triton":
+            return self.experts.forward_fused(xr, plan, wr)  # [M, D] gather, GEMMs, K-sum
         rows = ops.dispatch(xr, plan, backend)  # [R, D]
-        if self.cfg.expert_path == "loop":
+        if path == "loop":
             eo = self.experts.forward_loop(rows, plan)
         else:
             eo = self.experts.forward_batched(rows, plan)
