@@ -9,7 +9,9 @@
    all-to-all sending K copies, in the same run;
 3. layer time (forward, and forward + backward) and tokens/s, with and without overlap
    (num_chunks 1 / 4), native bf16 and fp8 payload, Qwen3-30B-A3B and DeepSeek-V3 shapes.
-Rows go to <out>/ep_w<W>.json (routerlib.bench.results), written by rank 0.
+Rows go to <out>/ep_w<W>.json (ep_w<W>_strong.json with --global-tokens), routerlib.bench.results
+rows written by rank 0 after each stage. --backend triton runs the route kernels and the fused
+experts (their compile and autotuning take the first calls).
 """
 
 from __future__ import annotations
@@ -172,6 +174,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="build/gpu/ep")
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per rank (weak scaling)")
+    ap.add_argument("--global-tokens", type=int, default=0,
+                    help="tokens over all ranks, split evenly (strong scaling; overrides --tokens)")
     ap.add_argument("--backend", default="torch", choices=["torch", "triton"])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--shapes", default="qwen3-30b-a3b,deepseek-v3")
@@ -183,7 +187,8 @@ def main() -> None:
     else:
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    rs = ResultSet(f"ep_w{world}")
+    tokens = args.global_tokens // world if args.global_tokens else args.tokens
+    rs = ResultSet(f"ep_w{world}" + ("_strong" if args.global_tokens else ""))
 
     cases = correctness_cases(world)
     res = compare_with_reference(rank, world, cases, device=DEV)
@@ -205,7 +210,7 @@ def main() -> None:
     if rank == 0:
         rs.write(args.out)  # each stage's rows land on disk at once: a timeout keeps them
     for name in args.shapes.split(","):
-        bench_shape(name, args.tokens, args.backend, args.reps, rs, rank, world)
+        bench_shape(name, tokens, args.backend, args.reps, rs, rank, world)
         if rank == 0:
             print(f"benchmarked {name}", flush=True)
             rs.write(args.out)
