@@ -210,9 +210,9 @@ display(big[big.payload.eq("fp8") & big.dedup][["shape", "world", "dispatch_rati
 
 # %%
 qwen = sim.SHAPES["qwen3-30b-a3b"]
-skewed = sim.generate_routing(qwen, 8192, skew=1.5, seed=1)
+skewed = sim.generate_routing(qwen, 4096, skew=1.5, seed=1)
 blocks = default_placement(qwen.experts, 8)
-found, history = sim.search_placement(skewed, 8, qwen, topo, swaps=20)
+found, history = sim.search_placement(skewed, 8, qwen, topo, swaps=10)
 before = sim.predict(skewed, blocks, 8, qwen, topo)
 after = sim.predict(skewed, found, 8, qwen, topo)
 print(f"imbalance (max/mean rows) {before.imbalance:.2f} -> {after.imbalance:.2f}; predicted "

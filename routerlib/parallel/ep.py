@@ -178,6 +178,25 @@ class WireStats:
         return sum(v for r, v in enumerate(per_rank) if r != self.rank)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over a group; the gradient of every rank's copy of the sum reaches every input (the
+    backward sums the gradients over the group). Data parallelism then averages the ranks'
+    gradients, which gives the gradient of the one global loss."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.group = group
+        out = t.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
 @dataclass
 class _Chunk:
     tokens: torch.Tensor  # [N] int64 home token of each sent row (rank-major, token order)
@@ -369,15 +388,13 @@ class EPMoELayer(nn.Module):
         r = self.cfg.router
         if r.aux_loss_coef == 0 or r.routing != "token_choice":
             return out.aux_loss
-        import torch.distributed.nn.functional as dfn
-
         from routerlib.reference.losses import load_balancing_loss_from_stats
 
         E, K = r.num_experts, r.top_k
         prob, load = out.selection.prob_sum, out.plan.expert_counts.float()
         local = r.aux_loss_coef * load_balancing_loss_from_stats(prob, load, T, K)
         stats = torch.cat([prob, load, prob.new_full((1,), float(T))])  # [2E+1]
-        g = dfn.all_reduce(stats, group=self.balance_group)  # sums; backward: the same
+        g = _AllReduceSum.apply(stats, self.balance_group)  # sums; backward: the same
         tg = g[2 * E].clamp(min=1)
         glob = r.aux_loss_coef * E * ((g[E:2 * E].detach() / (tg * K)) * (g[:E] / tg)).sum()
         return out.aux_loss - local + glob

@@ -276,16 +276,16 @@ def search_placement(topk_ids: torch.Tensor, world: int, shape: Shape, topo: Top
 
 
 def plan_table(shape: Shape, worlds: list[int], topo: Topology, tokens_per_rank: int = 4096,
-               skew: float = 0.0, seed: int = 0, sample: int = 8192) -> list[dict]:
+               skew: float = 0.0, seed: int = 0, sample: int = 4096) -> list[dict]:
     """Predicted rows for each EP size: bytes per token, imbalance and times, bf16 and fp8,
     with and without dedup. tokens_per_rank: weak scaling (each rank keeps its batch); the
     routing is a sample of `sample` tokens scaled up to the batch."""
     out = []
+    ids = generate_routing(shape, sample, skew, seed)  # a sample of every batch below
     for W in worlds:
         if shape.experts % W:
             continue
         T = tokens_per_rank * W
-        ids = generate_routing(shape, min(T, sample), skew, seed)  # a sample of the batch
         placement = [e * W // shape.experts for e in range(shape.experts)]
         for payload in ("native", "fp8"):
             for dedup in (False, True):
