@@ -5,7 +5,7 @@
 # and tokens/s). Results: $OUT/ep/ep_w<W>.json; logs beside it.
 mkdir -p "$OUT/ep"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-HYPOTHESIS_PROFILE=ci timeout 90 "$PY" -m pytest -q -rf --tb=short -m "gpu or multigpu" -p no:cacheprovider \
+HYPOTHESIS_PROFILE=ci timeout 150 "$PY" -m pytest -q -rf --tb=short -m "gpu or multigpu" -p no:cacheprovider \
   tests/test_parallel.py >"$OUT/ep/pytest_gpu_parallel.log" 2>&1 || rc=$((rc | 1))
 tail -n 3 "$OUT/ep/pytest_gpu_parallel.log"
 ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null)
