@@ -230,7 +230,7 @@ def _plan(T, E, K, seed=0, capacity_factor=None, pad=1):
 def _tokens(T, D, dtype, seed=0):
     """Tokens with exact ties: a row holding amax and amax/2 rounds a code at .5 (int8: 63.5)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, D, generator=g) * torch.logspace(-2, 1, T, )[:, None]
+    x = torch.randn(T, D, generator=g) * torch.logspace(-2, 1, T)[:, None]
     x[:, 1] = x[:, 0].abs() * 4 + 1  # the amax of every row
     x[:, 2] = x[:, 1] / 2            # a code exactly at qmax / 2 (a .5 tie for int8)
     if T > 3:
@@ -306,6 +306,27 @@ def test_kernel_matches_reference_exactly(case, fmt, device, monkeypatch):
         codes = (lambda t: t.view(torch.uint8)) if fmt == "fp8" else (lambda t: t)
         assert_equal_int(codes(q), codes(q_ref), f"{fmt} codes group={group}")
         assert torch.equal(s, s_ref), f"{fmt} scales group={group}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_kernel_two_pass_rows_match_reference(fmt, device, monkeypatch):
+    # a tile narrower than the row: per-token scales take the two-pass loop (amax, then codes)
+    from routerlib.kernels.quant import quantize_dispatch as kernel
+
+    monkeypatch.setenv("ROUTERLIB_QUANT_DISPATCH_CONFIG", "BLOCK_T=2,BLOCK_D=128,num_warps=4")
+    plan = _plan(9, 5, 2, seed=3, capacity_factor=1.0)
+    plan = type(plan)(**{k: (v.to(device) if torch.is_tensor(v) else v)
+                         for k, v in plan.__dict__.items()})
+    x = _tokens(9, 320, torch.bfloat16, seed=4).to(device)
+    q, s = kernel(x, plan, fmt)
+    q_ref, s_ref = quantize_dispatch_reference(x, plan, fmt)
+    codes = (lambda t: t.view(torch.uint8)) if fmt == "fp8" else (lambda t: t)
+    assert_equal_int(codes(q), codes(q_ref), "codes")
+    assert torch.equal(s, s_ref)
+    monkeypatch.setenv("ROUTERLIB_QUANT_DISPATCH_CONFIG", "BLOCK_T=2,BLOCK_D=64,num_warps=4")
+    with pytest.raises(ValueError, match="multiple of the scale group"):
+        kernel(torch.randn(9, 256, device=device), plan, fmt, 128)
 
 
 @needs_kernels
@@ -439,7 +460,6 @@ def test_kernel_full_size_gpu(fmt, group):
     dev = torch.device("cuda")
     cfg = RouterConfig(num_experts=128, top_k=8)
     logits = torch.randn(4096, 128, device=dev)
-    _, plan = ref.select(logits, cfg), None
     plan = ref.build_plan(ref.select(logits, cfg), cfg)
     x = _tokens(4096, 4096, torch.bfloat16).to(dev)
     q, s = kernel(x, plan, fmt, group)
@@ -456,3 +476,25 @@ def test_gate_paths_gpu(precision):
     got = QuantGate(torch.nn.Parameter(w), precision)(x)
     err = (got.double() - x.double() @ w.double().t()).abs()
     assert (err <= _bound(x, w, precision)).all()
+
+
+# ---------------------------------------------------------------- benchmark (CPU sizes)
+
+def test_bench_quant_tiny_writes_every_part(tmp_path):
+    from routerlib.bench import quant as bq
+    from routerlib.bench.results import load
+
+    bq.main(["--tiny", "--out", str(tmp_path)])
+    _, rows = load(tmp_path / "quant.json")
+    parts = {r.config["part"] for r in rows}
+    assert parts == {"router", "payload", "layer"}
+    by = {(r.variant, r.config.get("inputs"), r.config.get("group"), r.metric): r.value
+          for r in rows}
+    assert by[("fp32", "bf16", None, "flip_rate")] == 0.0
+    assert by[("bf16", "bf16", None, "flip_rate")] <= 1e-3
+    cfg = next(r.config for r in rows if r.variant == "fp8" and r.metric == "bytes")
+    want = (bq.payload_bytes(cfg["T"], cfg["D"], cfg["K"], None)["total"]
+            / bq.payload_bytes(cfg["T"], cfg["D"], cfg["K"], "fp8")["total"])
+    assert by[("fp8", None, "token", "bytes_ratio_vs_bf16")] == want
+    assert all(math.isfinite(r.value) and r.value >= 0 for r in rows)
+    assert (tmp_path / "quant.csv").exists()

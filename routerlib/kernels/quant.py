@@ -15,8 +15,9 @@ e4m3 this also sidesteps the Triton interpreter's float8 conversion, which does 
 rounded-up mantissa into the exponent (7.89 became 4.0); the kernel therefore runs exactly on the
 CPU under TRITON_INTERPRET=1 too.
 
-Per-token scales need the row's amax before the first write: a program reads its rows twice
-(the second read comes from L2/L1: one row is 8 KB at D=4096). Per-128 scales are one pass.
+Per-token scales need the row's amax before the first write: up to D = 8192 a program holds the
+whole row in one tile (one read); beyond it reads the row twice (the second read from L2).
+Per-128 scales are one pass at any D.
 Launch configs: autotuned on a GPU (key: D, S, group, format); the heuristic under the
 interpreter or with ROUTERLIB_QUANT_DISPATCH_CONFIG="BLOCK_T=..,BLOCK_D=..,num_warps=..".
 """
@@ -110,6 +111,7 @@ def _quant_dispatch_kernel(
     ZERO_GROUPS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ONE_PASS: tl.constexpr,    # one scale per token and BLOCK_D >= D: the row fits one tile
 ):
     pid = tl.program_id(0)
     num_token_blocks = tl.cdiv(T, BLOCK_T)
@@ -119,7 +121,17 @@ def _quant_dispatch_kernel(
         tmask = toks < T
         toks64 = toks.to(tl.int64)
         xrow = x_ptr + toks64[:, None] * D
-        if GROUP == 0:
+        if ONE_PASS:
+            # the whole row in one tile: one read, amax and codes from registers
+            d = cols
+            m = tmask[:, None] & (d < D)[None, :]
+            x = tl.load(xrow + d[None, :], mask=m, other=0.0).to(tl.float32)
+            scale, inv = _scale_inv(tl.max(tl.abs(x), axis=1), QMAX)  # [BLOCK_T]
+            _write_scales(scale[:, None], toks64, tmask, tl.arange(0, 1), S, G, slot_to_row_ptr,
+                          scale_ptr, S_UNROLL)
+            q = _quantize(x, inv[:, None], QMAX, IS_INT)
+            _write_slots(q, toks64, tmask, d, m, S, D, slot_to_row_ptr, q_ptr, S_UNROLL)
+        elif GROUP == 0:
             # pass 1: the row's amax; pass 2 re-reads the row (from cache) and writes the slots
             amax = tl.zeros([BLOCK_T], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
@@ -174,23 +186,35 @@ def _quant_dispatch_kernel(
 
 def _configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w)
-            for bd in (512, 1024, 2048) for bt in (1, 2, 4) for w in (4, 8)
-            if bt * bd <= 4096]
+            for bd in (1024, 2048, 4096, 8192) for bt in (1, 2) for w in (4, 8)
+            if bt * bd <= 8192]
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    cap = max(GROUP, _rowmap.next_pow2(named_args["D"]))
-    return [c for c in configs if c.kwargs["BLOCK_D"] <= cap] or configs[:1]
+    """Per-token scales: the tile that holds a whole row (one pass; up to D = 8192). Per-128
+    scales: 1024- or 2048-column tiles (never wider than D needs)."""
+    D = named_args["D"]
+    group = kwargs.get("GROUP", named_args.get("GROUP", 0))
+    want = max(GROUP, min(8192, _rowmap.next_pow2(D)))
+    if group == 0:
+        keep = [c for c in configs if c.kwargs["BLOCK_D"] == want]
+    else:
+        keep = [c for c in configs if c.kwargs["BLOCK_D"] in (1024, 2048)
+                and c.kwargs["BLOCK_D"] <= max(1024, want)]
+    return keep or configs[:1]
 
 
+_ONE_PASS = {"ONE_PASS": lambda a: a["GROUP"] == 0 and a["BLOCK_D"] >= a["D"]}
+_quant_dispatch_plain = triton.heuristics(_ONE_PASS)(_quant_dispatch_kernel)
 _quant_dispatch_tuned = triton.autotune(
     configs=_configs(), key=["D", "S", "G", "GROUP", "IS_INT"],
     prune_configs_by={"early_config_prune": _prune},
-)(_quant_dispatch_kernel)
+)(_quant_dispatch_plain)
 
 
 def default_config(D: int) -> dict[str, int]:
-    block_d = max(GROUP, min(2048, _rowmap.next_pow2(D)))
+    """The interpreter's config: a whole row a tile (one pass with per-token scales)."""
+    block_d = max(GROUP, min(8192, _rowmap.next_pow2(D)))
     return {"BLOCK_T": max(1, min(4, 2048 // block_d)), "BLOCK_D": block_d, "num_warps": 4}
 
 
@@ -255,5 +279,8 @@ def quantize_dispatch(x: torch.Tensor, plan: RoutingPlan, fmt: str = "fp8",
     if pin is None:
         _quant_dispatch_tuned[grid](*args, **flags)
     else:
-        _quant_dispatch_kernel[grid](*args, **flags, **pin)
+        if group is not None and pin["BLOCK_D"] % group:
+            raise ValueError(f"ROUTERLIB_QUANT_DISPATCH_CONFIG: BLOCK_D={pin['BLOCK_D']} must be "
+                             f"a multiple of the scale group {group}")
+        _quant_dispatch_plain[grid](*args, **flags, **pin)
     return q, scales
