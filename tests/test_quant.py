@@ -498,3 +498,79 @@ def test_bench_quant_tiny_writes_every_part(tmp_path):
     assert by[("fp8", None, "token", "bytes_ratio_vs_bf16")] == want
     assert all(math.isfinite(r.value) and r.value >= 0 for r in rows)
     assert (tmp_path / "quant.csv").exists()
+
+
+# ---------------------------------------------------------------- fp8 experts
+
+def _expert_case(T_, D_, F_, E_, K_, cf, dtype, device, seed=0):
+    from routerlib.kernels.experts_fp8 import Fp8ExpertWeights
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = RouterConfig(num_experts=E_, top_k=K_, capacity_factor=cf)
+    logits = torch.randn(T_, E_, generator=g)
+    logits[:, -1] = -30.0  # the last expert gets no row: it owns no tile
+    sel = ref.select(logits, cfg)
+    plan = ref.build_plan(sel, cfg)
+    plan = type(plan)(**{k: (v.to(device) if torch.is_tensor(v) else v)
+                         for k, v in plan.__dict__.items()})
+    x = torch.randn(T_, D_, generator=g).to(device=device, dtype=dtype)
+    wgu = (torch.randn(E_, D_, 2 * F_, generator=g) / D_**0.5).to(device)
+    wd = (torch.randn(E_, F_, D_, generator=g) / F_**0.5).to(device)
+    return x, plan, sel.topk_weights.to(device), wgu, wd, Fp8ExpertWeights.from_weights(wgu, wd)
+
+
+def test_fp8_block_weights_round_trip():
+    from routerlib.kernels.experts_fp8 import Fp8ExpertWeights, quantize_blocks
+
+    wgu = torch.randn(3, 256, 256) * torch.logspace(-2, 1, 256)[None, :, None]  # blocks differ
+    wd = torch.randn(3, 128, 256)
+    w = Fp8ExpertWeights.from_weights(wgu, wd, chunk=2)
+    assert w.w_gate_up.shape == (3, 256, 256) and w.s_gate_up.shape == (3, 2, 2)
+    assert w.w_down.shape == (3, 256, 128) and w.s_down.shape == (3, 2, 1)
+    back_gu, back_d = w.dequantize()
+    for back, orig in ((back_gu, wgu), (back_d, wd)):
+        s = orig.abs().amax() / 448
+        assert ((back - orig).abs() <= torch.maximum(orig.abs() * 2.0**-4, s * 2.0**-10)).all()
+    q, s = quantize_blocks(torch.zeros(1, 128, 128))
+    assert (s == 0).all() and (q.float() == 0).all()
+    with pytest.raises(ValueError, match="multiples of 128"):
+        Fp8ExpertWeights.from_weights(torch.randn(2, 100, 256), torch.randn(2, 128, 100))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.bfloat16, 2e-2)])
+def test_fp8_experts_match_their_reference(dtype, tol, device):
+    # capacity drops, an expert without rows, odd T; fp32 output: only the fp32 summation order
+    # (and an e4m3 step of h it may move) separates kernel and reference
+    from routerlib.kernels.experts_fp8 import fp8_experts, fp8_experts_reference
+    from routerlib.reference.experts import experts as ref_experts
+
+    x, plan, w, wgu, wd, fw = _expert_case(21, 256, 128, 5, 2, 1.25, dtype, device)
+    with torch.no_grad():
+        y = fp8_experts(x, plan, w, fw)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert relative_error(y, fp8_experts_reference(x, plan, w, fw)) < tol
+    # and what fp8 costs against the exact experts (e4m3: 3 mantissa bits, three roundings)
+    assert relative_error(y, ref_experts(x, plan, w, wgu, wd)) < 0.1
+
+
+@needs_kernels
+def test_fp8_experts_errors(device):
+    from routerlib.kernels.experts_fp8 import fp8_experts
+
+    x, plan, w, _, _, fw = _expert_case(4, 128, 128, 3, 1, None, torch.float32, device)
+    with pytest.raises(ValueError, match=r"x must be \[T, 128\]"):
+        fp8_experts(x[:, :64], plan, w, fw)
+    with pytest.raises(ValueError, match="no backward"):
+        fp8_experts(x.requires_grad_(), plan, w, fw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T_", [64, 4096])
+def test_fp8_experts_gpu(T_):
+    from routerlib.kernels.experts_fp8 import fp8_experts, fp8_experts_reference
+
+    x, plan, w, _, _, fw = _expert_case(T_, 2048, 768, 128, 8, None, torch.bfloat16, "cuda")
+    with torch.no_grad():
+        y = fp8_experts(x, plan, w, fw)
+    assert relative_error(y, fp8_experts_reference(x, plan, w, fw)) < 2e-2

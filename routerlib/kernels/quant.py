@@ -251,10 +251,28 @@ def quantize_dispatch(x: torch.Tensor, plan: RoutingPlan, fmt: str = "fp8",
     if torch.is_grad_enabled() and x.requires_grad:
         raise ValueError("quantize_dispatch has no backward: call it under torch.no_grad() or "
                          "on a detached x (train with the bf16 dispatch)")
+    return _quantize_rows(x, plan.slot_to_row, plan.row_to_slot, fmt, group)
+
+
+def quantize_groups(x: torch.Tensor, fmt: str = "fp8", group: int | None = GROUP
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, D] -> (q [T, D], scales [T, G]) in token order (the same kernel with the identity
+    map: what a GEMM that gathers tokens itself reads, e.g. the fp8 experts' 1 x 128 groups)."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, D], got shape {tuple(x.shape)}")
+    check_format(fmt, group, x.shape[1])
+    T = x.shape[0]
+    ident = torch.arange(T, dtype=torch.int32, device=x.device)
+    return _quantize_rows(x, ident[:, None], ident, fmt, group)
+
+
+def _quantize_rows(x: torch.Tensor, slot_to_row: torch.Tensor, row_to_slot: torch.Tensor,
+                   fmt: str, group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    T, D = x.shape
     dtype, qmax = FORMATS[fmt]
     x = x.contiguous()
-    slot_to_row = plan.slot_to_row.contiguous()
-    row_to_slot = plan.row_to_slot.contiguous()
+    slot_to_row = slot_to_row.contiguous()
+    row_to_slot = row_to_slot.contiguous()
     S = slot_to_row.shape[1]
     if S > _rowmap.MAX_UNROLL:
         raise ValueError(f"quantize_dispatch unrolls the slot loop: S={S} > {_rowmap.MAX_UNROLL} "
