@@ -487,7 +487,7 @@ def test_bench_quant_tiny_writes_every_part(tmp_path):
     bq.main(["--tiny", "--out", str(tmp_path)])
     _, rows = load(tmp_path / "quant.json")
     parts = {r.config["part"] for r in rows}
-    assert parts == {"router", "payload", "layer"}
+    assert parts == {"router", "payload", "layer", "experts"}
     by = {(r.variant, r.config.get("inputs"), r.config.get("group"), r.metric): r.value
           for r in rows}
     assert by[("fp32", "bf16", None, "flip_rate")] == 0.0

@@ -1,6 +1,6 @@
 """Benchmark of the precision paths (python -m routerlib.bench.quant --out DIR [--tiny]).
 
-Three parts, one ResultSet ("quant", rows of routerlib.bench.results):
+Four parts, one ResultSet ("quant", rows of routerlib.bench.results):
   router   each gate precision (routerlib.quant.router) at T=16384 on a real-sized gate
            (D=4096 E=128 softmax top-8; D=7168 E=256 DeepSeek-V3's grouped sigmoid top-8):
            time of the gate GEMM and of gate + route (triton), and its agreement with the fp32
@@ -12,7 +12,8 @@ Three parts, one ResultSet ("quant", rows of routerlib.bench.results):
   layer    an MoE layer (D=4096 E=128 K=8 F=1024, T=4096) routed by each precision (output error
            against the fp32 router) and with each payload format (output error against the
            bf16 payload)
-fp8 expert GEMMs are not part of it: routerlib has no fused expert kernel to build them on yet.
+  experts  the fp8 fused experts (x quantized in 1 x 128 groups included) against the bf16 fused
+           experts at Qwen3-30B-A3B and DeepSeek-V3 shapes, T=32768 (time, TFLOP/s, output error)
 --tiny: CPU sizes (the tests; kernels under TRITON_INTERPRET=1).
 """
 
@@ -168,18 +169,71 @@ def bench_layer(rs: ResultSet, device: torch.device, tiny: bool) -> None:
     print("layer: done", flush=True)
 
 
-def run(out: str | Path | None, tiny: bool = False, parts: tuple[str, ...] = (
-        "router", "payload", "layer")) -> ResultSet:
+def bench_experts(rs: ResultSet, device: torch.device, tiny: bool) -> None:
+    """fp8 fused experts (x's quantization included) against the bf16 fused experts, T=32768."""
+    cases = ([("tiny", 16, 256, 128, 4, 2)] if tiny else
+             [("qwen3-30b-a3b", 32768, 2048, 768, 128, 8),
+              ("deepseek-v3", 32768, 7168, 2048, 256, 8)])
+    for case in cases:
+        _bench_experts_case(rs, device, tiny, *case)  # its tensors are freed on return
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"experts {case[0]}: done", flush=True)
+
+
+def _bench_experts_case(rs: ResultSet, device: torch.device, tiny: bool, name: str, T: int,
+                        D: int, F: int, E: int, K: int) -> None:
+    from routerlib.kernels.experts import fused_experts
+    from routerlib.kernels.experts_fp8 import Fp8ExpertWeights, fp8_experts
+
+    cfg = RouterConfig(num_experts=E, top_k=K, renormalize=True)
+    g = torch.Generator(device=device).manual_seed(0)
+    sel, plan = ops.route(torch.randn(T, E, device=device, generator=g), cfg,
+                          backend=_backend(device))
+    x = torch.randn(T, D, device=device, dtype=torch.bfloat16, generator=g)
+    wgu = torch.randn(E, D, 2 * F, device=device, dtype=torch.bfloat16, generator=g)
+    wgu.mul_(D ** -0.5)
+    wd = torch.randn(E, F, D, device=device, dtype=torch.bfloat16, generator=g)
+    wd.mul_(F ** -0.5)
+    fw = Fp8ExpertWeights.from_weights(wgu, wd)
+    w = sel.topk_weights
+    c = {"part": "experts", "shape": name, "T": T, "D": D, "F": F, "E": E, "K": K}
+    flops = 6 * T * K * D * F
+    runs = {"bf16": lambda: fused_experts(x, plan, w, wgu, wd),
+            "fp8": lambda: fp8_experts(x, plan, w, fw)}
+    times = {}
+    with torch.no_grad():
+        rs.add("fp8", c, "output_error_vs_bf16", relative_error(runs["fp8"](), runs["bf16"]()))
+        for variant, fn in runs.items():
+            t = _time(fn, device, tiny, 200)
+            times[variant] = t.median_us
+            rs.add(variant, c, "time_us", t.median_us, "us")
+            rs.add(variant, c, "tflops", flops / t.seconds / 1e12, "TFLOP/s")
+    rs.add("bf16", c, "weight_bytes", (wgu.numel() + wd.numel()) * 2, "B")
+    rs.add("fp8", c, "weight_bytes", fw.nbytes(), "B")
+    rs.add("fp8", c, "speedup_vs_bf16", times["bf16"] / times["fp8"], "x")
+
+
+PARTS = {"payload": bench_payload, "experts": bench_experts, "router": None, "layer": bench_layer}
+
+
+def run(out: str | Path | None, tiny: bool = False,
+        parts: tuple[str, ...] = ("payload", "experts", "router", "layer")) -> ResultSet:
+    """The parts in order; the result file is rewritten after each (a time limit that stops a
+    later part keeps the earlier rows)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rs = ResultSet("quant")
-    if "router" in parts:
-        bench_router(rs, device, tiny, 256 if tiny else 16384)
-    if "payload" in parts:
-        bench_payload(rs, device, tiny)
-    if "layer" in parts:
-        bench_layer(rs, device, tiny)
+    for part in parts:
+        if part not in PARTS:
+            raise ValueError(f"part {part!r}: choose from {sorted(PARTS)}")
+        if part == "router":
+            bench_router(rs, device, tiny, 256 if tiny else 16384)
+        else:
+            PARTS[part](rs, device, tiny)
+        if out is not None:
+            path = rs.write(out)
     if out is not None:
-        print("wrote", rs.write(out))
+        print("wrote", path)
     return rs
 
 
@@ -187,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="build/quant", help="folder for quant.json / quant.csv")
     p.add_argument("--tiny", action="store_true", help="CPU sizes (tests)")
-    p.add_argument("--parts", default="router,payload,layer")
+    p.add_argument("--parts", default="payload,experts,router,layer")
     a = p.parse_args(argv)
     run(a.out, a.tiny, tuple(s.strip() for s in a.parts.split(",") if s.strip()))
     return 0
