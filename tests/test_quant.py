@@ -498,6 +498,21 @@ def test_bench_quant_tiny_writes_every_part(tmp_path):
     assert by[("fp8", None, "token", "bytes_ratio_vs_bf16")] == want
     assert all(math.isfinite(r.value) and r.value >= 0 for r in rows)
     assert (tmp_path / "quant.csv").exists()
+    # the notebook's tables and recommendation read these rows
+    from routerlib.bench.results import to_frame
+    from routerlib.quant import summary
+
+    df = to_frame(tmp_path / "quant.json")
+    rt = summary.router_table(df)
+    assert set(rt["variant"]) == set(PRECISIONS)
+    fp32 = rt[rt["variant"] == "fp32"].iloc[0]
+    assert fp32["speedup_vs_fp32"] == 1.0 and fp32["flip_fp32_inputs"] == 0.0
+    pt = summary.payload_table(df)
+    assert len(pt) == 5 and pt["layer_output_error"].notna().sum() == 4
+    assert len(summary.experts_table(df)) == 2
+    lines = summary.recommendation(df)
+    assert any(line.startswith("payload: ") for line in lines)
+    assert any("experts tiny" in line for line in lines)
 
 
 # ---------------------------------------------------------------- fp8 experts
