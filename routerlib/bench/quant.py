@@ -101,6 +101,10 @@ def bench_router(rs: ResultSet, device: torch.device, tiny: bool, T: int) -> Non
                 rs.add(p, c, "gate_weight_bytes", r.gate.weight_bytes(), "B")
             del routers
         print(f"router {name}: done", flush=True)
+    from routerlib.quant.router import FALLBACKS
+
+    for (gemm, dev), why in FALLBACKS.items():
+        print(f"router: {gemm} on {dev} fell back to its emulation: {why}", flush=True)
 
 
 def bench_payload(rs: ResultSet, device: torch.device, tiny: bool) -> None:

@@ -83,10 +83,22 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 # The GEMMs of each path: x [T, D], w [E, D] -> logits [T, E] fp32
 # ----------------------------------------------------------------------------------------------
 
+# GEMMs this torch build refused on a device, with the error: the path then runs its exact
+# emulation there (the benchmark prints this, so a slow fallback is never mistaken for the GEMM)
+FALLBACKS: dict[tuple[str, str], str] = {}
+
+
+def _fell_back(name: str, dev: torch.device) -> bool:
+    return (name, str(dev)) in FALLBACKS
+
+
 def _mm_fp32_out(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """a [T, D] @ b_t [D, E] of 16-bit operands, fp32 accumulation and fp32 output."""
-    if a.is_cuda:
-        return torch.mm(a, b_t, out_dtype=torch.float32)
+    if a.is_cuda and not _fell_back("mm_out_dtype", a.device):
+        try:
+            return torch.mm(a, b_t, out_dtype=torch.float32)
+        except (RuntimeError, TypeError) as e:
+            FALLBACKS[("mm_out_dtype", str(a.device))] = str(e).splitlines()[0]
     return a.float() @ b_t.float()  # exact products; fp32 sums (the order may differ)
 
 
@@ -94,13 +106,14 @@ def _int8_mm(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     """xq [T, D] int8 @ wq[E, D]^T int8 -> [T, E] exact integer sums (int32 range or float64)."""
     T, D = xq.shape
     E = wq.shape[0]
-    if xq.is_cuda and T > 16 and D % 8 == 0 and E % 8 == 0:
-        return torch._int_mm(xq, wq.t()).double()
+    if (xq.is_cuda and T > 16 and D % 8 == 0 and E % 8 == 0
+            and not _fell_back("int_mm", xq.device)):
+        try:
+            return torch._int_mm(xq, wq.t()).double()
+        except (RuntimeError, NotImplementedError) as e:
+            FALLBACKS[("int_mm", str(xq.device))] = str(e).splitlines()[0]
     # float64 holds every sum exactly: |sum| <= 127^2 * D < 2^53
     return xq.double() @ wq.double().t()
-
-
-_scaled_mm_works: dict[torch.device, bool] = {}
 
 
 def _fp8_mm(xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor
@@ -110,12 +123,12 @@ def _fp8_mm(xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw: torch.Tens
     dev = xq.device
     T, D = xq.shape
     E = wq.shape[0]
-    if _scaled_mm_works.get(dev, True) and D % 16 == 0 and E % 16 == 0:
+    if not _fell_back("scaled_mm", dev) and D % 16 == 0 and E % 16 == 0:
         try:
             return torch._scaled_mm(xq, wq.t(), scale_a=sx.float().contiguous(),
                                     scale_b=sw.float().t().contiguous(), out_dtype=torch.float32)
-        except (RuntimeError, NotImplementedError):
-            _scaled_mm_works[dev] = False  # this device/build lacks row-wise fp8 GEMMs
+        except (RuntimeError, NotImplementedError) as e:  # no row-wise fp8 GEMM here
+            FALLBACKS[("scaled_mm", str(dev))] = str(e).splitlines()[0]
     return fp8_mm_reference(xq, sx, wq, sw)
 
 
