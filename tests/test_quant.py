@@ -570,6 +570,22 @@ def test_fp8_experts_match_their_reference(dtype, tol, device):
 
 
 @needs_kernels
+def test_fp8_experts_read_a_quantized_payload(device):
+    # the e4m3 rows of quantize-in-dispatch (1 x 128 scales) feed the up GEMM directly: the same
+    # codes as gathering the tokens and quantizing them, so the same output bit for bit
+    from routerlib.kernels.experts_fp8 import fp8_experts
+    from routerlib.kernels.quant import quantize_dispatch as kernel
+
+    x, plan, w, _, _, fw = _expert_case(13, 256, 128, 4, 2, None, torch.float32, device, seed=1)
+    with torch.no_grad():
+        y_gather = fp8_experts(x, plan, w, fw)
+        y_payload = fp8_experts(x, plan, w, fw, payload=kernel(x, plan, "fp8", 128))
+    assert torch.equal(y_gather, y_payload)
+    with pytest.raises(ValueError, match="payload must be"):
+        fp8_experts(x, plan, w, fw, payload=kernel(x, plan, "fp8", None))
+
+
+@needs_kernels
 def test_fp8_experts_errors(device):
     from routerlib.kernels.experts_fp8 import fp8_experts
 

@@ -14,6 +14,9 @@ scale [BLOCK_M] and the weight block's scale [BLOCK_N] before it joins the fp32 
 Weights are stored N-major with K contiguous ([E, N, K], the K-major B operand of Hopper's fp8
 wgmma). Bytes: weights half of bf16's; x read once for quantization (2TD) plus the e4m3 rows the
 GEMM gathers (TKD from L2), h written and read in e4m3 (2 x RF instead of 2 x 2RF).
+With `payload=` the up GEMM reads an expert-major e4m3 buffer with 1 x 128 scales (what
+quantize_dispatch(x, plan, "fp8", 128) writes, e.g. an all-to-all's receive buffer) instead of
+gathering the tokens: the dispatched fp8 payload is dequantized in the GEMM's K loop.
 Needs D and F multiples of 128. Under TRITON_INTERPRET=1 the tiles go into tl.dot as fp32 (the
 interpreter's dot reads 8-bit floats as integers).
 """
@@ -207,9 +210,14 @@ def _launch(p: _Plan, a, sa, b, sb, out, so, weights, n: int, k: int, epilogue: 
 
 
 def fp8_experts(x: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor,
-                w: Fp8ExpertWeights, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                w: Fp8ExpertWeights, out_dtype: torch.dtype | None = None,
+                payload: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """[T, D] -> [T, D] (x's dtype, or out_dtype): y[t] = sum_j weights[t, j] * SwiGLU_e(x[t])
     with fp8 weights and activations (see the module docstring); inference only.
+
+    payload: the dispatched rows already in e4m3 with 1 x 128 scales, (q [R, D], scales
+    [R, D/128]) as routerlib.kernels.quant.quantize_dispatch(x, plan, "fp8", 128) writes them
+    (an expert-parallel receive buffer): the up GEMM then reads them in place of gathering x.
 
     Equals routerlib.kernels.experts_fp8.fp8_experts_reference up to fp32 summation order (and
     the e4m3 rounding of h it can move by one step)."""
@@ -239,10 +247,20 @@ def fp8_experts(x: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor,
     weights = weights.float().contiguous()
     up, down = (_INTERPRET_TILES if _rowmap.interpreting()
                 else _TILES[regime(T * p.S, p.E)])
-    xq, sx = quantize_groups(x, "fp8", BLOCK)  # [T, D] e4m3, [T, D/128]
+    if payload is None:
+        aq, sa = quantize_groups(x, "fp8", BLOCK)  # [T, D] e4m3, [T, D/128]
+    else:
+        aq, sa = payload
+        if (aq.dtype != FP8 or tuple(aq.shape) != (p.R, D)
+                or tuple(sa.shape) != (p.R, D // BLOCK)):
+            raise ValueError(f"payload must be (e4m3 [{p.R}, {D}], fp32 [{p.R}, {D // BLOCK}]) "
+                             f"(quantize_dispatch(x, plan, 'fp8', 128)), got {aq.dtype} "
+                             f"{tuple(aq.shape)} and {tuple(sa.shape)}")
+        aq, sa = aq.contiguous(), sa.float().contiguous()
     hq = torch.empty((p.R, F), dtype=FP8, device=x.device)
     hs = torch.empty((p.R, F // BLOCK), dtype=torch.float32, device=x.device)
-    _launch(p, xq, sx, w.w_gate_up, w.s_gate_up, hq, hs, weights, F, D, EPI_SWIGLU_Q, True, up)
+    _launch(p, aq, sa, w.w_gate_up, w.s_gate_up, hq, hs, weights, F, D, EPI_SWIGLU_Q,
+            payload is None, up)
     o = _rowmap.empty((p.R, D), out_dtype, x.device)
     _launch(p, hq, hs, w.w_down, w.s_down, o, hs, weights, D, F, EPI_SCALE, False, down)
     return _rowmap.gather_reduce(o, p.slot_to_row)
