@@ -1,6 +1,7 @@
 # GPU step "quant" (issue 18): the quantization tests on the GPU, then the precision benchmark.
-# Sourced by scripts/gpu_run.sh with OUT, PY, ROOT and rc set. Expected ~150 s of H200 time, 180 s at most
-# (tests <= 60 s, mostly compiling; benchmark <= 120 s, its file rewritten after each part). Writes $OUT/quant/:
+# Sourced by scripts/gpu_run.sh with OUT, PY, ROOT and rc set. Expected ~150 s of H200 time,
+# 180 s at most (tests <= 60 s, mostly compiling; benchmark <= 120 s, its result file rewritten
+# after each part). Writes $OUT/quant/:
 #   pytest_gpu_quant_full.log   the gpu-marked full-size checks (autotuned kernels)
 #   pytest_gpu_quant_small.log  the rest of tests/test_quant.py on the GPU (one pinned launch
 #                               config for the payload kernel: no autotuning per small shape)
