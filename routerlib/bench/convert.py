@@ -59,16 +59,15 @@ def add_sweep_rows(rs: ResultSet, rows: list[dict], profile: list[dict] = (),
             if not _missing(r.get(m)):
                 rs.add(r["backend"], case, m, r[m], "s" if m == "setup_s" else "")
     for p in profile:
-        case = _case(p, ("config", "inputs", "T", "stage")) | {"mode": "profile"} | extra
+        case = _case(p, ("config", "inputs", "T", "stage", "time_kind")) | {"mode": "profile"} \
+            | extra
         err = "" if _missing(p.get("error")) else str(p["error"])
         if err:
             rs.add(p.get("backend", ""), case, "profile_time_us", None, "us", error=err)
             continue
         for m, unit in PROFILE_METRICS.items():
             if not _missing(p.get(m)):
-                rs.add(p["backend"], case | ({"time_kind": p["time_kind"]}
-                                             if m == "time_us" and "time_kind" in p else {}),
-                       f"profile_{m}" if m == "time_us" else m, p[m], unit)
+                rs.add(p["backend"], case, f"profile_{m}" if m == "time_us" else m, p[m], unit)
 
 
 def from_sweep(docs: list[dict], bench: str) -> ResultSet:
