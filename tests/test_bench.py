@@ -583,3 +583,24 @@ def test_sweep_ab_variants_label_rows(tmp_path, monkeypatch):
         "a": {"ROUTERLIB_AB_DEMO": "1"}, "b": {}}
     assert sweep.main(["--variant", "bad name:X"]) == 2
     assert sweep.main(["--variant", "a:NOVALUE"]) == 2
+
+
+# ---------------------------------------------------------------- set-up for a user's machine
+
+def test_environment_takes_cpu_torch_and_bounds_triton():
+    """environment.yml and scripts/env.sh take torch's CPU build (never PyPI's default Linux
+    wheel, which pulls the CUDA libraries) and triton within the tested bounds, and the
+    installed triton is inside them."""
+    root = results.ROOT
+    yml = (root / "environment.yml").read_text()
+    env_sh = (root / "scripts" / "env.sh").read_text()
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in yml
+    assert re.search(r"torch==[\d.]+\+cpu", yml)
+    assert "https://download.pytorch.org/whl/cpu" in env_sh and '+cpu"' in env_sh
+    for text in (yml, env_sh):
+        assert "triton>=3.6,<3.10" in text
+    triton = pytest.importorskip("triton")
+    major, minor = (int(v) for v in triton.__version__.split(".")[:2])
+    assert (3, 6) <= (major, minor) < (3, 10), triton.__version__
+    r = subprocess.run(["bash", "-n", str(root / "scripts" / "env.sh")], capture_output=True)
+    assert r.returncode == 0, r.stderr
