@@ -32,6 +32,14 @@ def _masked_hist(ids, valid, E_PAD: tl.constexpr):
 
 
 @triton.jit
+def _div(a, b):
+    """a / b correctly rounded, as torch divides. Triton's fp32 `/` is an approximate division
+    on NVIDIA GPUs (div.full.f32, up to 2 ulp): w / w gave weights of 0.99999994 where the
+    reference has exactly 1.0, and priority dropping then broke the ties differently."""
+    return tl.math.div_rn(a, b)
+
+
+@triton.jit
 def _sortable(k):
     """fp32 -> int32 whose signed order is the float order (-0 == +0, NaN above +inf, as in
     torch.sort)."""

@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from routerlib.kernels._plan_kernels import _sortable
+from routerlib.kernels._plan_kernels import _div, _sortable
 from routerlib.kernels._rowmap import _pdl_start
 
 _INT32_MIN = tl.constexpr(-(2**31))
@@ -844,15 +844,15 @@ def _weights(xs, valid, m, s, scale, SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.co
         xm = tl.where(valid, xs, float("-inf"))
         mk = tl.max(xm, axis=1)
         ek = tl.where(valid, tl.exp(xm - mk[:, None]), 0.0)
-        w = ek / tl.sum(ek, axis=1)[:, None]
+        w = _div(ek, tl.sum(ek, axis=1)[:, None])
     else:
         if SIGMOID:
             p = 1.0 / (1.0 + tl.exp(-xs))
         else:
-            p = tl.exp(xs - m[:, None]) / s[:, None]
+            p = _div(tl.exp(xs - m[:, None]), s[:, None])
         w = tl.where(valid, p, 0.0)
         if RENORM:
-            w = w / (tl.sum(w, axis=1) + 1e-20)[:, None]
+            w = _div(w, (tl.sum(w, axis=1) + 1e-20)[:, None])
     return w * scale
 
 

@@ -260,7 +260,9 @@ def _scatter_slot(j, src, dots, toks64, tmask, d, m, slot_cols, S, D,
     tl.store(dst_ptr + offs, val, mask=mk)
     if COMPUTE_DOT:
         other = tl.load(dot_src_ptr + offs, mask=mk, other=0.0)
-        part = tl.sum(src.to(tl.float32) * other.to(tl.float32), axis=1)  # [BLOCK_T]
+        # fp32 inputs: products and sum in fp64 (a product of two fp32 is exact there), so the
+        # D-long dot, which cancels, comes out as the exact one rounded once
+        part = tl.sum(src.to(dots.dtype) * other.to(dots.dtype), axis=1)  # [BLOCK_T]
         dots = tl.where(slot_cols[None, :] == j, dots + part[:, None], dots)
     return dots
 
@@ -280,6 +282,7 @@ def _scatter_rows_kernel(
     S_PAD: tl.constexpr,      # next power of two >= S (dot accumulator width)
     HAS_WEIGHTS: tl.constexpr,
     COMPUTE_DOT: tl.constexpr,
+    DOT_F64: tl.constexpr,    # the dot of fp32 inputs accumulates in fp64
     ZERO_GROUPS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -295,7 +298,7 @@ def _scatter_rows_kernel(
         tmask = toks < T
         toks64 = toks.to(tl.int64)
         slot_cols = tl.arange(0, S_PAD)
-        dots = tl.zeros([BLOCK_T, S_PAD], dtype=tl.float32)
+        dots = tl.zeros([BLOCK_T, S_PAD], dtype=tl.float64 if DOT_F64 else tl.float32)
         d_lo, d_hi = _d_range(D, BLOCK_D)  # all of D when COMPUTE_DOT (the host's rule)
         for d0 in range(d_lo, d_hi, BLOCK_D):
             d = d0 + cols
@@ -316,7 +319,8 @@ def _scatter_rows_kernel(
                                          HAS_WEIGHTS, COMPUTE_DOT)
         if COMPUTE_DOT:
             dmask = tmask[:, None] & (slot_cols < S)[None, :]
-            tl.store(dot_out_ptr + toks64[:, None] * S + slot_cols[None, :], dots, mask=dmask)
+            tl.store(dot_out_ptr + toks64[:, None] * S + slot_cols[None, :], dots.to(tl.float32),
+                     mask=dmask)
     else:
         # Zero the empty rows (padding, capacity left unfilled): no slot writes them.
         zero = tl.zeros([BLOCK_T, BLOCK_D], dtype=dst_ptr.dtype.element_ty)
@@ -378,6 +382,8 @@ def scatter_rows(src: torch.Tensor, slot_to_row: torch.Tensor, row_to_slot: torc
     flags = dict(S_UNROLL=S if S <= MAX_UNROLL else 0,
                  S_PAD=next_pow2(S) if dot_src is not None else 1,
                  HAS_WEIGHTS=weights is not None, COMPUTE_DOT=dot_src is not None,
+                 DOT_F64=dot_src is not None and dot_src.dtype == torch.float32
+                 and src.dtype == torch.float32,
                  ZERO_GROUPS=ZERO_GROUPS, **_pdl_flags(src.device))
 
     def grid(meta: dict) -> tuple[int, int]:
