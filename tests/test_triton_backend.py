@@ -160,3 +160,56 @@ def test_combine_weight_grad_is_fp32_accurate(T, E, K, D, cf, device):
     assert bool((err <= 1e-6 * exact.abs() + 1e-30).all()), (
         f"grad_weights off by up to {float((err / exact.abs().clamp_min(1e-30)).max()):.2e} "
         "relative")
+
+
+def test_clear_errors(monkeypatch):
+    """Inputs the kernels cannot take get a routerlib error that says what to do."""
+    cfg = RouterConfig(num_experts=8, top_k=2)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a machine without a GPU, unset
+    with pytest.raises(RuntimeError, match=r"backend='triton' runs Triton kernels on a CUDA GPU"
+                                           r".*TRITON_INTERPRET=1"):
+        ops.route(torch.randn(4, 8), cfg, backend="triton")
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match=r"logits are on the meta device"):
+            ops.route(torch.randn(4, 8, device="meta"), cfg, backend=backend)
+        with pytest.raises(TypeError, match=r"cfg must be a routerlib.RouterConfig, got dict "
+                                            r"\(build one with RouterConfig\(\*\*d\)\)"):
+            ops.route(torch.randn(4, 8), {"num_experts": 8, "top_k": 2}, backend=backend)
+
+
+def test_check_finite_flag_reports_later_without_waiting():
+    """The GPU rule of check_finite, driven on a CPU tensor: a call with NaN logits returns, the
+    next call (or raise_if_nonfinite) raises, and the flag is clean again afterwards."""
+    from routerlib.reference import gating
+
+    flag = gating._FiniteFlag(torch.device("cpu"))
+    good, bad = torch.randn(3, 4), torch.randn(3, 4)
+    bad[1, 2] = float("nan")
+    flag.note(good)
+    flag.note(bad)  # no error yet: nothing is read back at the call itself
+    with pytest.raises(ValueError, match=r"logits contain NaN or inf: an earlier route call"):
+        flag.note(good)
+    flag.raise_if_seen(wait=True)  # the bad call was reported once; the good ones pass
+    flag.note(good)
+    flag.raise_if_seen(wait=True)
+
+
+@pytest.mark.gpu
+def test_check_finite_on_gpu_needs_no_sync(device):
+    """On the GPU a route with check_finite=True never waits for the device (CUDA's sync debug
+    mode 'error' would raise on any read-back), and the bad logits are raised later."""
+    from routerlib.reference import raise_if_nonfinite
+
+    cfg = RouterConfig(num_experts=16, top_k=2)
+    logits = torch.randn(64, 16, device=device)
+    ops.route(logits, cfg, backend="triton")  # compile outside the sync check
+    torch.cuda.synchronize()
+    bad = logits.clone()
+    bad[3, 4] = float("inf")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.route(bad, cfg, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(ValueError, match=r"NaN or inf"):
+        raise_if_nonfinite(device)
