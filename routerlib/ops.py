@@ -41,7 +41,8 @@ def _check_triton_device(t: torch.Tensor, name: str) -> None:
     if isinstance(t, torch.Tensor) and not t.is_cuda:
         if t.device.type == "meta":
             raise ValueError(f"{name} are on the meta device (shapes only, no values): the "
-                             "kernels need real values on 'cuda' (or 'cpu' with TRITON_INTERPRET=1)")
+                             "kernels need real values on 'cuda' (or 'cpu' with "
+                             "TRITON_INTERPRET=1)")
         if os.environ.get("TRITON_INTERPRET", "0") != "1":
             raise RuntimeError(
                 f"backend='triton' runs Triton kernels on a CUDA GPU, but {name} are on "
