@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from routerlib.kernels.common import interpreting, next_pow2, pdl_start, pdl_supported
+
 # Slot loops up to this S are unrolled (all K row loads in flight at once); beyond it (expert
 # choice, S = E) they run as a runtime loop.
 MAX_UNROLL = 16
@@ -47,28 +49,6 @@ ZERO_GROUPS = 8
 POISON_OUTPUTS = False
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-_pdl_devices: dict[int, bool] = {}
-
-
-def pdl_supported(dev: torch.device) -> bool:
-    """Whether kernels on dev can be programmatic dependent launches: an sm_90+ GPU and a Triton
-    with griddepcontrol (tl.extra.cuda.gdc_wait); never under the interpreter."""
-    if dev.type != "cuda" or interpreting():
-        return False
-    idx = dev.index if dev.index is not None else torch.cuda.current_device()
-    got = _pdl_devices.get(idx)
-    if got is None:
-        cuda_lang = getattr(tl.extra, "cuda", None)
-        got = _pdl_devices[idx] = (hasattr(cuda_lang, "gdc_wait")
-                                   and hasattr(cuda_lang, "gdc_launch_dependents")
-                                   and torch.cuda.get_device_capability(idx) >= (9, 0))
-    return got
 
 
 def use_pdl(dev: torch.device) -> bool:
@@ -85,18 +65,6 @@ def _d_range(D, BLOCK_D: tl.constexpr):
     per = tl.cdiv(tl.cdiv(D, BLOCK_D), tl.num_programs(1)) * BLOCK_D
     lo = tl.program_id(1) * per
     return lo, tl.minimum(D, lo + per)
-
-
-@triton.jit
-def _pdl_start(PDL: tl.constexpr):
-    """A dependent launch's first step: wait for the previous grid, let the next one start."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -289,7 +257,7 @@ def _scatter_rows_kernel(
     EVEN_D: tl.constexpr,     # D % BLOCK_D == 0: no column mask
     PDL: tl.constexpr = False,  # launched as a programmatic dependent (use_pdl)
 ):
-    _pdl_start(PDL)
+    pdl_start(PDL)
     pid = tl.program_id(0)
     num_token_blocks = tl.cdiv(T, BLOCK_T)
     cols = tl.arange(0, BLOCK_D)
@@ -432,7 +400,7 @@ def _gather_reduce_kernel(
     EVEN_D: tl.constexpr,     # D % BLOCK_D == 0: no column mask
     PDL: tl.constexpr = False,  # launched as a programmatic dependent (use_pdl)
 ):
-    _pdl_start(PDL)
+    pdl_start(PDL)
     pid = tl.program_id(0)
     toks = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = toks < T
