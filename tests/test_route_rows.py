@@ -80,16 +80,16 @@ def check(T, E, K, kw, device, dtype=torch.float32, seed=0, lc: RouteLaunch | No
 
 @pytest.mark.parametrize("T,E,K,kw", CASES)
 @pytest.mark.parametrize("split,packed", [
-    (None, None),  # the default
-    ((1, 1), True), ((1, 1), False),  # one thread a token: packed keys / exact insertion
-    ((2, 2), False), ((4, 1), False),  # two and four threads a token
+    (None, None),  # the default (4 threads a token, 8-token tiles at these sizes)
+    ((1, 1), True),  # one thread a token: packed keys
+    ((2, 2), False),  # two threads a token, exact insertion
 ])
 def test_route_rows_equals_reference(T, E, K, kw, split, packed, device, poisoned):
     lc = None if split is None else launch(T, E, K, split, packed=packed)
     check(T, E, K, kw, device, lc=lc)
 
 
-@pytest.mark.parametrize("T,E,K,kw", [c for c in CASES if c[0] > 8])
+@pytest.mark.parametrize("T,E,K,kw", [CASES[1], CASES[4], CASES[7]])
 def test_route_rows_scan_launch(T, E, K, kw, device, poisoned):
     """At these sizes the place kernel scans the tile counts itself; the scan launch (what
     prefill sizes use) forced on must give the same plan."""
@@ -104,8 +104,10 @@ def test_route_rows_scan_launch(T, E, K, kw, device, poisoned):
     (40, 7, 7, {}),  # K = E
     (33, 128, 1, dict(renormalize=True)),  # k = 1, one token in the last tile
 ])
-@pytest.mark.parametrize("lane", [False, True])  # the one-hot table / bit-transposed ranks
-@pytest.mark.parametrize("warps", [1, 2])  # a tile of 32 or 64 tokens (rows of 32)
+@pytest.mark.parametrize("lane,warps", [
+    (False, 1),  # the one-hot table
+    (True, 1), (True, 2),  # bit-transposed ranks, tiles of 32 or 64 tokens (rows of 32)
+])
 def test_bit_transposed_ranks(T, E, K, kw, lane, warps, device, poisoned):
     """One thread a token: the ranks from the transposed membership bits equal the reference's
     (and the one-hot table's), ties and identical tokens included."""
@@ -154,7 +156,7 @@ def test_launch_config_rules():
     (30, 7, 7, torch.float16, {}),  # E < 8: padding columns in the network
     (20, 130, 8, torch.float32, dict(score_func="sigmoid", expert_bias=True)),
 ])
-@pytest.mark.parametrize("split", [(1, 1), (2, 2), (4, 1)])  # one list, two or four merged
+@pytest.mark.parametrize("split", [(1, 1), (4, 1)])  # one list, four merged (two, then two)
 def test_packed_network_equals_reference(T, E, K, dtype, kw, split, device, poisoned):
     """The packed selection with its keys sorted 8 at a time by a network and merged (every
     list length it takes: 7 to 10) against the reference. No fallback to the exact insertion:
@@ -169,7 +171,7 @@ def test_packed_network_equals_reference(T, E, K, dtype, kw, split, device, pois
     (50, 64, 8, dict(renormalize=True)),  # whole steps (EVEN)
 ])
 @pytest.mark.parametrize("stages", [0, 3])  # registers prefetched / Triton's stages
-@pytest.mark.parametrize("split", [(1, 1), (2, 2)])
+@pytest.mark.parametrize("split", [(1, 1)])
 def test_packed_loop_prefetch(T, E, K, kw, stages, split, device, poisoned):
     """The packed column loop both ways: prefetching the next 16 columns into registers (the
     default with 4-warp tiles) and software-pipelined by Triton."""
@@ -273,9 +275,9 @@ def test_route_rows_low_precision_logits(dtype, packed, device, poisoned):
     check(200, 24, 4, dict(capacity_factor=1.25), device, dtype, lc=lc)  # many exact bf16 ties
 
 
-@settings(max_examples=20, deadline=None,
+@settings(max_examples=8, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # device: a constant
-@given(cfg=router_configs(), T=st.integers(1, 200), split=st.sampled_from(
+@given(cfg=router_configs(), T=st.integers(1, 120), split=st.sampled_from(
     [(1, 1), (1, 2), (2, 1), (2, 4), (4, 1), (4, 2)]), seed=st.integers(0, 2**16))
 def test_route_rows_random_configs(cfg, T, split, seed, device):
     kw = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
@@ -286,7 +288,7 @@ def test_route_rows_random_configs(cfg, T, split, seed, device):
 
 
 @pytest.mark.parametrize("T,E,K,kw", [c for c in CASES if c[1] > 1])
-@pytest.mark.parametrize("split", [(1, 1), (4, 1)])
+@pytest.mark.parametrize("split", [(1, 1)])
 def test_packed_selection_alone(T, E, K, kw, split, device, poisoned):
     """The packed-key selection by itself (no exact fallback) on continuous logits (no near
     ties): the fallback must not be what makes the route correct."""
