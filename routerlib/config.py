@@ -73,8 +73,11 @@ class RouterConfig:
             b_e += rate * sign(mean_load - load_e).
 
     Checks
-        check_finite: reject NaN/inf logits (a host sync; switched off automatically while a CUDA
-            graph is being captured).
+        check_finite: reject NaN/inf logits with a ValueError. CPU logits are checked on the
+            spot. GPU logits never make the host wait: the check runs on the device into a
+            sticky flag that a later route call on that device reads once it has arrived (so
+            the error comes one or more calls late); routerlib.reference.raise_if_nonfinite()
+            waits for it. Skipped while a CUDA graph is being captured.
     """
 
     num_experts: int
@@ -201,4 +204,6 @@ class MoEConfig:
         if self.backend not in _BACKENDS:
             raise ValueError(f"MoEConfig.backend={self.backend!r}: must be one of {_BACKENDS}")
         if not isinstance(self.router, RouterConfig):
-            raise TypeError(f"MoEConfig.router must be a RouterConfig, got {type(self.router)}")
+            hint = " (build one with RouterConfig(**d))" if isinstance(self.router, dict) else ""
+            raise TypeError(f"MoEConfig.router must be a RouterConfig, got "
+                            f"{type(self.router).__name__}{hint}")
