@@ -73,8 +73,11 @@ class RouterConfig:
             b_e += rate * sign(mean_load - load_e).
 
     Checks
-        check_finite: reject NaN/inf logits (a host sync; switched off automatically while a CUDA
-            graph is being captured).
+        check_finite: reject NaN/inf logits with a ValueError. CPU logits are checked on the
+            spot. GPU logits never make the host wait: the check runs on the device into a
+            sticky flag that a later route call on that device reads once it has arrived (so
+            the error comes one or more calls late); routerlib.reference.raise_if_nonfinite()
+            waits for it. Skipped while a CUDA graph is being captured.
     """
 
     num_experts: int
@@ -173,15 +176,18 @@ class RouterConfig:
 class MoEConfig:
     """An MoE layer: a router plus E SwiGLU experts of width F, optionally a shared expert.
 
-    expert_path: "loop" (one matmul per expert, readable) or "batched" (grouped GEMM over the
-    expert-major buffer). backend: "torch" (the reference) or "triton" (the kernels).
+    expert_path: "fused" (Triton grouped GEMMs reading tokens through the plan, combine weights in
+    the epilogue: routerlib.kernels.experts), "batched" (dispatch, grouped GEMM over the
+    expert-major buffer, combine), "loop" (one matmul per expert, readable) or "auto" (fused with
+    backend="triton", batched with "torch"). backend: "torch" (the reference) or "triton" (the
+    kernels).
     """
 
     hidden_size: int
     ffn_size: int
     router: RouterConfig
     shared_expert_size: int = 0
-    expert_path: Literal["loop", "batched"] = "batched"
+    expert_path: Literal["auto", "fused", "batched", "loop"] = "auto"
     backend: Backend = "torch"
 
     def __post_init__(self) -> None:
@@ -192,10 +198,12 @@ class MoEConfig:
         if not isinstance(self.shared_expert_size, int) or self.shared_expert_size < 0:
             raise ValueError(f"MoEConfig.shared_expert_size={self.shared_expert_size!r}: "
                              "must be an int >= 0")
-        if self.expert_path not in ("loop", "batched"):
-            raise ValueError(f"MoEConfig.expert_path={self.expert_path!r}: must be 'loop' or "
-                             "'batched'")
+        if self.expert_path not in ("auto", "fused", "batched", "loop"):
+            raise ValueError(f"MoEConfig.expert_path={self.expert_path!r}: must be 'auto', "
+                             "'fused', 'batched' or 'loop'")
         if self.backend not in _BACKENDS:
             raise ValueError(f"MoEConfig.backend={self.backend!r}: must be one of {_BACKENDS}")
         if not isinstance(self.router, RouterConfig):
-            raise TypeError(f"MoEConfig.router must be a RouterConfig, got {type(self.router)}")
+            hint = " (build one with RouterConfig(**d))" if isinstance(self.router, dict) else ""
+            raise TypeError(f"MoEConfig.router must be a RouterConfig, got "
+                            f"{type(self.router).__name__}{hint}")

@@ -44,6 +44,29 @@ def execute_notebook(path: Path, out_dir: Path | None = None, timeout: int = 180
     return nb
 
 
+def notebook_title(nb) -> str:
+    """The text of the notebook's first markdown heading ('' if it has none)."""
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                if line.startswith("#"):
+                    return line.lstrip("#").strip()
+    return ""
+
+
+def index_html(rows: list[tuple[str, str, float]]) -> str:
+    """The report's front page: a title and one line per notebook (stem, title, seconds)."""
+    items = "\n".join(
+        f'  <li><a href="{html.escape(stem)}.html">{html.escape(title or stem)}</a>'
+        f" <small>({html.escape(stem)}.ipynb, executed in {dt:.0f} s)</small></li>"
+        for stem, title, dt in rows)
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+            "<title>routerlib report</title></head>\n<body>\n"
+            "<h1>routerlib report: Mixture-of-Experts routing, reference and Triton kernels</h1>\n"
+            "<p>The notebooks in order, executed by <code>make report</code>.</p>\n"
+            f"<ol>\n{items}\n</ol>\n</body></html>\n")
+
+
 def write_html(nb, dest: Path) -> None:
     from nbconvert import HTMLExporter
 
@@ -71,11 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         write_html(nb, args.out / (path.stem + ".html"))
         dt = time.perf_counter() - t0
         print(f"[report]   done in {dt:.0f} s -> {args.out / path.name}", flush=True)
-        rows.append((path.stem, dt))
-    items = "\n".join(f'<li><a href="{html.escape(s)}.html">{html.escape(s)}</a> '
-                      f"({dt:.0f} s)</li>" for s, dt in rows)
-    (args.out / "index.html").write_text(
-        f"<html><body><h1>routerlib report</h1><ol>{items}</ol></body></html>\n", encoding="utf-8")
+        rows.append((path.stem, notebook_title(nb), dt))
+    (args.out / "index.html").write_text(index_html(rows), encoding="utf-8")
     print(f"[report] wrote {args.out / 'index.html'}")
     return 0
 

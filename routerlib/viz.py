@@ -20,8 +20,20 @@ from routerlib.metrics import ExpertLoadTracker, RoutingStats
 PIPELINE = ("gate", "route", "dispatch", "experts", "combine")
 
 
+class _ShownFigure(Figure):
+    """A Figure that draws itself in a notebook: figures made without pyplot have no display
+    formatter until pyplot's inline backend loads, and would print `<Figure size ...>`."""
+
+    def _repr_png_(self) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        self.savefig(buf, format="png")
+        return buf.getvalue()
+
+
 def _figure(w: float = 7.0, h: float = 3.5, ncols: int = 1) -> tuple[Figure, list]:
-    fig = Figure(figsize=(w, h), layout="constrained")
+    fig = _ShownFigure(figsize=(w, h), layout="constrained")
     axes = fig.subplots(1, ncols)
     return fig, list(np.atleast_1d(axes))
 

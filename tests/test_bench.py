@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import matplotlib
 
@@ -22,7 +23,7 @@ from helpers import assert_close, assert_equal_int
 from matplotlib.figure import Figure
 
 from routerlib import ops
-from routerlib.bench import configs, inputs, roofline, sweep, timing
+from routerlib.bench import checks, configs, convert, inputs, results, roofline, sweep, timing
 from routerlib.bench.configs import TINY, get_shape
 from routerlib.bench.envinfo import env_info
 from routerlib.bench.profile import bottleneck, profile_stages
@@ -316,10 +317,16 @@ def test_cli_tiny_run_writes_results(tiny_run):
     assert set(df.inputs) == {"uniform", "zipf:1.2"} and set(df["T"]) == {16, 64}
     z, u = df[df.inputs == "zipf:1.2"], df[df.inputs == "uniform"]
     assert z.imbalance.min() > u.imbalance.max()
-    doc = json.load(open(f"{tiny_run}.json"))
-    assert set(doc) == {"env", "roofs", "args", "rows", "profile"}
-    assert doc["roofs"]["copy_gbps"] > 0 and doc["args"]["configs"] == "tiny"
-    assert len(doc["rows"]) == len(df) and doc["rows"][0]["config"] == "tiny"
+    rs = results.ResultSet.read(f"{tiny_run}.json")  # the one row schema
+    assert rs.bench == "tiny" and rs.env["torch"] == torch.__version__
+    assert rs.meta["roofs"]["copy_gbps"] > 0 and rs.meta["args"]["configs"] == "tiny"
+    w = results.wide(f"{tiny_run}.json")
+    timed = w[w["mode"] == "eager"]
+    assert len(timed) == len(df) and set(timed["config"]) == {"tiny"}
+    merged = timed.merge(df, on=["config", "inputs", "T", "stage"])
+    assert (merged["time_us"] == merged["median_us"]).all()
+    assert (merged["time_us_p20"] <= merged["time_us_p80"]).all()
+    assert len(w[w["mode"] == "profile"]) == 2 * 2 * 5
     prof = pd.read_csv(f"{tiny_run}_profile.csv")
     assert len(prof) == 2 * 2 * 5 and (prof.time_us > 0).all()
 
@@ -335,7 +342,9 @@ def test_cli_records_oom_and_bad_args(tmp_path, monkeypatch, capsys):
                        str(out)]) == 0
     df = pd.read_csv(f"{out}.csv")
     assert len(df) == 2 and df.error.str.startswith("OOM").all() and df.median_us.isna().all()
-    assert json.load(open(f"{out}.json"))["roofs"] is None
+    rs = results.ResultSet.read(f"{out}.json")
+    assert rs.meta["roofs"] is None and len(rs.rows) == 2
+    assert all(r.value is None and r.error.startswith("OOM") for r in rs.rows)
     # results are checkpointed after every case (failed ones too), compile cases last
     args = sweep.build_parser().parse_args(
         ["--configs", "tiny", "--tokens", "8,16", "--backends", "compile,torch", "--stages",
@@ -417,3 +426,181 @@ def test_gpu_only_tools_refuse_without_a_gpu(tmp_path):
 
     assert route_breakdown.main(["--out", str(tmp_path / "b.json")]) == 2
     assert tune.main(["--out", str(tmp_path / "t")]) == 2
+
+
+# ---------------------------------------------------------------- results: one schema, one layout
+
+RESULTS_ROOT = results.RESULTS
+
+
+def _a_set(bench="demo", device="NVIDIA H200", commit="abc1234def"):
+    rs = results.ResultSet(bench, env={"device": device, "git_commit": commit, "torch": "x"},
+                           meta={"roofs": {"copy_gbps": 4000.0}})
+    rs.add("triton", {"T": 64, "stage": "route"}, "time_us", 12.5, "us", p20=12.0, p80=13.5, n=9)
+    rs.add("triton", {"T": 64, "stage": "route"}, "gbps", 3.25, "GB/s")
+    rs.add("torch", {"T": 64, "stage": "route"}, "time_us", float("nan"), "us",
+           error="not capturable")
+    return rs
+
+
+def test_result_set_roundtrip_and_wide(tmp_path):
+    rs = _a_set()
+    path = rs.write(tmp_path)
+    back = results.ResultSet.read(path)
+    assert back.env == rs.env and back.meta == rs.meta and back.rows == rs.rows
+    assert back.rows[2].value is None and back.rows[2].error == "not capturable"  # NaN -> null
+    w = results.wide(path).set_index("variant")
+    assert w.loc["triton", "time_us"] == 12.5 and w.loc["triton", "gbps"] == 3.25
+    assert w.loc["triton", "time_us_p20"] == 12.0 and w.loc["triton", "time_us_p80"] == 13.5
+    assert w.loc["torch", "error"] == "not capturable"
+    assert len(pd.read_csv(tmp_path / "demo.csv")) == 3
+    with pytest.raises(ValueError, match="not a routerlib result file"):
+        (tmp_path / "old.json").write_text(json.dumps({"env": {}, "roofs": {}}))
+        results.ResultSet.read(tmp_path / "old.json")
+    with pytest.raises(FileNotFoundError, match="no .missing. results for .h200"):
+        results.latest("missing", "h200", tmp_path)
+
+
+def test_pack_then_install_archives_the_previous_run(tmp_path):
+    run = tmp_path / "out" / "step"
+    _a_set(commit="1111111aaaa").write(run)
+    (run / "notes.log").write_text("a log travels too")
+    tgz = results.pack(tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").rglob("*") if p.is_file()] == ["results.tgz"]
+    root = tmp_path / "results"
+    first = results.install(tgz, root)
+    assert first == [root / "h200" / "demo.json"]
+    second_run = tmp_path / "out2"
+    rs2 = _a_set(commit="2222222bbbb")
+    rs2.rows[0].value = 11.0
+    rs2.write(second_run)
+    results.install(second_run, root)
+    assert results.ResultSet.read(root / "h200" / "demo.json").rows[0].value == 11.0
+    old = results.ResultSet.read(root / "h200" / "archive" / "demo_1111111.json")
+    assert old.rows[0].value == 12.5 and (root / "h200" / "archive" / "demo_1111111.csv").exists()
+
+
+def test_convert_keeps_env_and_merges_newest_first():
+    env_a = {"device": "NVIDIA H100 80GB HBM3", "git_commit": "aaaaaaa", "date": "2026-01-01"}
+    env_b = {**env_a, "git_commit": "bbbbbbb", "date": "2026-01-02"}
+    case = dict(config="qwen3", D=2048, E=128, K=8, F=768, inputs="uniform", dtype="bfloat16",
+                T=64, stage="route", mode="graph", backend="triton", error=None, p20_us=1.0,
+                p80_us=3.0, n=5, gbps=1.0, frac_roof=0.1, floor_us=0.5, bytes=100, flops=0)
+    a = {"env": env_a, "roofs": {"copy_gbps": 1.0}, "args": {}, "rows": [
+        {**case, "median_us": 2.0}, {**case, "T": 128, "median_us": 4.0}], "profile": []}
+    b = {"env": env_b, "roofs": {"copy_gbps": 2.0}, "args": {}, "rows": [
+        {**case, "median_us": 1.5}, {**case, "T": 128, "median_us": None, "error": "OOM"}],
+         "profile": []}
+    rs = convert.from_sweep([b, a], "kernels")  # order of the files does not matter
+    assert rs.env == env_b and rs.meta["roofs"]["copy_gbps"] == 2.0
+    t = {(r.config["T"], r.config["commit"]): r.value for r in rs.rows if r.metric == "time_us"}
+    assert t == {(64, "bbbbbbb"): 1.5, (128, "aaaaaaa"): 4.0}  # a newer error does not win
+    assert not any(r.metric == "tflops" for r in rs.rows)  # no FLOPs: no TFLOP/s row
+
+
+@pytest.mark.parametrize("card,bench", [("h100", "targets"), ("h200", "targets"),
+                                        ("h100", "route_breakdown"), ("h100", "kernels")])
+def test_committed_results_are_in_the_one_schema(card, bench):
+    rs = results.ResultSet.read(results.latest(bench, card))
+    assert rs.bench == bench and card in rs.env["device"].lower() and rs.env["git_commit"]
+    assert rs.rows and all(isinstance(r.config, dict) and r.metric for r in rs.rows)
+    timed = [r for r in rs.rows if r.value is not None and r.unit == "us"]
+    assert timed and all(r.value > 0 for r in timed)
+    if bench == "targets":
+        assert all({"target", "goal", "measured", "pass"} <= set(t) for t in rs.meta["targets"])
+
+
+@pytest.mark.parametrize("card", ["h100", "h200"])
+def test_results_index_lists_every_file(card):
+    """results/<card>/README.md names every file there and in archive/, and every file it
+    names exists."""
+    folder = RESULTS_ROOT / card
+    readme = (folder / "README.md").read_text()
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                   if p.is_file() and p.name != "README.md")
+    cited: set[str] = set()
+    for tok in re.findall(r"`([^`\s]+\.(?:json|csv|txt|log|md))`", readme):
+        m = re.match(r"(.*)\.\{(.*)\}$", tok)
+        cited |= {f"{m.group(1)}.{e}" for e in m.group(2).split(",")} if m else {tok}
+    for tok in re.findall(r"`([^`\s]+)\.\{([a-z,]+)\}`", readme):
+        cited |= {f"{tok[0]}.{e}" for e in tok[1].split(",")}
+    missing = [f for f in files if f not in cited and Path(f).name not in cited]
+    assert not missing, f"files not in {card}/README.md: {missing}"
+    here = [c for c in cited if "<" not in c and not c.startswith(("docs/", "results/", "../"))]
+    absent = [c for c in here if not (folder / c).exists()]
+    assert not absent, f"{card}/README.md names files that are not there: {absent}"
+
+
+def test_route_rule_within_5_percent_of_the_best_config_on_h200():
+    """The benchmark check that replaces pinning a tuning table: in the committed tuning run,
+    the route's rule picks a config within 5% of the fastest measured for every case."""
+    df = checks.rule_within(RESULTS_ROOT / "h200" / "tune_route.json", tol=0.05)
+    assert len(df) >= 4 and df["pass"].all(), df
+    assert (df["ratio"] >= 1.0).all()
+
+
+def test_rule_check_flags_a_slow_default(tmp_path):
+    rs = results.ResultSet("tune_demo", env={"device": "cpu"})
+    for variant, us in (("default", 12.0), ("1,1", 10.0), ("2,2", float("nan"))):
+        rs.add(variant, {"kernel": "route", "T": 64}, "time_us", us, "us")
+    df = checks.rule_within(rs.write(tmp_path), tol=0.05)
+    assert df.loc[0, "best_config"] == "1,1" and df.loc[0, "ratio"] == pytest.approx(1.2)
+    assert not df.loc[0, "pass"]
+
+
+def test_sweep_ab_variants_label_rows(tmp_path, monkeypatch):
+    """An A/B run is variants of one sweep: each variant in its own process with its env, the
+    order alternating between rounds, rows labelled backend[variant]. The child processes are
+    stood in for here (a real child is the plain sweep of test_cli_tiny_run_writes_results)."""
+    calls = []
+    real_run = subprocess.run
+
+    def child(cmd, env=None, **kw):
+        if cmd[1:3] != ["-m", "routerlib.bench"]:  # git, asked by env_info
+            return real_run(cmd, env=env, **kw)
+        prefix = cmd[cmd.index("--out") + 1]
+        calls.append((cmd, env.get("ROUTERLIB_AB_DEMO")))
+        rs = results.ResultSet(Path(prefix).name, env={"device": "cpu", "git_commit": "c"})
+        rs.add("torch", {"config": "tiny", "T": 16, "stage": "route", "mode": "eager"},
+               "time_us", 10.0 + len(calls), "us")
+        rs.write(Path(prefix).parent)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", child)
+    out = tmp_path / "ab"
+    argv = ["--configs", "tiny", "--tokens", "16", "--backends", "torch", "--stages", "route",
+            "--variant", "a:ROUTERLIB_AB_DEMO=1", "--variant", "b", "--rounds", "2",
+            "--out", str(out)]
+    assert sweep.main(argv) == 0
+    assert [e for _, e in calls] == ["1", None, None, "1"]  # a b, then b a
+    for cmd, _ in calls:
+        assert cmd[1:3] == ["-m", "routerlib.bench"] and "--variant" not in cmd
+        assert cmd[cmd.index("--stages") + 1] == "route"
+    w = results.wide(f"{out}.json")
+    assert sorted(zip(w["variant"], w["round"], w["time_us"])) == [
+        ("torch[a]", 0, 11.0), ("torch[a]", 1, 14.0), ("torch[b]", 0, 12.0), ("torch[b]", 1, 13.0)]
+    assert results.ResultSet.read(f"{out}.json").meta["variants"] == {
+        "a": {"ROUTERLIB_AB_DEMO": "1"}, "b": {}}
+    assert sweep.main(["--variant", "bad name:X"]) == 2
+    assert sweep.main(["--variant", "a:NOVALUE"]) == 2
+
+
+# ---------------------------------------------------------------- set-up for a user's machine
+
+def test_environment_takes_cpu_torch_and_bounds_triton():
+    """environment.yml and scripts/env.sh take torch's CPU build (never PyPI's default Linux
+    wheel, which pulls the CUDA libraries) and triton within the tested bounds, and the
+    installed triton is inside them."""
+    root = results.ROOT
+    yml = (root / "environment.yml").read_text()
+    env_sh = (root / "scripts" / "env.sh").read_text()
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in yml
+    assert re.search(r"torch==[\d.]+\+cpu", yml)
+    assert "https://download.pytorch.org/whl/cpu" in env_sh and '+cpu"' in env_sh
+    for text in (yml, env_sh):
+        assert "triton>=3.6,<3.10" in text
+    triton = pytest.importorskip("triton")
+    major, minor = (int(v) for v in triton.__version__.split(".")[:2])
+    assert (3, 6) <= (major, minor) < (3, 10), triton.__version__
+    r = subprocess.run(["bash", "-n", str(root / "scripts" / "env.sh")], capture_output=True)
+    assert r.returncode == 0, r.stderr

@@ -63,13 +63,18 @@ def _poison_and_pin(monkeypatch):
     """NaN-filled outputs; the heuristic launch config (small shapes need no autotuning: on a
     GPU that would compile a dozen configs per case). The big-shape GPU tests unpin it."""
     monkeypatch.setattr(_rowmap, "POISON_OUTPUTS", True)
-    monkeypatch.setenv("ROUTERLIB_SCATTER_CONFIG", "default")
-    monkeypatch.setenv("ROUTERLIB_GATHER_CONFIG", "default")
+    _pin(monkeypatch, "default", "default")
+
+
+def _pin(monkeypatch, scatter: str, gather: str) -> None:
+    """Set both tuning pins (as ROUTERLIB_*_CONFIG at import would) and forget chosen configs."""
+    monkeypatch.setitem(_rowmap.PINS, "scatter", ("ROUTERLIB_SCATTER_CONFIG", scatter))
+    monkeypatch.setitem(_rowmap.PINS, "gather", ("ROUTERLIB_GATHER_CONFIG", gather))
+    monkeypatch.setattr(_rowmap, "_chosen", {})
 
 
 def _autotune(monkeypatch) -> None:
-    monkeypatch.delenv("ROUTERLIB_SCATTER_CONFIG")
-    monkeypatch.delenv("ROUTERLIB_GATHER_CONFIG")
+    _pin(monkeypatch, "", "")
 
 
 def make_plan(T: int, E: int, K: int, layout: str, device) -> tuple[RoutingPlan, torch.Tensor]:
@@ -213,10 +218,9 @@ def test_torch_compile_matches_eager(case, device):
 
 def test_several_d_chunks(monkeypatch, device):
     """BLOCK_D smaller than D (the loop over D chunks; the last chunk partial) and several tokens
-    per program, pinned through the environment. Few token blocks: D is also split over the
+    per program, pinned as the tuning pins would. Few token blocks: D is also split over the
     grid's second axis (dispatch 4 ranges of one block, combine 7; not the backward's dots)."""
-    monkeypatch.setenv("ROUTERLIB_SCATTER_CONFIG", "BLOCK_T=2,BLOCK_D=32,num_warps=2")
-    monkeypatch.setenv("ROUTERLIB_GATHER_CONFIG", "BLOCK_T=4,BLOCK_D=16,num_warps=1")
+    _pin(monkeypatch, "BLOCK_T=2,BLOCK_D=32,num_warps=2", "BLOCK_T=4,BLOCK_D=16,num_warps=1")
     plan, w, x, eo = make_inputs((5, 100, 3, 2, "capacity", F32), device)
     eo.requires_grad_()
     w = w.clone().requires_grad_()
@@ -282,7 +286,7 @@ def test_bad_inputs_are_named(device):
         combine(eo, plan, w[:, :1])
     with pytest.raises(ValueError, match="ROUTERLIB_GATHER_CONFIG"):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("ROUTERLIB_GATHER_CONFIG", "BLOCK_T=four")
+            _pin(mp, "default", "BLOCK_T=four")
             combine(eo, plan, w)
 
 
@@ -361,17 +365,14 @@ def test_configs_are_tuned_per_token_class(monkeypatch):
     assert {k[2] for k in keys} == {_rowmap.token_class(5000), _rowmap.token_class(3)}
 
 
-def test_decode_config_rule(monkeypatch):
+def test_decode_config_rule():
     """Token class 1 (17..128 tokens) takes one token a program, up to 1024 columns and 4
-    warps; the other classes autotune; the knob hands class 1 back to the autotuner."""
-    monkeypatch.delenv("ROUTERLIB_ROWMAP_DECODE", raising=False)
+    warps; the other classes autotune."""
     c = _rowmap.decode_config
     assert c(_rowmap.token_class(64), 4096) == {"BLOCK_T": 1, "BLOCK_D": 1024, "num_warps": 4}
     assert c(_rowmap.token_class(128), 320) == {"BLOCK_T": 1, "BLOCK_D": 512, "num_warps": 2}
     assert c(_rowmap.token_class(17), 8) == {"BLOCK_T": 1, "BLOCK_D": 16, "num_warps": 1}
     assert c(_rowmap.token_class(16), 4096) is None and c(_rowmap.token_class(129), 4096) is None
-    monkeypatch.setenv("ROUTERLIB_ROWMAP_DECODE", "0")
-    assert c(_rowmap.token_class(64), 4096) is None
 
 
 @pytest.mark.gpu
@@ -451,3 +452,17 @@ def test_bandwidth_against_copy(D, monkeypatch):
     print(f"D={D}: copy {copy_bw / 1e9:.0f} GB/s, dispatch {disp_ms * 1e3:.0f} us "
           f"({disp_ratio:.0%}), combine {comb_ms * 1e3:.0f} us ({comb_ratio:.0%})")
     assert disp_ratio > 0.6 and comb_ratio > 0.6, (disp_ratio, comb_ratio)
+
+
+def test_config_chosen_once_per_key(monkeypatch, device):
+    """After a key's first call its config is reused: no pin parsed, no autotuner consulted;
+    an explicit config overrides it for one call."""
+    plan, w, x, eo = make_inputs((5, 24, 3, 2, "capacity", F32), device)
+    dispatch(x, plan)
+    keys = [k for k in _rowmap._chosen if k[0] == "scatter" and k[1] == 24]
+    assert len(keys) == 1 and _rowmap._chosen[keys[0]] == _rowmap.default_config(24)
+    monkeypatch.setitem(_rowmap.PINS, "scatter", ("ROUTERLIB_SCATTER_CONFIG", "BLOCK_T=x"))
+    assert torch.equal(dispatch(x, plan), ref.dispatch(x, plan))  # the pin is not read again
+    rows, _ = _rowmap.scatter_rows(x, plan.slot_to_row, plan.row_to_slot,
+                                   config={"BLOCK_T": 1, "BLOCK_D": 16, "num_warps": 1})
+    assert torch.equal(rows, ref.dispatch(x, plan))

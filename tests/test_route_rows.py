@@ -1,7 +1,8 @@
-"""The row-wise route (kernels/route_rows.py) equals the reference integer for integer: over every
+"""The fast route (kernels/fast_route/) equals the reference integer for integer: over every
 thread split H and tile size (so one expert's slots span many tiles: the tile prefix), the fused
-one-launch plan (T <= one tile), ties, low-precision logits, and random configurations. Every
-output is poisoned first, so an entry the kernels forget to write fails."""
+one-launch plan (T <= one tile), ties, low-precision logits, and random configurations. Launch
+configurations other than the default are passed explicitly (RouteLaunch). Every output is
+poisoned first, so an entry the kernels forget to write fails."""
 
 from __future__ import annotations
 
@@ -18,8 +19,12 @@ from test_triton_backend import router_configs
 
 from routerlib import RouterConfig
 from routerlib import reference as ref
-from routerlib.kernels import route, route_rows
-from routerlib.kernels._route_rows_kernels import _merge8, _merge_packed, _sort8
+from routerlib.kernels import fast_route, route
+from routerlib.kernels.fast_route import RouteLaunch, launch_config
+from routerlib.kernels.fast_route import launch as route_launch
+from routerlib.kernels.fast_route import sync as route_sync
+from routerlib.kernels.fast_route.config import use_sync
+from routerlib.kernels.fast_route.select_packed import _merge8, _merge_packed, _sort8
 
 CASES = [  # (T, E, K, config) with the edge each covers
     (1, 8, 2, {}),  # one token, one tile (fused plan)
@@ -35,14 +40,27 @@ CASES = [  # (T, E, K, config) with the edge each covers
 ]
 
 
+def launch(T: int, E: int, K: int, split: tuple[int, int] | None = None, **kw) -> RouteLaunch:
+    """The default launch of (T, E, K), or H threads a token and num_warps (split) with the
+    selection the default would take for that split, then the fields in kw replaced."""
+    lc = launch_config(T, E, K)
+    if split is not None:
+        h, nw = split
+        packed = kw.get("packed", h == 1)
+        lc = lc.replace(threads_per_token=h, num_warps=nw, packed=packed,
+                        stages=0 if packed and nw >= 4 else 3,
+                        lane_ranks=h == 1 and E <= 128 and T > 32 * nw)
+    return lc.replace(**kw)
+
+
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every output of the route starts as poison (NaN / -7777)."""
-    monkeypatch.setattr(route_rows, "_empty",
+    monkeypatch.setattr(route_launch, "_empty",
                         lambda *a, **k: poison_like(torch.empty(*a, **k)))
 
 
-def check(T, E, K, kw, device, dtype=torch.float32, seed=0):
+def check(T, E, K, kw, device, dtype=torch.float32, seed=0, lc: RouteLaunch | None = None):
     cfg = RouterConfig(num_experts=E, top_k=K, **kw)
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(T, E, generator=g) * 2).to(dtype)
@@ -54,29 +72,28 @@ def check(T, E, K, kw, device, dtype=torch.float32, seed=0):
         logits[6, E // 2:] = logits[6, : E - E // 2].clone()  # repeated values across thread groups
     logits = logits.to(device)
     bias = (torch.randn(E, generator=g) * 0.05).to(device) if cfg.expert_bias else None
-    assert route_rows.applies(logits, cfg, need_stats=False)
-    sel, plan = route_rows.route_rows(logits, cfg, bias)
+    assert fast_route.applies(logits, cfg, need_stats=False)
+    sel, plan = fast_route.route_rows(logits, cfg, bias, lc)
     assert sel.prob_sum is None and sel.zsq_sum is None  # inference: no loss sums
     assert_route_matches_reference(sel, plan, logits, cfg, bias)
 
 
 @pytest.mark.parametrize("T,E,K,kw", CASES)
-@pytest.mark.parametrize("split", [None, "1,1", "2,2", "4,1"])
-@pytest.mark.parametrize("packed", ["0", "1"])  # the exact insertion / packed keys
-def test_route_rows_equals_reference(T, E, K, kw, split, packed, device, poisoned, monkeypatch):
-    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", packed)
-    if split:
-        monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
-    check(T, E, K, kw, device)
+@pytest.mark.parametrize("split,packed", [
+    (None, None),  # the default (4 threads a token, 8-token tiles at these sizes)
+    ((1, 1), True),  # one thread a token: packed keys
+    ((2, 2), False),  # two threads a token, exact insertion
+])
+def test_route_rows_equals_reference(T, E, K, kw, split, packed, device, poisoned):
+    lc = None if split is None else launch(T, E, K, split, packed=packed)
+    check(T, E, K, kw, device, lc=lc)
 
 
-@pytest.mark.parametrize("T,E,K,kw", [c for c in CASES if c[0] > 8])
-def test_route_rows_scan_launch(T, E, K, kw, device, poisoned, monkeypatch):
+@pytest.mark.parametrize("T,E,K,kw", [CASES[1], CASES[4], CASES[7]])
+def test_route_rows_scan_launch(T, E, K, kw, device, poisoned):
     """At these sizes the place kernel scans the tile counts itself; the scan launch (what
     prefill sizes use) forced on must give the same plan."""
-    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", "4,1")  # 8 tokens a tile: many tiles
-    monkeypatch.setenv("ROUTERLIB_ROWS_SCAN", "1")
-    check(T, E, K, kw, device)
+    check(T, E, K, kw, device, lc=launch(T, E, K, (4, 1), sum_tiles=False))  # 8-token tiles
 
 
 @pytest.mark.parametrize("T,E,K,kw", [
@@ -87,39 +104,47 @@ def test_route_rows_scan_launch(T, E, K, kw, device, poisoned, monkeypatch):
     (40, 7, 7, {}),  # K = E
     (33, 128, 1, dict(renormalize=True)),  # k = 1, one token in the last tile
 ])
-@pytest.mark.parametrize("lane", ["0", "1"])  # the one-hot table / bit-transposed ranks
-@pytest.mark.parametrize("warps", ["1", "2"])  # a tile of 32 or 64 tokens (rows of 32)
-def test_bit_transposed_ranks(T, E, K, kw, lane, warps, device, poisoned, monkeypatch):
+@pytest.mark.parametrize("lane,warps", [
+    (False, 1),  # the one-hot table
+    (True, 1), (True, 2),  # bit-transposed ranks, tiles of 32 or 64 tokens (rows of 32)
+])
+def test_bit_transposed_ranks(T, E, K, kw, lane, warps, device, poisoned):
     """One thread a token: the ranks from the transposed membership bits equal the reference's
     (and the one-hot table's), ties and identical tokens included."""
-    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", f"1,{warps}")
-    monkeypatch.setenv("ROUTERLIB_ROWS_LANE_RANKS", lane)
-    assert route_rows._use_lane_ranks(1, 1, E, False) == (lane == "1")
-    check(T, E, K, kw, device)
+    check(T, E, K, kw, device, lc=launch(T, E, K, (1, warps), lane_ranks=lane))
 
 
-@pytest.mark.parametrize("split", ["2,2", "2,4", "4,4"])  # rows of 32 tokens across warps
+@pytest.mark.parametrize("split", [(2, 2), (4, 4)])  # rows of 32 tokens across warps
 @pytest.mark.parametrize("T,E,K,kw", [(100, 128, 8, dict(capacity_factor=1.0)),
                                       (70, 40, 3, dict(pad_to_multiple=4))])
-def test_bit_transposed_ranks_forced_with_threads_per_token(T, E, K, kw, split, device,
-                                                            poisoned, monkeypatch):
-    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
-    monkeypatch.setenv("ROUTERLIB_ROWS_LANE_RANKS", "1")
-    h, nw, _ = route_rows.rows_config(E, T, K)
-    assert route_rows._use_lane_ranks(h, nw, E, False)
-    check(T, E, K, kw, device)
+def test_bit_transposed_ranks_with_threads_per_token(T, E, K, kw, split, device, poisoned):
+    check(T, E, K, kw, device, lc=launch(T, E, K, split, lane_ranks=True))
 
 
-def test_bit_transposed_ranks_apply_to_one_warp_tiles(monkeypatch):
-    monkeypatch.delenv("ROUTERLIB_ROWS_LANE_RANKS", raising=False)
-    assert route_rows._use_lane_ranks(1, 1, 128, False)
-    assert not route_rows._use_lane_ranks(1, 1, 129, False)  # more than four mask words
-    assert not route_rows._use_lane_ranks(1, 1, 64, True)  # one tile: the fused plan
-    assert not route_rows._use_lane_ranks(4, 1, 64, False)  # 4 threads a token
-    monkeypatch.setenv("ROUTERLIB_ROWS_LANE_RANKS", "1")  # forced: whole rows of 32 tokens
-    assert route_rows._use_lane_ranks(2, 2, 64, False)
-    assert not route_rows._use_lane_ranks(4, 1, 64, False)  # 8 tokens a tile: not whole rows
-    assert route_rows._use_lane_ranks(1, 4, 64, False)  # four warps a tile: rows of 32 tokens
+def test_launch_config_rules():
+    """The defaults: bit-transposed ranks with one thread a token (E <= 128, several tiles),
+    packed keys there too, register prefetch with 4-warp tiles; validation of overrides."""
+    lc = launch_config(16384, 128, 8)
+    assert (lc.threads_per_token, lc.num_warps, lc.packed, lc.stages, lc.lane_ranks) == (
+        1, 1, True, 3, True)
+    lc = launch_config(65536, 128, 8)
+    assert (lc.num_warps, lc.stages) == (4, 0)
+    lc = launch_config(16384, 256, 8)
+    assert (lc.threads_per_token, lc.num_warps, lc.packed, lc.lane_ranks) == (2, 4, False, False)
+    lc = launch_config(64, 64, 8)
+    assert (lc.threads_per_token, lc.num_warps, lc.packed, lc.dispatch_one) == (4, 1, False, False)
+    assert launch_config(16, 64, 8).dispatch_one and launch_config(16, 64, 8) is launch_config(
+        16, 64, 8)  # cached
+    for E, T, K in ((128, 16384, 8), (512, 4096, 8), (64, 1, 1), (13, 64, 3)):
+        lc = launch_config(T, E, K)
+        assert lc.tokens_per_tile <= 128  # 8-bit counts
+        words = triton.next_power_of_2(triton.cdiv(E, 4))
+        assert words // lc.threads_per_token <= 32  # rank-table words a thread holds
+    for bad in (dict(threads_per_token=3), dict(num_warps=8, threads_per_token=1),
+                dict(packed=False, stages=0), dict(threads_per_token=4, lane_ranks=True),
+                dict(sync_grid=1)):
+        with pytest.raises(ValueError, match="RouteLaunch"):
+            launch_config(4096, 64, 8).replace(**bad)
 
 
 @pytest.mark.parametrize("T,E,K,dtype,kw", [
@@ -131,33 +156,13 @@ def test_bit_transposed_ranks_apply_to_one_warp_tiles(monkeypatch):
     (30, 7, 7, torch.float16, {}),  # E < 8: padding columns in the network
     (20, 130, 8, torch.float32, dict(score_func="sigmoid", expert_bias=True)),
 ])
-@pytest.mark.parametrize("net", ["0", "1"])  # insertion / sorting network
-@pytest.mark.parametrize("split", ["1,1", "2,2", "4,1"])  # one list, two or four merged
-def test_packed_network_equals_reference(T, E, K, dtype, kw, net, split, device, poisoned,
-                                         monkeypatch):
+@pytest.mark.parametrize("split", [(1, 1), (4, 1)])  # one list, four merged (two, then two)
+def test_packed_network_equals_reference(T, E, K, dtype, kw, split, device, poisoned):
     """The packed selection with its keys sorted 8 at a time by a network and merged (every
-    list length it takes: 7 to 10) against one-by-one insertion and the reference."""
-    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "1")
-    monkeypatch.setenv("ROUTERLIB_ROWS_NETWORK", net)
-    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
-    # no fallback to the exact insertion: a key the network lost would show (these logits have
-    # exact ties only, which the packed order decides by index)
-    monkeypatch.setattr(route_rows, "_TIE_CHECK", False)
-    check(T, E, K, kw, device, dtype)
-
-
-def test_stages_rule(monkeypatch):
-    """Register prefetch (0) for the packed loop in tiles of 4 warps, Triton's 3 stages
-    otherwise; the knob pins it."""
-    monkeypatch.delenv("ROUTERLIB_ROWS_STAGES", raising=False)
-    assert route_rows._stages(2, 4) == 0 and route_rows._stages(1, 4) == 0
-    assert route_rows._stages(2, 1) == 3 and route_rows._stages(0, 4) == 3
-    h, nw, _ = route_rows.rows_config(128, 65536, 8)
-    assert route_rows._stages(route_rows._packed(h), nw) == 0  # where it measured faster
-    h, nw, _ = route_rows.rows_config(128, 16384, 8)
-    assert route_rows._stages(route_rows._packed(h), nw) == 3
-    monkeypatch.setenv("ROUTERLIB_ROWS_STAGES", "2")
-    assert route_rows._stages(2, 4) == 2
+    list length it takes: 7 to 10) against the reference. No fallback to the exact insertion:
+    a key the network lost would show (these logits have exact ties only, which the packed
+    order decides by index)."""
+    check(T, E, K, kw, device, dtype, lc=launch(T, E, K, split, packed=True, tie_check=False))
 
 
 @pytest.mark.parametrize("T,E,K,kw", [
@@ -165,16 +170,13 @@ def test_stages_rule(monkeypatch):
     (33, 20, 5, dict(expert_bias=True)),  # softmax + bias: the second pass
     (50, 64, 8, dict(renormalize=True)),  # whole steps (EVEN)
 ])
-@pytest.mark.parametrize("stages", ["0", "3"])  # registers prefetched / Triton's stages
-@pytest.mark.parametrize("split", ["1,1", "2,2"])
-def test_packed_loop_prefetch(T, E, K, kw, stages, split, device, poisoned, monkeypatch):
+@pytest.mark.parametrize("stages", [0, 3])  # registers prefetched / Triton's stages
+@pytest.mark.parametrize("split", [(1, 1)])
+def test_packed_loop_prefetch(T, E, K, kw, stages, split, device, poisoned):
     """The packed column loop both ways: prefetching the next 16 columns into registers (the
-    default) and software-pipelined by Triton."""
-    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "1")
-    monkeypatch.setenv("ROUTERLIB_ROWS_STAGES", stages)
-    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
-    monkeypatch.setattr(route_rows, "_TIE_CHECK", False)
-    check(T, E, K, kw, device, seed=T)
+    default with 4-warp tiles) and software-pipelined by Triton."""
+    lc = launch(T, E, K, split, packed=True, stages=stages, tie_check=False)
+    check(T, E, K, kw, device, seed=T, lc=lc)
 
 
 @triton.jit
@@ -267,37 +269,35 @@ def test_merge_of_two_lists(L, net, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("packed", ["0", "1"])  # packed: bf16/fp16 keys pack exactly
-def test_route_rows_low_precision_logits(dtype, packed, device, poisoned, monkeypatch):
-    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", packed)
-    check(200, 24, 4, dict(capacity_factor=1.25), device, dtype)  # many exact ties in bf16
+@pytest.mark.parametrize("packed", [False, True])  # packed: bf16/fp16 keys pack exactly
+def test_route_rows_low_precision_logits(dtype, packed, device, poisoned):
+    lc = launch(200, 24, 4, (1, 1), packed=packed)
+    check(200, 24, 4, dict(capacity_factor=1.25), device, dtype, lc=lc)  # many exact bf16 ties
 
 
-@settings(max_examples=20, deadline=None,
+@settings(max_examples=8, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # device: a constant
-@given(cfg=router_configs(), T=st.integers(1, 200), split=st.sampled_from(
-    ["1,1", "1,2", "2,1", "2,4", "4,1", "4,2"]), seed=st.integers(0, 2**16))
-def test_route_rows_random_configs(cfg, T, split, seed, device, monkeypatch):
+@given(cfg=router_configs(), T=st.integers(1, 120), split=st.sampled_from(
+    [(1, 1), (1, 2), (2, 1), (2, 4), (4, 1), (4, 2)]), seed=st.integers(0, 2**16))
+def test_route_rows_random_configs(cfg, T, split, seed, device):
     kw = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
           if f.name not in ("num_experts", "top_k")}
     kw.update(drop_policy="position", n_groups=1, topk_groups=1)
-    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
-    check(T, cfg.num_experts, cfg.top_k, kw, device, seed=seed)
+    check(T, cfg.num_experts, cfg.top_k, kw, device, seed=seed,
+          lc=launch(T, cfg.num_experts, cfg.top_k, split))
 
 
 @pytest.mark.parametrize("T,E,K,kw", [c for c in CASES if c[1] > 1])
-@pytest.mark.parametrize("split", ["1,1", "4,1"])
-def test_packed_selection_alone(T, E, K, kw, split, device, poisoned, monkeypatch):
+@pytest.mark.parametrize("split", [(1, 1)])
+def test_packed_selection_alone(T, E, K, kw, split, device, poisoned):
     """The packed-key selection by itself (no exact fallback) on continuous logits (no near
     ties): the fallback must not be what makes the route correct."""
-    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "1")
-    monkeypatch.setattr(route_rows, "_TIE_CHECK", False)
-    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
     cfg = RouterConfig(num_experts=E, top_k=K, **kw)
     g = torch.Generator().manual_seed(T * E)
     logits = (torch.randn(T, E, generator=g) * 2).to(device)
     bias = (torch.randn(E, generator=g) * 0.05).to(device) if cfg.expert_bias else None
-    sel, plan = route_rows.route_rows(logits, cfg, bias)
+    lc = launch(T, E, K, split, packed=True, tie_check=False)
+    sel, plan = fast_route.route_rows(logits, cfg, bias, lc)
     assert_route_matches_reference(sel, plan, logits, cfg, bias)
 
 
@@ -315,93 +315,51 @@ def near_tie_logits(T: int, E: int, cols: list[int], device) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("K", [1, 2, 3])
-@pytest.mark.parametrize("split", ["1,1", "2,1"])
-def test_near_ties_are_finished_exactly(K, split, device, poisoned, monkeypatch):
+@pytest.mark.parametrize("split", [(1, 1), (2, 1)])
+def test_near_ties_are_finished_exactly(K, split, device, poisoned):
     """A run of r <= 4 merged keys at the top, r <= K + 1 (the run ends inside the K + 2
     packed best): the exact finishing sort orders it, no fallback needed (the check is off)."""
-    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "1")
-    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
-    monkeypatch.setattr(route_rows, "_TIE_CHECK", False)
     cfg = RouterConfig(num_experts=24, top_k=K)
+    lc = launch(70, 24, K, split, packed=True, tie_check=False)
     for cols in ([3, 22], [3, 10, 22], [2, 9, 15, 21])[:K]:
         logits = near_tie_logits(70, 24, cols, device)
-        sel, plan = route_rows.route_rows(logits, cfg)
+        sel, plan = fast_route.route_rows(logits, cfg, None, lc)
         assert_route_matches_reference(sel, plan, logits, cfg)
         assert (sel.topk_ids[1::2, 0] == cols[-1]).all()
 
 
-@pytest.mark.parametrize("split", ["1,1", "4,1"])
-def test_near_ties_past_the_list_take_the_exact_insertion(split, device, poisoned,
-                                                          monkeypatch):
+@pytest.mark.parametrize("split", [(1, 1), (4, 1)])
+def test_near_ties_past_the_list_take_the_exact_insertion(split, device, poisoned):
     """Five merged keys with K = 2: the K + 2 = 4 packed best are the four lowest columns, the
     best key lies outside the list: only the exact insertion finds it."""
-    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "1")
-    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", split)
     cfg = RouterConfig(num_experts=24, top_k=2)
     cols = [3, 10, 15, 20, 22]
     logits = near_tie_logits(70, 24, cols, device)
-    sel, plan = route_rows.route_rows(logits, cfg)
+    lc = launch(70, 24, 2, split, packed=True)
+    sel, plan = fast_route.route_rows(logits, cfg, None, lc)
     assert_route_matches_reference(sel, plan, logits, cfg)
     assert (sel.topk_ids[1::2] == torch.tensor([22, 20], device=device)).all()
-    monkeypatch.setattr(route_rows, "_TIE_CHECK", False)  # the check is what saves them
-    sel, plan = route_rows.route_rows(logits, cfg)
+    sel, plan = fast_route.route_rows(logits, cfg, None, lc.replace(tie_check=False))
     assert (sel.topk_ids[1::2] == torch.tensor([20, 15], device=device)).all()  # the list's best
     want = ref.select(logits, cfg).topk_ids
     assert torch.equal(sel.topk_ids[0::2].long(), want[0::2].long())  # the other rows: exact
-
-
-def test_exact_insertion_alone(device, poisoned, monkeypatch):
-    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "0")
-    for T, E, K, kw in CASES[:6]:
-        check(T, E, K, kw, device)
 
 
 def test_route_takes_it_for_inference_only(monkeypatch, device):
     cfg = RouterConfig(num_experts=8, top_k=2, capacity_factor=1.0)
     logits = torch.randn(40, 8, device=device)
     calls = []
-    real = route_rows.route_rows
-    monkeypatch.setattr(route_rows, "route_rows", lambda *a, **k: calls.append(1) or real(*a))
+    real = fast_route.route_rows
+    monkeypatch.setattr(fast_route, "route_rows", lambda *a, **k: calls.append(1) or real(*a))
     sel, _ = route(logits, cfg)
     assert calls == [1] and sel.prob_sum is None
-    sel, _ = route(logits, cfg, need_stats=True)  # the loss sums: the general path
+    sel, _ = route(logits, cfg, need_stats=True)  # the loss sums: the training path
     assert calls == [1] and sel.prob_sum is not None
-    monkeypatch.setenv("ROUTERLIB_ROW_ROUTE", "0")
-    route(logits, cfg)
-    assert calls == [1]
     for bad in (RouterConfig(8, 2, capacity_factor=1.0, drop_policy="random"),
                 RouterConfig(8, 2, n_groups=2, topk_groups=1), RouterConfig(16, 9)):
-        assert not route_rows.applies(torch.randn(4, bad.num_experts), bad, need_stats=False)
-    assert not route_rows.applies(logits.double(), cfg, need_stats=False)
-    assert not route_rows.applies(logits.clone().requires_grad_(), cfg, need_stats=False)
-
-
-def test_packed_where_it_measured_faster(monkeypatch):
-    monkeypatch.delenv("ROUTERLIB_ROWS_PACKED", raising=False)
-    assert route_rows._packed(1) and not route_rows._packed(4)  # one thread a token, any T
-    assert not route_rows._packed(2)
-    assert route_rows._packed(1) == 2  # by a sorting network
-    monkeypatch.setenv("ROUTERLIB_ROWS_NETWORK", "0")
-    assert route_rows._packed(1) == 1  # one key at a time
-    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "1")
-    assert route_rows._packed(4)
-    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "0")
-    assert not route_rows._packed(1)
-
-
-def test_rows_config_pin_is_validated(monkeypatch):
-    monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", "2,8")  # 128 tokens a tile: fine
-    assert route_rows.rows_config(128, 10_000, 8) == (2, 8, 128)
-    for bad in ("3,4", "1,8", "x"):
-        monkeypatch.setenv("ROUTERLIB_ROWS_CONFIG", bad)
-        with pytest.raises(ValueError, match="ROUTERLIB_ROWS_CONFIG"):
-            route_rows.rows_config(128, 10_000, 8)
-    monkeypatch.delenv("ROUTERLIB_ROWS_CONFIG")
-    for E, T, K in ((128, 16384, 8), (512, 4096, 8), (64, 1, 1), (13, 64, 3)):
-        h, nw, bt = route_rows.rows_config(E, T, K)
-        assert bt == 32 // h * nw <= 128  # 8-bit counts
-        words = triton.next_power_of_2(triton.cdiv(E, 4))
-        assert words // h <= 32  # rank-table words a thread holds
+        assert not fast_route.applies(torch.randn(4, bad.num_experts), bad, need_stats=False)
+    assert not fast_route.applies(logits.double(), cfg, need_stats=False)
+    assert not fast_route.applies(logits.clone().requires_grad_(), cfg, need_stats=False)
 
 
 @pytest.mark.gpu
@@ -427,10 +385,9 @@ def test_route_rows_full_size(T, E, K, kw, dtype, device, poisoned):
     (3000, 100, 6, dict(capacity_factor=1.25, expert_bias=True)),  # softmax + bias: two passes
     (16384, 256, 8, dict(score_func="sigmoid", expert_bias=True, renormalize=True)),
 ])
-def test_route_rows_full_size_packed(T, E, K, kw, device, poisoned, monkeypatch):
+def test_route_rows_full_size_packed(T, E, K, kw, device, poisoned):
     """The packed keys forced on where the default leaves them off."""
-    monkeypatch.setenv("ROUTERLIB_ROWS_PACKED", "1")
-    check(T, E, K, kw, device, seed=T + E + 1)
+    check(T, E, K, kw, device, seed=T + E + 1, lc=launch_config(T, E, K).replace(packed=True))
 
 
 # The one-launch route (grid barriers, a cooperative launch) runs only on a GPU: on the CPU the
@@ -447,45 +404,35 @@ SYNC_CASES = [
 ]
 
 
-def test_use_sync_rule(monkeypatch):
+def test_use_sync_rule():
     """Eagerly one launch wherever there are tiles; in a CUDA graph only where it replaces
-    three launches over tiny tiles (what measured faster); the knob pins it."""
-    monkeypatch.delenv("ROUTERLIB_ROWS_SYNC", raising=False)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    use = route_rows._use_sync
-    assert use(True, 512, True, False, 16384, 128)
-    assert use(True, 8, False, False, 64, 64)
-    assert use(True, 128, True, True, 1024, 128)
-    assert not use(True, 128, True, True, 4096, 128)  # graph: PDL launches win from here
-    assert use(True, 64, True, True, 4096, 256)  # ... at E = 256 from T > 4096
-    assert not use(True, 256, True, True, 16384, 256)
-    assert not use(True, 512, True, True, 16384, 128)
-    assert not use(True, 8, False, True, 64, 64)  # graph, two launches anyway
-    assert not use(True, 1, False, False, 5, 16)  # one tile: one launch already
-    assert not use(False, 512, True, False, 16384, 128)  # CPU
-    monkeypatch.setenv("ROUTERLIB_ROWS_SYNC", "1")
-    assert use(True, 512, True, True, 16384, 128)
-    monkeypatch.setenv("ROUTERLIB_ROWS_SYNC", "0")
-    assert not use(True, 128, True, False, 4096, 128)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("ROUTERLIB_ROWS_SYNC")
-    assert not use(True, 512, True, False, 16384, 128)  # the interpreter
+    three launches over tiny tiles (what measured faster); the launch configuration pins it."""
+    lc = launch_config(4096, 128, 8)
+    assert use_sync(lc, True, 512, True, False, 16384, 128)
+    assert use_sync(lc, True, 8, False, False, 64, 64)
+    assert use_sync(lc, True, 128, True, True, 1024, 128)
+    assert not use_sync(lc, True, 128, True, True, 4096, 128)  # graph: PDL launches win here
+    assert use_sync(lc, True, 64, True, True, 4096, 256)  # ... at E = 256 from T > 4096
+    assert not use_sync(lc, True, 256, True, True, 16384, 256)
+    assert not use_sync(lc, True, 512, True, True, 16384, 128)
+    assert not use_sync(lc, True, 8, False, True, 64, 64)  # graph, two launches anyway
+    assert not use_sync(lc, True, 1, False, False, 5, 16)  # one tile: one launch already
+    assert not use_sync(lc, False, 512, True, False, 16384, 128)  # CPU or the interpreter
+    assert use_sync(lc.replace(sync=True), True, 512, True, True, 16384, 128)
+    assert not use_sync(lc.replace(sync=False), True, 128, True, False, 4096, 128)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,E,K,kw", SYNC_CASES)
-@pytest.mark.parametrize("grid", [None, "2", "7"])  # every program one tile, or looping
-def test_route_sync_equals_split(T, E, K, kw, grid, device, poisoned, monkeypatch):
+@pytest.mark.parametrize("grid", [None, 2, 7])  # every program one tile, or looping
+def test_route_sync_equals_split(T, E, K, kw, grid, device, poisoned):
     cfg = RouterConfig(num_experts=E, top_k=K, **kw)
     logits = torch.randn(T, E, device=device)
     bias = torch.randn(E, device=device) * 0.05 if cfg.expert_bias else None
-    if grid:
-        monkeypatch.setenv("ROUTERLIB_ROWS_SYNC_GRID", grid)
-    assert route_rows._use_sync(True, 2, True, False, T, E)
-    sel, plan = route_rows.route_rows(logits, cfg, bias)
+    lc = launch_config(T, E, K).replace(sync=True, sync_grid=grid)
+    sel, plan = fast_route.route_rows(logits, cfg, bias, lc)
     assert_route_matches_reference(sel, plan, logits, cfg, bias)
-    monkeypatch.setenv("ROUTERLIB_ROWS_SYNC", "0")
-    sel2, plan2 = route_rows.route_rows(logits, cfg, bias)
+    sel2, plan2 = fast_route.route_rows(logits, cfg, bias, lc.replace(sync=False))
     for a, b in ((sel.topk_ids, sel2.topk_ids), (plan.slot_to_row, plan2.slot_to_row),
                  (plan.row_to_slot, plan2.row_to_slot), (plan.expert_offsets,
                                                          plan2.expert_offsets)):
@@ -499,10 +446,10 @@ def test_route_sync_counter_stays_clean(device):
     cfg = RouterConfig(num_experts=64, top_k=8)
     for T in (4096, 100, 16384, 33, 2048):
         logits = torch.randn(T, 64, device=device)
-        sel, plan = route_rows.route_rows(logits, cfg)
+        sel, plan = fast_route.route_rows(logits, cfg)
         assert_route_matches_reference(sel, plan, logits, cfg, None)
-        counter = route_rows._sync_counter(logits.device, torch.cuda.current_device(),
-                                           torch.cuda.current_stream().cuda_stream, False)
+        counter = route_sync.sync_counter(logits.device, torch.cuda.current_device(),
+                                          torch.cuda.current_stream().cuda_stream, False)
         assert int(counter.item()) & 0x7FFFFFFF == 0
 
 
@@ -512,11 +459,11 @@ def test_route_sync_in_cuda_graph_and_streams(device):
     routes on a second stream (their own counter)."""
     cfg = RouterConfig(num_experts=128, top_k=8, renormalize=True)
     logits = torch.randn(16384, 128, device=device)
-    route_rows.route_rows(logits, cfg)  # compiled, and the counter pool made, outside capture
+    fast_route.route_rows(logits, cfg)  # compiled, and the counter pool made, outside capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        sel, plan = route_rows.route_rows(logits, cfg)
+        sel, plan = fast_route.route_rows(logits, cfg)
     side = torch.cuda.Stream()
     for seed in range(3):
         logits.copy_(torch.randn(16384, 128, device=device, generator=torch.Generator(
@@ -525,56 +472,50 @@ def test_route_sync_in_cuda_graph_and_streams(device):
         side.wait_stream(torch.cuda.current_stream())
         graph.replay()
         with torch.cuda.stream(side):
-            sel2, plan2 = route_rows.route_rows(other, cfg)
+            sel2, plan2 = fast_route.route_rows(other, cfg)
         torch.cuda.synchronize()
         assert_route_matches_reference(sel, plan, logits, cfg, None)
         assert_route_matches_reference(sel2, plan2, other, cfg, None)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("sync", ["0", "1"])
+@pytest.mark.parametrize("sync", [False, True])
 @pytest.mark.parametrize("T,E,K,kw", [
     (5, 16, 2, {}),  # one tile: one launch
     (64, 64, 8, dict(capacity_factor=1.0)),  # few tiles: select + place
     (4096, 128, 8, dict(renormalize=True)),  # select + scan + place
     (3000, 100, 6, dict(pad_to_multiple=16, expert_bias=True)),
 ])
-def test_route_rows_direct_launches(T, E, K, kw, sync, device, poisoned, monkeypatch):
+def test_route_rows_direct_launches(T, E, K, kw, sync, device, poisoned):
     """After the first call of a configuration the kernels are launched straight through their
     compiled launchers with raw pointers: repeated calls on new logits stay right."""
-    monkeypatch.setenv("ROUTERLIB_ROWS_SYNC", sync)
+    lc = launch_config(T, E, K).replace(sync=sync)
     for seed in range(3):
-        check(T, E, K, kw, device, seed=seed)
-    statics = [s for s in route_rows._statics.values() if s.NT == triton.cdiv(
-        T, route_rows.rows_config(E, T, K)[2]) and s.compiled]
+        check(T, E, K, kw, device, seed=seed, lc=lc)
+    statics = [s for key, s in route_launch._statics.items() if lc in key and s.compiled]
     assert statics and all(len(s.compiled) == len(s.launches) for s in statics)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pdl", ["0", "1"])
+@pytest.mark.parametrize("pdl", [False, True])
 @pytest.mark.parametrize("T,E,K,kw", [(64, 64, 8, {}), (5000, 128, 8, dict(capacity_factor=1.0)),
                                       (16384, 128, 8, dict(renormalize=True))])
-def test_route_rows_dependent_launches(T, E, K, kw, pdl, device, poisoned, monkeypatch):
+def test_route_rows_dependent_launches(T, E, K, kw, pdl, device, poisoned):
     """The three launches with and without programmatic dependent launch, eagerly and in a CUDA
     graph (where the dependents overlap their predecessors' tails)."""
-    monkeypatch.setenv("ROUTERLIB_ROWS_SYNC", "0")
-    monkeypatch.setenv("ROUTERLIB_ROWS_PDL", pdl)
-    hopper = torch.cuda.get_device_capability() >= (9, 0)
-    assert route_rows._use_pdl(torch.device(device)) == (pdl == "1" and hopper)
-    check(T, E, K, kw, device, seed=1)
+    if pdl and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("dependent launches need sm_90+")
+    lc = launch_config(T, E, K).replace(sync=False, pdl=pdl)
+    check(T, E, K, kw, device, seed=1, lc=lc)
     cfg = RouterConfig(num_experts=E, top_k=K, **kw)
     logits = torch.randn(T, E, device=device)
-    route_rows.route_rows(logits, cfg)
+    fast_route.route_rows(logits, cfg, None, lc)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        sel, plan = route_rows.route_rows(logits, cfg)
+        sel, plan = fast_route.route_rows(logits, cfg, None, lc)
     for seed in range(2):
         logits.copy_(torch.randn(T, E, device=device) * (seed + 1))
         graph.replay()
         torch.cuda.synchronize()
         assert_route_matches_reference(sel, plan, logits, cfg, None)
-
-
-def test_use_pdl_off_on_cpu():
-    assert not route_rows._use_pdl(torch.device("cpu"))

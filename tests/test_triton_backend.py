@@ -106,3 +106,110 @@ def test_moe_layer_triton_equals_torch(router_kw, device):
     assert_close(gxt, gxr, tol=1e-4, name="grad_x")
     for name in gr:
         assert_close(gt[name], gr[name], tol=1e-4, name=f"grad {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Holes a randomized GPU check found: each test reproduces one at the size that shows it
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", [
+    1100,  # T*K > SINGLE_MAX_SLOTS: the plan's multi-block path (CPU-sized)
+    pytest.param(12289, marks=pytest.mark.gpu),  # the size of the held-out check
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_priority_ties_go_to_the_lower_slot(T, dtype, device):
+    """K=1 with renormalisation: every weight is exactly 1.0, so priority dropping is a pure tie
+    and must keep the lower slots, as the reference does. (An approximate division in the
+    kernel made some weights 0.99999994 on the GPU and reordered thousands of slots.)"""
+    cfg = RouterConfig(num_experts=16, top_k=1, renormalize=True, capacity_factor=1.0,
+                       drop_policy="priority")
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(T, 16, generator=g) * 2).to(device=device, dtype=dtype)
+    sel_t, plan_t = ops.route(logits, cfg, backend="triton")
+    sel_r, plan_r = ops.route(logits, cfg, backend="torch")
+    assert_equal_int(sel_t.topk_ids, sel_r.topk_ids, "topk_ids")
+    assert bool((sel_t.topk_weights == 1.0).all()), "K=1 renormalised weights must be exactly 1"
+    for f in PLAN_FIELDS:
+        assert_equal_int(getattr(plan_t, f), getattr(plan_r, f), f)
+
+
+@pytest.mark.parametrize("T,E,K,D,cf", [
+    (37, 8, 2, 1000, 1.0),  # capacity drops (zero gradient), D not a multiple of a block
+    (5, 4, 4, 4096, None),  # K = E, a long dot
+])
+def test_combine_weight_grad_is_fp32_accurate(T, E, K, D, cf, device):
+    """The weights' gradient of combine, <grad_y[t], expert_out[row]>, with fp32 inputs equals
+    the exact (fp64) dot rounded to fp32: the dot of D terms cancels, so an fp32 accumulator
+    loses digits (1e-3..1e-2 relative on small entries); the kernel accumulates it in fp64."""
+    cfg = RouterConfig(num_experts=E, top_k=K, capacity_factor=cf)
+    g = torch.Generator().manual_seed(11)
+    _, plan = ops.route(torch.randn(T, E, generator=g).to(device), cfg)
+    out = torch.randn(plan.num_rows, D, generator=g, dtype=torch.float64).to(device)
+    grad_y = torch.randn(T, D, generator=g, dtype=torch.float64).to(device)
+    w = torch.rand(T, K, generator=g).to(device)
+    exact = torch.zeros(T, K, dtype=torch.float64, device=device)
+    rows = plan.slot_to_row.long()
+    for j in range(K):
+        kept = rows[:, j] >= 0
+        exact[kept, j] = (grad_y.float().double()[kept]
+                          * out.float().double()[rows[kept, j]]).sum(1)
+    wt = w.clone().requires_grad_()
+    y = ops.combine(out.float(), plan, wt, backend="triton")
+    y.backward(grad_y.float())
+    err = (wt.grad.double() - exact).abs()
+    assert bool((err <= 1e-6 * exact.abs() + 1e-30).all()), (
+        f"grad_weights off by up to {float((err / exact.abs().clamp_min(1e-30)).max()):.2e} "
+        "relative")
+
+
+def test_clear_errors(monkeypatch):
+    """Inputs the kernels cannot take get a routerlib error that says what to do."""
+    cfg = RouterConfig(num_experts=8, top_k=2)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a machine without a GPU, unset
+    with pytest.raises(RuntimeError, match=r"backend='triton' runs Triton kernels on a CUDA GPU"
+                                           r".*TRITON_INTERPRET=1"):
+        ops.route(torch.randn(4, 8), cfg, backend="triton")
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match=r"logits are on the meta device"):
+            ops.route(torch.randn(4, 8, device="meta"), cfg, backend=backend)
+        with pytest.raises(TypeError, match=r"cfg must be a routerlib.RouterConfig, got dict "
+                                            r"\(build one with RouterConfig\(\*\*d\)\)"):
+            ops.route(torch.randn(4, 8), {"num_experts": 8, "top_k": 2}, backend=backend)
+
+
+def test_check_finite_flag_reports_later_without_waiting():
+    """The GPU rule of check_finite, driven on a CPU tensor: a call with NaN logits returns, the
+    next call (or raise_if_nonfinite) raises, and the flag is clean again afterwards."""
+    from routerlib.reference import gating
+
+    flag = gating._FiniteFlag(torch.device("cpu"))
+    good, bad = torch.randn(3, 4), torch.randn(3, 4)
+    bad[1, 2] = float("nan")
+    flag.note(good)
+    flag.note(bad)  # no error yet: nothing is read back at the call itself
+    with pytest.raises(ValueError, match=r"logits contain NaN or inf: an earlier route call"):
+        flag.note(good)
+    flag.raise_if_seen(wait=True)  # the bad call was reported once; the good ones pass
+    flag.note(good)
+    flag.raise_if_seen(wait=True)
+
+
+@pytest.mark.gpu
+def test_check_finite_on_gpu_needs_no_sync(device):
+    """On the GPU a route with check_finite=True never waits for the device (CUDA's sync debug
+    mode 'error' would raise on any read-back), and the bad logits are raised later."""
+    from routerlib.reference import raise_if_nonfinite
+
+    cfg = RouterConfig(num_experts=16, top_k=2)
+    logits = torch.randn(64, 16, device=device)
+    ops.route(logits, cfg, backend="triton")  # compile outside the sync check
+    torch.cuda.synchronize()
+    bad = logits.clone()
+    bad[3, 4] = float("inf")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.route(bad, cfg, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(ValueError, match=r"NaN or inf"):
+        raise_if_nonfinite(device)

@@ -17,7 +17,6 @@
 # Everything here is imported from `routerlib`; the notebook only calls and plots.
 
 # %%
-import json
 from pathlib import Path
 
 import matplotlib
@@ -27,7 +26,7 @@ from IPython.display import display
 
 from routerlib import MoEConfig, MoELayer, RouterConfig, metrics, viz
 from routerlib import reference as ref
-from routerlib.bench import SHAPES, STANDARD, make_logits, profile, stage_cost
+from routerlib.bench import SHAPES, STANDARD, make_logits, profile, results, stage_cost
 
 matplotlib.rcParams["figure.dpi"] = 80
 GPU = torch.cuda.is_available()
@@ -48,11 +47,11 @@ print("mode:", "full sizes (GPU)" if GPU else "small sizes (CPU); GPU numbers co
 
 # %%
 def roofs_from_results():
-    """The roofs measured in the committed H100 baseline run, if there is one."""
-    for p in sorted(RESULTS.glob("*/baseline*.json")):
-        doc = json.loads(p.read_text())
-        if doc.get("roofs"):
-            return doc["roofs"], p
+    """The roofs measured in the committed baseline run (results/<card>/baseline.json)."""
+    for p in sorted(RESULTS.glob("*/baseline.json")):
+        roofs = results.ResultSet.read(p).meta.get("roofs")
+        if roofs:
+            return roofs, p
     return None, None
 
 
@@ -229,20 +228,21 @@ display(viz.plot_stage_breakdown(prof, title=f"reference stages, {prof_shape.nam
 # the card, versions and commit; this section renders them, so it runs the same on a CPU.
 
 # %%
-base_files = sorted(RESULTS.glob("*/baseline*.json"))
+base_files = sorted(RESULTS.glob("*/baseline.json"))
 assert base_files, "no baseline results committed under results/"
 frames = []
 for f in base_files:
-    doc = json.loads(f.read_text())
-    env = doc["env"]
+    rs = results.ResultSet.read(f)
+    env = rs.env
     print(f"{f}: {env.get('device')} | torch {env.get('torch')} | triton {env.get('triton')} | "
           f"commit {str(env.get('git_commit'))[:10]} | {env.get('date')}")
     print("  roofs:", {k: round(v, 1) if isinstance(v, float) else v
-                       for k, v in doc["roofs"].items()})
-    frames.append(pd.DataFrame(doc["rows"]))
+                       for k, v in rs.meta["roofs"].items()})
+    frames.append(results.wide(f).rename(columns={"variant": "backend", "time_us": "median_us"}))
 base = pd.concat(frames, ignore_index=True)
-ok = base[base["error"].isna() | (base["error"] == "")]
-print(f"{len(ok)} timed rows, {len(base) - len(ok)} rows with an error (e.g. out of memory)")
+timed = base[base["mode"] != "profile"]
+ok = timed[timed["error"].isna() | (timed["error"] == "")]
+print(f"{len(ok)} timed rows, {len(timed) - len(ok)} rows with an error (e.g. out of memory)")
 
 # %%
 def stage_table(df, T, backend="torch"):
@@ -259,8 +259,7 @@ stage_table(ok, 64)
 
 # %%
 layer = ok[(ok["stage"] == "layer") & (ok["mode"] == "eager")].copy()
-layer["tokens_per_s"] = layer["T"] / (layer["median_us"] * 1e-6)  # older files lack the column
-layer["TFLOP/s"] = layer["tflops"]
+layer["tokens_per_s"] = layer["T"] / (layer["median_us"] * 1e-6)
 print("whole MoE layer forward (reference): throughput in tokens/s and achieved TFLOP/s")
 layer.pivot_table(index="config", columns="T", values="tokens_per_s").map(lambda v: f"{v:,.0f}")
 
@@ -274,7 +273,7 @@ dom
 
 # %%
 frac = d[d["stage"].isin(["dispatch", "combine"])].pivot_table(
-    index=["config", "T"], columns="stage", values="frac_bw")
+    index=["config", "T"], columns="stage", values="frac_roof")
 print("fraction of measured copy bandwidth reached by the reference dispatch and combine:")
 frac.round(3).tail(12)
 

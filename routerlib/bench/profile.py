@@ -9,8 +9,10 @@ events (kernels, memcpy, memset) per call; on CPU it is the CPU time of its rang
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import warnings
 
 import pandas as pd
@@ -31,6 +33,22 @@ def _device_time_us(evt) -> float:
     return 0.0
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 around the profiler's start and stop only: kineto writes a
+    "profiler_start" / "profiler_stop" line to it from C++ on each, which no log level turns
+    off. The profiled work itself runs with stderr open."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _profile_one(fn, label: str, device: torch.device, iters: int,
                  trace_path: str | None) -> dict:
     cuda = device.type == "cuda"
@@ -43,12 +61,18 @@ def _profile_one(fn, label: str, device: torch.device, iters: int,
         torch.cuda.reset_peak_memory_stats(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "Profiler clears events at the end ..."
-        with profile(activities=activities) as prof:
+        prof = profile(activities=activities)
+        with _quiet_stderr():
+            prof.start()
+        try:
             for _ in range(iters):
                 with record_function(label):
                     fn()
             if cuda:
                 torch.cuda.synchronize(device)
+        finally:
+            with _quiet_stderr():
+                prof.stop()
         events = prof.events()
     if cuda:
         peak_b = torch.cuda.max_memory_allocated(device)

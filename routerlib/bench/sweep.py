@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import sys
@@ -23,8 +22,11 @@ import pandas as pd
 import torch
 
 from routerlib.bench.configs import SHAPES, STANDARD, TOKEN_PRESETS, parse_shapes, parse_tokens
+from routerlib.bench.convert import add_sweep_rows
 from routerlib.bench.envinfo import env_info
 from routerlib.bench.inputs import parse_inputs
+from routerlib.bench.results import ResultSet
+from routerlib.bench.results import wide as results_wide
 from routerlib.bench.roofline import Roofs, achieved, measure_roofs
 from routerlib.bench.stages import BACKEND_INDEPENDENT, BACKENDS, STAGE_NAMES, make_stage_fns
 from routerlib.bench.timing import bench, bench_cuda_graph
@@ -56,14 +58,17 @@ Backends: torch (the PyTorch reference), triton (the Triton kernels), compile (t
 the reference). gate and experts are the same code on every backend and are timed under torch
 only when torch is in the list.
 
-Output: <out>.csv and <out>.json. Each row: env fields (device, versions, git commit, host, date)
-+ config + D/E/K/F + backend + inputs + dtype + T + stage + mode (eager | graph) + median_us,
-p20_us, p80_us, n + tokens_per_s + bytes, flops, gbps, tflops + frac_bw, frac_flops,
-frac_roof (of the measured roofs) + floor_us + imbalance, drop_rate of the routed load + setup_s
-(build and first call: the compilation time under compile) + error (empty if the stage ran).
-The JSON holds a header {env, roofs, args} and the rows (and the profile rows with --profile,
-also written to <out>_profile.csv). Unavailable stages and shapes that do not fit in memory give
-rows with an error instead of stopping the sweep.
+Output: <out>.json in the one row schema of routerlib.bench.results (variant = backend, config =
+the case, one row per metric: time_us with p20/p80, gbps, tflops, frac_roof, floor_us, ...; env,
+roofs and arguments in the header) and <out>.csv, one wide line per case: env fields (device,
+versions, git commit, host, date) + config + D/E/K/F + backend + inputs + dtype + T + stage +
+mode (eager | graph) + median_us, p20_us, p80_us, n + tokens_per_s + bytes, flops, gbps, tflops
++ frac_bw, frac_flops, frac_roof (of the measured roofs) + floor_us + imbalance, drop_rate of the
+routed load + setup_s (build and first call: the compilation time under compile) + error (empty
+if the stage ran). With --profile the profile rows go to the JSON (mode=profile) and to
+<out>_profile.csv. A/B comparisons are variants of one run (--variant, --rounds), not separate
+scripts. Unavailable stages and shapes that do not fit in memory give rows with an error instead
+of stopping the sweep.
 """
 
 EPILOG = f"""\
@@ -75,6 +80,8 @@ examples:
   python -m routerlib.bench --configs qwen3 --tokens 16384 --stages route,dispatch,combine \\
       --backends torch,triton --inputs uniform,zipf:1.2 --cuda-graph --profile
   python -m routerlib.bench --configs tiny --tokens cpu_small --out /tmp/tiny   # CPU smoke run
+  python -m routerlib.bench --configs qwen3 --tokens 64,16384 --stages route --backends triton \\
+      --cuda-graph --variant old:PYTHONPATH=build/old --variant new --rounds 3 --out ab/route
 """
 
 
@@ -123,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results file prefix: writes <out>.csv and <out>.json "
                         "(default: results/bench)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME[:KEY=VAL,...]",
+                   help="an A/B run: repeat for each variant; every variant runs the same sweep "
+                        "in its own process with these environment variables (e.g. "
+                        "old:PYTHONPATH=build/old), the order alternating between rounds; rows "
+                        "are labelled backend[NAME]")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of an A/B run (default 1)")
     return p
 
 
@@ -297,32 +310,115 @@ def rows_frame(result: dict) -> pd.DataFrame:
     return df[env_cols + ROW_COLUMNS]
 
 
+def to_result_set(result: dict, bench: str) -> ResultSet:
+    """The sweep's rows in the one row schema (routerlib.bench.results): time_us with its
+    spread, then gbps, tflops, frac_roof, floor_us, the load's imbalance and drop rate; profile
+    rows as mode=profile; roofs and arguments in meta."""
+    rs = ResultSet(bench, env=result["env"], meta={"roofs": result["roofs"],
+                                                   "args": result["args"]})
+    rows = [{k: _clean(v) for k, v in r.items()} for r in result["rows"]]
+    profile = [{k: _clean(v) for k, v in r.items()} for r in result["profile"]]
+    add_sweep_rows(rs, rows, profile)
+    return rs
+
+
 def write_results(result: dict, prefix: str) -> list[str]:
-    """Write <prefix>.csv, <prefix>.json (and <prefix>_profile.csv); returns the paths."""
+    """Write <prefix>.json (the one row schema), <prefix>.csv (one wide line per case, for
+    reading) and, with --profile, <prefix>_profile.csv; returns the paths."""
     d = os.path.dirname(prefix)
     if d:
         os.makedirs(d, exist_ok=True)
     paths = [prefix + ".csv", prefix + ".json"]
-    df = rows_frame(result)
-    df.to_csv(paths[0], index=False)
-    doc = {"env": result["env"], "roofs": result["roofs"], "args": result["args"],
-           "rows": [{k: _clean(v) for k, v in r.items()} for r in df.to_dict("records")],
-           "profile": [{k: _clean(v) for k, v in r.items()} for r in result["profile"]]}
-    with open(paths[1], "w") as f:
-        json.dump(doc, f, indent=1, allow_nan=False)
+    rows_frame(result).to_csv(paths[0], index=False)
+    rs = to_result_set(result, os.path.basename(prefix))
+    written = rs.write(d or ".", csv_too=False)
+    if str(written) != paths[1]:
+        os.replace(written, paths[1])
     if result["profile"]:
         paths.append(prefix + "_profile.csv")
         pd.DataFrame(result["profile"]).to_csv(paths[2], index=False)
     return paths
 
 
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """'old:PYTHONPATH=build/old,ROUTERLIB_X=1' -> ('old', {...}); 'new' -> ('new', {})."""
+    name, _, envs = spec.partition(":")
+    if not name or not name.replace("-", "_").isidentifier():
+        raise ValueError(f"--variant {spec!r}: the name must be a word, e.g. old:PYTHONPATH=dir")
+    env = {}
+    for kv in filter(None, envs.split(",")):
+        k, eq, v = kv.partition("=")
+        if not eq or not k:
+            raise ValueError(f"--variant {spec!r}: {kv!r} is not KEY=VALUE")
+        env[k] = v
+    return name, env
+
+
+def run_variants(argv: list[str], args: argparse.Namespace) -> int:
+    """An A/B run: the same sweep once per variant and round, each in its own process with the
+    variant's environment (e.g. PYTHONPATH of another tree), the order alternating between
+    rounds; rows are labelled '<backend>[<variant>]' with config['round']."""
+    import subprocess
+    import tempfile
+
+    variants = [parse_variant(v) for v in args.variant]
+    child_argv = []
+    skip = False
+    for a in argv:  # the arguments without --variant / --rounds / --out
+        if skip:
+            skip = False
+            continue
+        if a in ("--variant", "--rounds", "--out"):
+            skip = True
+            continue
+        if a.startswith(("--variant=", "--rounds=", "--out=")):
+            continue
+        child_argv.append(a)
+    merged = ResultSet(os.path.basename(args.out), env=env_info(),
+                       meta={"variants": {n: e for n, e in variants}, "rounds": args.rounds,
+                             "argv": child_argv, "runs": []})
+    with tempfile.TemporaryDirectory() as tmp:
+        for rnd in range(args.rounds):
+            order = variants if rnd % 2 == 0 else variants[::-1]
+            for name, env in order:
+                prefix = os.path.join(tmp, f"{name}_{rnd}")
+                cmd = [sys.executable, "-m", "routerlib.bench", *child_argv, "--out", prefix]
+                r = subprocess.run(cmd, env={**os.environ, **env})
+                if r.returncode != 0:
+                    print(f"variant {name} round {rnd}: exit {r.returncode}", file=sys.stderr)
+                    return r.returncode
+                child = ResultSet.read(prefix + ".json")
+                merged.meta["runs"].append({"variant": name, "round": rnd, "env": child.env,
+                                            "roofs": child.meta.get("roofs")})
+                for row in child.rows:
+                    row.variant = f"{row.variant}[{name}]"
+                    row.config["round"] = rnd
+                    merged.rows.append(row)
+    d = os.path.dirname(args.out) or "."
+    path = merged.write(d)
+    df = results_wide(path)
+    t = df[df["time_us"].notna() & (df["mode"] != "profile")]
+    if len(t):
+        table = t.pivot_table(index=["config", "T", "stage", "mode"], columns="variant",
+                              values="time_us", aggfunc="median")
+        with pd.option_context("display.width", 200, "display.max_rows", 500):
+            print("median us per call over rounds\n", table.round(2).to_string())
+    print(f"wrote {path} and its .csv")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         resolve(args)
+        for v in args.variant:
+            parse_variant(v)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.variant:
+        return run_variants(argv, args)
     t0 = time.perf_counter()
     result = run_sweep(args, checkpoint=lambda r: write_results(r, args.out))
     paths = write_results(result, args.out)

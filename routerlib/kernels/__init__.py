@@ -2,15 +2,12 @@
 
   topk.py      fused score + (group-limited) top-K + weights + loss statistics, and its backward
   plan.py      sort-free routing plan: histogram, offsets, ranks, capacity dropping, padding
+               (with topk.py: the training path, every router and drop policy)
+  fast_route/  the fast inference route (score + top-K + plan in one to three launches) and the
+               route + dispatch in one launch at decode sizes
   dispatch.py  gather tokens into expert-major rows (backward: a deterministic gather-sum)
   combine.py   weighted K-way sum back to tokens in fp32 (backward: scatter dual + weight grads)
-  route_rows.py   the fast inference route: top-K with few threads per token and each slot's
-                  rank inside its tile in the same pass, then a tile scan and an elementwise
-                  place: 3 launches (2 at decode sizes, 1 when T fits a tile), or the same in
-                  one cooperative launch with grid barriers (eager calls); the default where it
-                  applies (ROUTERLIB_ROW_ROUTE=0 switches it off)
-  _route_dispatch_kernels.py   the route and the dispatch in one launch up to 16 tokens
-                  (route_dispatch below; every program plans all tokens itself)
+  common.py    helpers every kernel shares
 
 Every op computes exactly what routerlib.reference computes; tests compare them.
 On a machine without a GPU they run under TRITON_INTERPRET=1.
@@ -22,7 +19,7 @@ import torch
 
 from routerlib import reference as ref
 from routerlib.config import RouterConfig
-from routerlib.kernels import route_rows
+from routerlib.kernels import fast_route as fast
 
 # Re-exported eagerly: importing a submodule binds the package attribute of its name (dispatch,
 # combine) to the module, which would shadow a lazily importing wrapper after its first call.
@@ -35,14 +32,15 @@ from routerlib.types import RoutingPlan, Selection
 
 
 def route(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None,
-          priority: torch.Tensor | None = None, need_stats: bool | None = None
-          ) -> tuple[Selection, RoutingPlan]:
+          priority: torch.Tensor | None = None, need_stats: bool | None = None,
+          launch: fast.RouteLaunch | None = None) -> tuple[Selection, RoutingPlan]:
     """Triton route: fused top-K then the sort-free plan. Expert choice selects with the reference
     (a column top-C over tokens) and plans with it too.
 
     need_stats: whether Selection.prob_sum / zsq_sum (the loss sums) must be computed; None means
-    when autograd records (training). Without them, the row-wise route (route_rows.py) runs where
-    it applies, and the sums come back None."""
+    when autograd records (training). Without them, the fast route (fast_route/) runs where it
+    applies, and the sums come back None. launch: the fast route's launch configuration
+    (default: route.launch_config's choice for the shape)."""
     ref.check_logits(logits, cfg)
     ref.gating.check_bias(bias, logits, cfg)
     if cfg.routing == "expert_choice":
@@ -50,8 +48,8 @@ def route(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = N
         return sel, ref.build_plan(sel, cfg, priority)
     if need_stats is None:
         need_stats = torch.is_grad_enabled() and logits.requires_grad
-    if route_rows.enabled() and route_rows.applies(logits, cfg, need_stats):
-        return route_rows.route_rows(logits, cfg, bias)
+    if fast.applies(logits, cfg, need_stats):
+        return fast.route_rows(logits, cfg, bias, launch)
 
     sel = fused_topk(logits, cfg, bias)
     plan = build_plan(sel.topk_ids, sel.topk_weights, cfg, priority)
@@ -61,12 +59,12 @@ def route(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = N
 
 def route_dispatch(logits: torch.Tensor, x: torch.Tensor, cfg: RouterConfig,
                    bias: torch.Tensor | None = None, priority: torch.Tensor | None = None,
-                   need_stats: bool | None = None
+                   need_stats: bool | None = None, launch: fast.RouteLaunch | None = None
                    ) -> tuple[Selection, RoutingPlan, torch.Tensor]:
     """route(logits, ...) then dispatch(x, plan): (selection, plan, rows [R, D]). At decode sizes
-    of the row-wise route (route_rows.dispatch_mode; inference, x needing no gradient) the
-    dispatch runs inside the route's launch: T <= 16 in one launch, every program planning all
-    tokens itself (_route_dispatch_kernels.py); otherwise the two ops one after the other."""
+    of the fast route (inference, x needing no gradient, T <= 16 by default) the dispatch runs
+    inside the route's launch, every program planning all tokens itself; otherwise the two ops
+    one after the other."""
     if x.dim() != 2 or x.shape[0] != logits.shape[0]:
         raise ValueError(f"x must be [T, D] with T = {logits.shape[0]} (the logits' rows), got "
                          f"shape {tuple(x.shape)}")
@@ -76,14 +74,11 @@ def route_dispatch(logits: torch.Tensor, x: torch.Tensor, cfg: RouterConfig,
     check_device(x, "x")
     if need_stats is None:
         need_stats = torch.is_grad_enabled() and logits.requires_grad
-    mode = None
     if (logits.dim() == 2 and not (torch.is_grad_enabled() and x.requires_grad)
-            and route_rows.enabled()):
-        mode = route_rows.dispatch_mode(logits, x, cfg)
-    if mode is not None:
+            and fast.dispatch_in_one(logits.shape[0], x.shape[1], launch)):
         ref.check_logits(logits, cfg)
         ref.gating.check_bias(bias, logits, cfg)
-        if route_rows.applies(logits, cfg, need_stats):
-            return route_rows.route_dispatch_rows(logits, x, cfg, bias, mode)
-    sel, plan = route(logits, cfg, bias, priority, need_stats)
+        if fast.applies(logits, cfg, need_stats):
+            return fast.route_dispatch_rows(logits, x, cfg, bias, launch)
+    sel, plan = route(logits, cfg, bias, priority, need_stats, launch)
     return sel, plan, dispatch(x, plan)

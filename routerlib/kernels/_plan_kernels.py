@@ -21,6 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from routerlib.kernels.common import sortable
+
 
 @triton.jit
 def _masked_hist(ids, valid, E_PAD: tl.constexpr):
@@ -32,20 +34,9 @@ def _masked_hist(ids, valid, E_PAD: tl.constexpr):
 
 
 @triton.jit
-def _sortable(k):
-    """fp32 -> int32 whose signed order is the float order (-0 == +0, NaN above +inf, as in
-    torch.sort)."""
-    bits = k.to(tl.int32, bitcast=True)
-    # negative floats (sign bit set: INT32_MIN + magnitude) to -magnitude: their order reversed,
-    # and -0.0 lands on +0.0's 0 (two integer ops where a zero test and an xor took four)
-    bits = tl.where(bits < 0, -2147483648 - bits, bits)
-    return tl.where(k != k, 0x7FC00000, bits)  # NaN beats +inf (0x7F800000); low bits 0
-
-
-@triton.jit
 def _sortable_key(key_ptr, slot, valid):
-    """The fp32 policy key of each slot as a sortable int32 (see _sortable)."""
-    return _sortable(tl.load(key_ptr + slot, mask=valid, other=0.0))
+    """The fp32 policy key of each slot as a sortable int32 (see common.sortable)."""
+    return sortable(tl.load(key_ptr + slot, mask=valid, other=0.0))
 
 
 @triton.jit

@@ -23,7 +23,8 @@ the decode path without the D split took 36.7 us at T=64 in a process whose firs
 (results/h100/ab_decode_082f3c8.txt) and 21.5 us in the targets run, whose first row-map call
 had T=16384 (results/h100/targets_9af1b90.json). A class, not T itself: a server sees every
 batch size, and each new key costs one tuning sweep.
-Pin one with ROUTERLIB_SCATTER_CONFIG / ROUTERLIB_GATHER_CONFIG set to "default" (the heuristic
+Each launch key's config is chosen once (_launch) and reused; the pins ROUTERLIB_SCATTER_CONFIG /
+ROUTERLIB_GATHER_CONFIG (read once, at import) set one for tuning: "default" (the heuristic
 below) or "BLOCK_T=4,BLOCK_D=1024,num_warps=8". Under TRITON_INTERPRET=1 there is no autotune.
 """
 
@@ -35,6 +36,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from routerlib.kernels.common import interpreting, next_pow2, pdl_start, pdl_supported
 
 # Slot loops up to this S are unrolled (all K row loads in flight at once); beyond it (expert
 # choice, S = E) they run as a runtime loop.
@@ -49,33 +52,10 @@ POISON_OUTPUTS = False
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-_pdl_devices: dict[int, bool] = {}
-
-
-def pdl_supported(dev: torch.device) -> bool:
-    """Whether kernels on dev can be programmatic dependent launches: an sm_90+ GPU and a Triton
-    with griddepcontrol (tl.extra.cuda.gdc_wait); never under the interpreter."""
-    if dev.type != "cuda" or interpreting():
-        return False
-    idx = dev.index if dev.index is not None else torch.cuda.current_device()
-    got = _pdl_devices.get(idx)
-    if got is None:
-        cuda_lang = getattr(tl.extra, "cuda", None)
-        got = _pdl_devices[idx] = (hasattr(cuda_lang, "gdc_wait")
-                                   and hasattr(cuda_lang, "gdc_launch_dependents")
-                                   and torch.cuda.get_device_capability(idx) >= (9, 0))
-    return got
-
-
-def use_pdl(dev: torch.device) -> bool:
-    """scatter_rows and gather_reduce as programmatic dependent launches (each waits for the
-    previous kernel's end before its first load, griddepcontrol.wait, so its launch and
-    prologue overlap that kernel's tail). ROUTERLIB_ROWMAP_PDL=0 turns it off."""
-    return os.environ.get("ROUTERLIB_ROWMAP_PDL") != "0" and pdl_supported(dev)
+# The tuning pins, one per kernel, read once here: "default" (default_config) or
+# "BLOCK_T=4,BLOCK_D=1024,num_warps=8"; unset, the configs are chosen as _config says.
+PINS = {"scatter": ("ROUTERLIB_SCATTER_CONFIG", os.environ.get("ROUTERLIB_SCATTER_CONFIG", "")),
+        "gather": ("ROUTERLIB_GATHER_CONFIG", os.environ.get("ROUTERLIB_GATHER_CONFIG", ""))}
 
 
 @triton.jit
@@ -85,18 +65,6 @@ def _d_range(D, BLOCK_D: tl.constexpr):
     per = tl.cdiv(tl.cdiv(D, BLOCK_D), tl.num_programs(1)) * BLOCK_D
     lo = tl.program_id(1) * per
     return lo, tl.minimum(D, lo + per)
-
-
-@triton.jit
-def _pdl_start(PDL: tl.constexpr):
-    """A dependent launch's first step: wait for the previous grid, let the next one start."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -119,9 +87,9 @@ def default_config(D: int) -> dict[str, int]:
     return {"BLOCK_T": block_t, "BLOCK_D": block_d, "num_warps": num_warps}
 
 
-def _parse_pin(env: str, D: int) -> dict[str, int] | None:
-    """Config pinned by the environment variable `env`, or None to autotune."""
-    value = os.environ.get(env, "").strip()
+def parse_pin(env: str, value: str, D: int) -> dict[str, int] | None:
+    """The config a pin's value names (env: the pin's name, for the error), or None (unset)."""
+    value = value.strip()
     if not value:
         return None
     if value == "default":
@@ -156,13 +124,9 @@ def sm_count(dev: torch.device) -> int:
 def d_split(programs: int, D: int, block_d: int, dev: torch.device) -> int:
     """Ranges of D per token block (the grid's second axis): where the token blocks alone leave
     SMs idle (decode: T=64 at BLOCK_T=1 is 64 programs on 132 SMs), split D into up to
-    PROGRAMS_PER_SM * SMs / programs ranges of whole blocks; 1 at prefill sizes.
-    ROUTERLIB_ROWMAP_DSPLIT=0 turns it off, ROUTERLIB_ROWMAP_PPS sets the programs an SM (A/B
-    runs)."""
-    if os.environ.get("ROUTERLIB_ROWMAP_DSPLIT") == "0":
-        return 1
-    per_sm = int(os.environ.get("ROUTERLIB_ROWMAP_PPS", PROGRAMS_PER_SM))  # A/B runs
-    want = -(-per_sm * sm_count(dev) // max(programs, 1))
+    PROGRAMS_PER_SM * SMs / programs ranges of whole blocks; 1 at prefill sizes (without the
+    split the decode path took 27.0-41.1 us instead of 15.0-29.0 on an H200)."""
+    want = -(-PROGRAMS_PER_SM * sm_count(dev) // max(programs, 1))
     return max(1, min(-(-D // block_d), want))
 
 
@@ -177,7 +141,10 @@ def token_class(num_tokens: int) -> int:
 
 
 def _pdl_flags(dev: torch.device) -> dict:
-    return dict(PDL=True, launch_pdl=True) if use_pdl(dev) else {}
+    """Both kernels as programmatic dependent launches where supported (each waits for the
+    previous kernel's end before its first load, so its launch and prologue overlap that
+    kernel's tail)."""
+    return dict(PDL=True, launch_pdl=True) if pdl_supported(dev) else {}
 
 
 def decode_config(t_class: int, D: int) -> dict[str, int] | None:
@@ -185,27 +152,39 @@ def decode_config(t_class: int, D: int) -> dict[str, int] | None:
     (autotune). There the autotuner, timing each kernel alone, chose wide tiles (scatter
     BLOCK_T=4, BLOCK_D=1024, 8 warps; gather BLOCK_T=2, BLOCK_D=2048, 8 warps) and the decode
     path (route, dispatch, combine of T=64 D=4096 in a CUDA graph) took 15.1 / 15.4 us on an
-    H100; one token a program, 1024 columns, 4 warps: 14.7 / 14.7 (results/h100/
-    ab_rowmap_decode_efea340.txt). ROUTERLIB_ROWMAP_DECODE=0 autotunes it too."""
-    if t_class != 1 or os.environ.get("ROUTERLIB_ROWMAP_DECODE") == "0":
+    H100; one token a program, 1024 columns, 4 warps: 14.7 / 14.7."""
+    if t_class != 1:
         return None
     block_d = min(1024, max(16, next_pow2(D)))
     return {"BLOCK_T": 1, "BLOCK_D": block_d, "num_warps": max(1, min(4, block_d // 256))}
 
 
-def _launch(tuned, plain, env: str, D: int, grid, args: tuple, flags: dict) -> None:
-    """Launch the autotuned kernel, or the plain one with the config pinned by `env` (always
-    pinned under the interpreter, where autotuning would only cost time) or fixed for the
-    token class (decode_config; args end with it)."""
-    pin = _parse_pin(env, D)
-    if pin is None and interpreting():
-        pin = default_config(D)
-    if pin is None:
-        pin = decode_config(args[-1], D)
-    if pin is None:
-        tuned[grid](*args, **flags)
-    else:
-        plain[grid](*args, **flags, **pin)
+_chosen: dict[tuple, dict] = {}  # launch key -> the config every later call takes
+
+
+def _launch(which: str, tuned, plain, key: tuple, D: int, grid, args: tuple, flags: dict,
+            config: dict | None) -> None:
+    """Launch `plain` with the config chosen once per key (D, S, token class, dtypes, flags,
+    device): an explicit one (config), the pin, the interpreter's default, decode_config, or
+    the autotuner's pick on the key's first call. No environment read or autotuner dispatch
+    after the first call."""
+    if config is None:
+        config = _chosen.get(key)
+    if config is None:
+        env, value = PINS[which]
+        config = parse_pin(env, value, D)
+        if config is None and interpreting():
+            config = default_config(D)
+        if config is None:
+            config = decode_config(args[-1], D)
+        if config is None:  # autotune once: the winner serves every later call of the key
+            tuned[grid](*args, **flags)
+            best = tuned.best_config
+            _chosen[key] = {**best.kwargs, "num_warps": best.num_warps,
+                            "num_stages": best.num_stages}
+            return
+        _chosen[key] = config
+    plain[grid](*args, **flags, **config)
 
 
 def _hopper_configs() -> list[triton.Config]:
@@ -260,7 +239,9 @@ def _scatter_slot(j, src, dots, toks64, tmask, d, m, slot_cols, S, D,
     tl.store(dst_ptr + offs, val, mask=mk)
     if COMPUTE_DOT:
         other = tl.load(dot_src_ptr + offs, mask=mk, other=0.0)
-        part = tl.sum(src.to(tl.float32) * other.to(tl.float32), axis=1)  # [BLOCK_T]
+        # fp32 inputs: products and sum in fp64 (a product of two fp32 is exact there), so the
+        # D-long dot, which cancels, comes out as the exact one rounded once
+        part = tl.sum(src.to(dots.dtype) * other.to(dots.dtype), axis=1)  # [BLOCK_T]
         dots = tl.where(slot_cols[None, :] == j, dots + part[:, None], dots)
     return dots
 
@@ -280,13 +261,14 @@ def _scatter_rows_kernel(
     S_PAD: tl.constexpr,      # next power of two >= S (dot accumulator width)
     HAS_WEIGHTS: tl.constexpr,
     COMPUTE_DOT: tl.constexpr,
+    DOT_F64: tl.constexpr,    # the dot of fp32 inputs accumulates in fp64
     ZERO_GROUPS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,     # D % BLOCK_D == 0: no column mask
     PDL: tl.constexpr = False,  # launched as a programmatic dependent (use_pdl)
 ):
-    _pdl_start(PDL)
+    pdl_start(PDL)
     pid = tl.program_id(0)
     num_token_blocks = tl.cdiv(T, BLOCK_T)
     cols = tl.arange(0, BLOCK_D)
@@ -295,7 +277,7 @@ def _scatter_rows_kernel(
         tmask = toks < T
         toks64 = toks.to(tl.int64)
         slot_cols = tl.arange(0, S_PAD)
-        dots = tl.zeros([BLOCK_T, S_PAD], dtype=tl.float32)
+        dots = tl.zeros([BLOCK_T, S_PAD], dtype=tl.float64 if DOT_F64 else tl.float32)
         d_lo, d_hi = _d_range(D, BLOCK_D)  # all of D when COMPUTE_DOT (the host's rule)
         for d0 in range(d_lo, d_hi, BLOCK_D):
             d = d0 + cols
@@ -316,7 +298,8 @@ def _scatter_rows_kernel(
                                          HAS_WEIGHTS, COMPUTE_DOT)
         if COMPUTE_DOT:
             dmask = tmask[:, None] & (slot_cols < S)[None, :]
-            tl.store(dot_out_ptr + toks64[:, None] * S + slot_cols[None, :], dots, mask=dmask)
+            tl.store(dot_out_ptr + toks64[:, None] * S + slot_cols[None, :], dots.to(tl.float32),
+                     mask=dmask)
     else:
         # Zero the empty rows (padding, capacity left unfilled): no slot writes them.
         zero = tl.zeros([BLOCK_T, BLOCK_D], dtype=dst_ptr.dtype.element_ty)
@@ -346,13 +329,14 @@ _scatter_rows_tuned = triton.autotune(
 
 def scatter_rows(src: torch.Tensor, slot_to_row: torch.Tensor, row_to_slot: torch.Tensor,
                  weights: torch.Tensor | None = None, dot_src: torch.Tensor | None = None,
-                 out_dtype: torch.dtype | None = None
+                 out_dtype: torch.dtype | None = None, config: dict | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dst[row] = weights[t, j] * src[t] (or src[t]) for each kept slot (t, j) -> row; empty rows
     are zero. With dot_src, also dots[t, j] = <src[t], dot_src[row]> in fp32 (0 if dropped).
 
     src: [T, D]; slot_to_row: [T, S] int32; row_to_slot: [R] int32; weights: [T, S] fp32 or None;
     dot_src: [R, D] or None. Returns (dst [R, D] in out_dtype or src.dtype, dots [T, S] or None).
+    config: {"BLOCK_T", "BLOCK_D", "num_warps"} instead of the chosen one (benchmarks, tests).
     """
     src = src.contiguous()
     slot_to_row = slot_to_row.contiguous()
@@ -378,6 +362,8 @@ def scatter_rows(src: torch.Tensor, slot_to_row: torch.Tensor, row_to_slot: torc
     flags = dict(S_UNROLL=S if S <= MAX_UNROLL else 0,
                  S_PAD=next_pow2(S) if dot_src is not None else 1,
                  HAS_WEIGHTS=weights is not None, COMPUTE_DOT=dot_src is not None,
+                 DOT_F64=dot_src is not None and dot_src.dtype == torch.float32
+                 and src.dtype == torch.float32,
                  ZERO_GROUPS=ZERO_GROUPS, **_pdl_flags(src.device))
 
     def grid(meta: dict) -> tuple[int, int]:
@@ -386,8 +372,10 @@ def scatter_rows(src: torch.Tensor, slot_to_row: torch.Tensor, row_to_slot: torc
         split = 1 if dot_src is not None else d_split(tokens, D, meta["BLOCK_D"], src.device)
         return (tokens + triton.cdiv(R, bt * ZERO_GROUPS), split)
 
-    _launch(_scatter_rows_tuned, _scatter_rows_plain, "ROUTERLIB_SCATTER_CONFIG", D, grid, args,
-            flags)
+    key = ("scatter", D, S, args[-1], src.dtype, dst.dtype, src.device, weights is None,
+           dot_src is None, flags.get("DOT_F64"), "PDL" in flags)
+    _launch("scatter", _scatter_rows_tuned, _scatter_rows_plain, key, D, grid, args, flags,
+            config)
     return dst, dots
 
 
@@ -426,7 +414,7 @@ def _gather_reduce_kernel(
     EVEN_D: tl.constexpr,     # D % BLOCK_D == 0: no column mask
     PDL: tl.constexpr = False,  # launched as a programmatic dependent (use_pdl)
 ):
-    _pdl_start(PDL)
+    pdl_start(PDL)
     pid = tl.program_id(0)
     toks = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = toks < T
@@ -460,11 +448,13 @@ _gather_reduce_tuned = triton.autotune(
 
 
 def gather_reduce(src: torch.Tensor, slot_to_row: torch.Tensor,
-                  weights: torch.Tensor | None = None) -> torch.Tensor:
+                  weights: torch.Tensor | None = None, config: dict | None = None
+                  ) -> torch.Tensor:
     """out[t] = sum_j weights[t, j] * src[slot_to_row[t, j]] over kept slots (weights = 1 if None),
     accumulated in fp32, written in src's dtype.
 
     src: [R, D]; slot_to_row: [T, S] int32 (-1 = dropped); weights: [T, S] fp32. Returns [T, D].
+    config: {"BLOCK_T", "BLOCK_D", "num_warps"} instead of the chosen one (benchmarks, tests).
     """
     src = src.contiguous()
     slot_to_row = slot_to_row.contiguous()
@@ -483,6 +473,7 @@ def gather_reduce(src: torch.Tensor, slot_to_row: torch.Tensor,
         tokens = triton.cdiv(T, meta["BLOCK_T"])
         return (tokens, d_split(tokens, D, meta["BLOCK_D"], src.device))
 
-    _launch(_gather_reduce_tuned, _gather_reduce_plain, "ROUTERLIB_GATHER_CONFIG", D, grid, args,
-            flags)
+    key = ("gather", D, S, args[-1], src.dtype, src.device, weights is None, "PDL" in flags)
+    _launch("gather", _gather_reduce_tuned, _gather_reduce_plain, key, D, grid, args, flags,
+            config)
     return out

@@ -22,13 +22,11 @@ import os
 import triton
 import triton.language as tl
 
+from routerlib.kernels.common import div_rn, next_pow2
+
 # Below every packed key of a non-NaN float (the packed -inf is about -2^63 + 2^55): marks padding
 # experts and experts already taken.
 _TAKEN = tl.constexpr(-(2**63) + 1)
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def topk_config(num_experts: int, num_tokens: int | None = None) -> tuple[int, int, int]:
@@ -126,7 +124,7 @@ def _select_tile(x, rmask, cmask, cols, bias, scale,
         p = 1.0 / (1.0 + tl.exp(-x))
         q = p / (tl.sum(p, axis=1) + 1e-20)[:, None]  # sigmoid normalised per token
     else:
-        p = ex / s[:, None]
+        p = div_rn(ex, s[:, None])
         q = p
 
     if KEY_LOGITS:
@@ -154,11 +152,11 @@ def _select_tile(x, rmask, cmask, cols, bias, scale,
         xm = tl.where(chosen, x, float("-inf"))
         mk = tl.where(rmask, tl.max(xm, axis=1), 0.0)
         ek = tl.exp(xm - mk[:, None])
-        w = ek / tl.where(rmask, tl.sum(ek, axis=1), 1.0)[:, None]
+        w = div_rn(ek, tl.where(rmask, tl.sum(ek, axis=1), 1.0)[:, None])
     else:
         w = tl.where(chosen, p, 0.0)
         if RENORM:
-            w = w / (tl.sum(w, axis=1) + 1e-20)[:, None]
+            w = div_rn(w, (tl.sum(w, axis=1) + 1e-20)[:, None])
     w = w * scale
     return rank, w, tl.where(mask, q, 0.0), tl.where(rmask, lse * lse, 0.0)
 

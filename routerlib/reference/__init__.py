@@ -6,6 +6,7 @@ from routerlib.reference.gating import (
     group_limit,
     input_jitter,
     logit_noise,
+    raise_if_nonfinite,
     score,
     select,
     selection_key,
@@ -24,6 +25,7 @@ from routerlib.reference.plan import build_plan, num_rows
 __all__ = [
     "build_plan", "check_logits", "combine", "dispatch", "expert_load", "group_limit",
     "input_jitter", "load_balancing_loss", "load_balancing_loss_from_stats", "logit_noise",
-    "num_rows", "score", "select", "selection_key", "sequence_load_balancing_loss", "stable_topk",
+    "num_rows", "raise_if_nonfinite", "score", "select", "selection_key",
+    "sequence_load_balancing_loss", "stable_topk",
     "update_expert_bias", "z_loss",
 ]

@@ -35,10 +35,73 @@ def check_logits(logits: torch.Tensor, cfg: RouterConfig) -> None:
                          f"num_experts={cfg.num_experts}")
     if logits.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"logits dtype must be one of fp16/bf16/fp32/fp64, got {logits.dtype}")
+    if logits.device.type == "meta":
+        raise ValueError("logits are on the meta device (shapes only, no values): routing needs "
+                         "real values; move them to 'cpu' or 'cuda' (e.g. module.to_empty)")
     if cfg.check_finite and logits.numel() and not _capturing(logits):
-        if not bool(torch.isfinite(logits).all()):
-            bad = (~torch.isfinite(logits)).nonzero()[0].tolist()
-            raise ValueError(f"logits contain NaN or inf (first at [token, expert]={bad})")
+        if logits.device.type == "cpu":  # no device to wait for: check now, name the entry
+            if not bool(torch.isfinite(logits).all()):
+                bad = (~torch.isfinite(logits)).nonzero()[0].tolist()
+                raise ValueError(f"logits contain NaN or inf (first at [token, expert]={bad})")
+        else:
+            _finite_flag(logits.device).note(logits)
+
+
+class _FiniteFlag:
+    """The check_finite rule on a GPU, without a host sync: each call ANDs `isfinite(logits).all()`
+    into a sticky device flag and copies it to pinned host memory behind an event. A later call
+    on the device (or raise_if_nonfinite) reads the host copy once the event has passed, and raises
+    there: bad logits are reported one or more calls late, never missed, and never waited for."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.ok = torch.ones((), dtype=torch.bool, device=device)  # sticky: false once bad
+        self.host = torch.ones((), dtype=torch.bool, pin_memory=device.type == "cuda")
+        self.event = torch.cuda.Event() if device.type == "cuda" else None
+        self.pending = False
+
+    def raise_if_seen(self, wait: bool) -> None:
+        if not self.pending:
+            return
+        if self.event is not None:
+            if wait:
+                self.event.synchronize()
+            elif not self.event.query():
+                return  # not reached yet: a later call reads it
+        self.pending = False
+        if not bool(self.host):
+            self.ok.fill_(True)
+            self.host.fill_(True)
+            raise ValueError("logits contain NaN or inf: an earlier route call on "
+                             f"{self.ok.device} received them (check_finite reports them "
+                             "without a host sync, at a later call; set check_finite=False to "
+                             "route them anyway)")
+
+    def note(self, logits: torch.Tensor) -> None:
+        self.raise_if_seen(wait=False)
+        self.ok.logical_and_(torch.isfinite(logits).all())
+        self.host.copy_(self.ok, non_blocking=True)
+        if self.event is not None:
+            self.event.record()
+        self.pending = True
+
+
+_finite_flags: dict[torch.device, _FiniteFlag] = {}
+
+
+def _finite_flag(device: torch.device) -> _FiniteFlag:
+    flag = _finite_flags.get(device)
+    if flag is None:
+        flag = _finite_flags[device] = _FiniteFlag(device)
+    return flag
+
+
+def raise_if_nonfinite(device: torch.device | str | None = None) -> None:
+    """Wait for the check_finite flags of the GPU route calls made so far (every device, or
+    one) and raise a ValueError if any of them received NaN or inf logits."""
+    dev = None if device is None else torch.device(device)
+    for d, flag in list(_finite_flags.items()):
+        if dev is None or (d.type == dev.type and dev.index in (None, d.index)):
+            flag.raise_if_seen(wait=True)
 
 
 def check_bias(bias: torch.Tensor | None, logits: torch.Tensor, cfg: RouterConfig) -> None:
