@@ -37,17 +37,18 @@ from routerlib.types import RoutingPlan, Selection
 def route(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None,
           priority: torch.Tensor | None = None, need_stats: bool | None = None
           ) -> tuple[Selection, RoutingPlan]:
-    """Triton route: fused top-K then the sort-free plan. Expert choice selects with the reference
-    (a column top-C over tokens) and plans with it too.
+    """Triton route: fused top-K then the sort-free plan; expert choice: a radix select of each
+    expert's top-C tokens and its capacity plan (expert_choice.py).
 
     need_stats: whether Selection.prob_sum / zsq_sum (the loss sums) must be computed; None means
     when autograd records (training). Without them, the row-wise route (route_rows.py) runs where
     it applies, and the sums come back None."""
     ref.check_logits(logits, cfg)
     ref.gating.check_bias(bias, logits, cfg)
-    if cfg.routing == "expert_choice":
-        sel = ref.select(logits, cfg, bias)
-        return sel, ref.build_plan(sel, cfg, priority)
+    if cfg.routing == "expert_choice":  # each expert's top-C tokens: kernels/expert_choice.py
+        from routerlib.kernels.expert_choice import expert_choice
+
+        return expert_choice(logits, cfg, bias)
     if need_stats is None:
         need_stats = torch.is_grad_enabled() and logits.requires_grad
     if route_rows.enabled() and route_rows.applies(logits, cfg, need_stats):
