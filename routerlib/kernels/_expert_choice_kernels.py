@@ -8,7 +8,7 @@ keys per expert are sorted to give their rank.
   _ec_score_kernel    [T, E] tiles: scores, the loss partial sums, the keys transposed to [E, T]
                       as order-preserving uint32 (stored in int32), rank/slot_to_row set to -1
   _ec_hist_kernel     one launch per 8-bit digit (4 in all), grid (E, NSPLIT): each program
-                      replays the earlier digits' histograms to know the prefix of the C-th key,
+                      reads the previous digit's histograms to know the prefix of the C-th key,
                       then histograms the next digit of its token chunk among the keys with that
                       prefix. Per-split histograms [4, E, NSPLIT, 256] (no atomics, no zeroing)
   _ec_compact_kernel  grid (E, NSPLIT): the C-th key tau and how many ties to take follow from the
@@ -100,30 +100,10 @@ def _ec_score_kernel(
 
 
 @triton.jit
-def _radix_level(hist_ptr, e, split, level, k, E, NSPLIT, BLOCK_S: tl.constexpr,
-                 NUM_BINS: tl.constexpr):
-    """Digit `level` of the k-th largest key of expert e among the keys that share its higher
-    digits, from that level's per-split histograms. Returns (digit, k among the keys with that
-    digit, keys of the chunks before `split` above that digit, keys of those chunks on it)."""
-    splits = tl.arange(0, BLOCK_S)
-    bins = tl.arange(0, NUM_BINS)
-    base = hist_ptr + ((level * E + e) * NSPLIT).to(tl.int64) * NUM_BINS
-    h2 = tl.load(base + splits[:, None] * NUM_BINS + bins[None, :],
-                 mask=(splits < NSPLIT)[:, None], other=0)  # [BLOCK_S, NUM_BINS]
-    h = tl.sum(h2, axis=0)  # [NUM_BINS]
-    ge = tl.sum(h) - tl.cumsum(h, axis=0) + h  # keys with this digit or a larger one
-    digit = tl.max(tl.where(ge >= k, bins, -1), axis=0)
-    above = tl.sum(tl.where(bins > digit, h, 0), axis=0)
-    before = (splits < split)[:, None]
-    above_before = tl.sum(tl.sum(tl.where(before & (bins > digit)[None, :], h2, 0), axis=1))
-    on_before = tl.sum(tl.sum(tl.where(before & (bins == digit)[None, :], h2, 0), axis=1))
-    return digit, k - above, above_before, on_before
-
-
-@triton.jit
 def _ec_hist_kernel(
     keys_ptr,  # (E, T) int32: uint32 sortable keys
-    hist_ptr,  # (LEVELS, E, NSPLIT, NUM_BINS) int32: levels < LEVEL read, LEVEL written
+    hist_ptr,  # (LEVELS, E, NSPLIT, NUM_BINS) int32: level LEVEL-1 read, LEVEL written
+    state_ptr,  # (LEVELS, E, 2) int32: (prefix, k) of each level; LEVEL-1 read, LEVEL written
     T,
     C,
     chunk,  # tokens per split, a multiple of BLOCK
@@ -134,14 +114,31 @@ def _ec_hist_kernel(
     BLOCK_S: tl.constexpr,
     NUM_BINS: tl.constexpr,
 ):
+    """Histogram of digit LEVEL of this chunk's keys that share the C-th key's higher digits.
+    (prefix, k) of a level: the C-th key's digits above it, and its place among the keys with
+    that prefix (k-th largest). Every program derives them from the previous level's histogram
+    (the same numbers in all splits); split 0 stores them for the next launch."""
     e = tl.program_id(0)
     split = tl.program_id(1)
-    prefix = tl.zeros([], tl.uint32)
-    k = C
-    for level in tl.static_range(LEVEL):
-        digit, k, _, _ = _radix_level(hist_ptr, e, split, level, k, E, NSPLIT, BLOCK_S, NUM_BINS)
-        prefix = (prefix << 8) | digit.to(tl.uint32)
     shift: tl.constexpr = 24 - 8 * LEVEL
+    prefix = 0
+    k = C
+    if LEVEL > 0:
+        if LEVEL > 1:
+            prefix = tl.load(state_ptr + ((LEVEL - 1) * E + e) * 2)
+            k = tl.load(state_ptr + ((LEVEL - 1) * E + e) * 2 + 1)
+        splits = tl.arange(0, BLOCK_S)
+        bins = tl.arange(0, NUM_BINS)
+        base = hist_ptr + (((LEVEL - 1) * E + e) * NSPLIT).to(tl.int64) * NUM_BINS
+        h = tl.sum(tl.load(base + splits[:, None] * NUM_BINS + bins[None, :],
+                           mask=(splits < NSPLIT)[:, None], other=0), axis=0)  # [NUM_BINS]
+        ge = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h  # keys on this digit or above
+        digit = tl.max(tl.where(ge >= k, bins, -1), axis=0)
+        k = k - tl.sum(tl.where(bins > digit, h, 0), axis=0)
+        prefix = prefix * NUM_BINS + digit
+        first = split == 0
+        tl.store(state_ptr + (LEVEL * E + e) * 2, prefix, mask=first)
+        tl.store(state_ptr + (LEVEL * E + e) * 2 + 1, k, mask=first)
     acc = tl.zeros([2 * NUM_BINS], tl.int32)
     start = split * chunk
     for off in range(0, chunk, BLOCK):
@@ -150,19 +147,20 @@ def _ec_hist_kernel(
         u = tl.load(keys_ptr + e.to(tl.int64) * T + t, mask=valid, other=0).to(
             tl.uint32, bitcast=True)
         if LEVEL > 0:
-            valid = valid & ((u >> (shift + 8)) == prefix)
+            valid = valid & ((u >> (shift + 8)).to(tl.int32) == prefix)
         d = ((u >> shift) & 0xFF).to(tl.int32)
         # keys outside the prefix (or past T) land in the upper half, which is not stored
         acc += tl.histogram(tl.where(valid, d, d + NUM_BINS), 2 * NUM_BINS)
-    bins = tl.arange(0, 2 * NUM_BINS)
+    bins2 = tl.arange(0, 2 * NUM_BINS)
     out = hist_ptr + ((LEVEL * E + e) * NSPLIT + split).to(tl.int64) * NUM_BINS
-    tl.store(out + bins, acc, mask=bins < NUM_BINS)
+    tl.store(out + bins2, acc, mask=bins2 < NUM_BINS)
 
 
 @triton.jit
 def _ec_compact_kernel(
     keys_ptr,  # (E, T) int32: uint32 sortable keys
     hist_ptr,  # (LEVELS, E, NSPLIT, NUM_BINS) int32
+    state_ptr,  # (LEVELS, E, 2) int32: (prefix, k) of each level
     picks_ptr,  # (E, C) int64 out: (signed key << 32) | (T-1-token) of each pick, token order
     T,
     C,
@@ -173,19 +171,34 @@ def _ec_compact_kernel(
     BLOCK_S: tl.constexpr,
     NUM_BINS: tl.constexpr,
 ):
+    """Write this chunk's picks: keys above the C-th key tau, and the first k ties (== tau) in
+    token order. It starts after the earlier chunks' picks: their keys above tau (at each level,
+    those on the prefix with a larger digit) and their ties, at most k."""
     e = tl.program_id(0)
     split = tl.program_id(1)
-    tau = tl.zeros([], tl.uint32)
-    k = C
-    written = 0  # picks of the chunks before this one: keys above tau, then the ties taken
+    splits = tl.arange(0, BLOCK_S)
+    bins = tl.arange(0, NUM_BINS)
+    prefix = tl.load(state_ptr + (3 * E + e) * 2)  # the C-th key's top 24 bits
+    k = tl.load(state_ptr + (3 * E + e) * 2 + 1)
+    written = tl.zeros([], tl.int32)
+    ties = tl.zeros([], tl.int32)
+    before = (splits < split)[:, None]
     for level in tl.static_range(4):
-        digit, k, above_before, on_before = _radix_level(hist_ptr, e, split, level, k, E,
-                                                         NSPLIT, BLOCK_S, NUM_BINS)
-        tau = (tau << 8) | digit.to(tl.uint32)
-        written += above_before
-    # k: ties (keys == tau) to take, the first ones in token order; on_before: ties before
-    ties = on_before
-    written += tl.minimum(on_before, k)
+        base = hist_ptr + ((level * E + e) * NSPLIT).to(tl.int64) * NUM_BINS
+        h2 = tl.load(base + splits[:, None] * NUM_BINS + bins[None, :],
+                     mask=(splits < NSPLIT)[:, None], other=0)  # [BLOCK_S, NUM_BINS]
+        if level == 3:  # the last digit of tau, and the ties to take
+            h = tl.sum(h2, axis=0)
+            ge = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h
+            digit = tl.max(tl.where(ge >= k, bins, -1), axis=0)
+            k = k - tl.sum(tl.where(bins > digit, h, 0), axis=0)
+            ties = tl.sum(tl.sum(tl.where(before & (bins == digit)[None, :], h2, 0), axis=1))
+        else:
+            digit = (prefix >> (16 - 8 * level)) & 0xFF
+        written += tl.sum(tl.sum(tl.where(before & (bins > digit)[None, :], h2, 0), axis=1))
+        if level == 3:
+            tau = (prefix.to(tl.uint32) << 8) | digit.to(tl.uint32)
+    written += tl.minimum(ties, k)
     start = split * chunk
     for off in range(0, chunk, BLOCK):
         t = start + off + tl.arange(0, BLOCK)
@@ -221,7 +234,7 @@ def _ec_place_kernel(
     mask = r < C
     row = e.to(tl.int64) * C + r
     packed = tl.load(picks_ptr + row, mask=mask, other=0)
-    t = (T - 1 - (packed & 0xFFFFFFFF)).to(tl.int32)
+    t = T - 1 - packed.to(tl.int32)  # the low half: T-1-token
     slot = t.to(tl.int64) * E + e
     tl.store(rank_ptr + slot, r, mask=mask)
     tl.store(slot_row_ptr + slot, row.to(tl.int32), mask=mask)

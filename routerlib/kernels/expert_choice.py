@@ -104,13 +104,15 @@ def expert_choice_forward(
         nsplit = triton.cdiv(T, chunk)
     block_s = max(2, next_pow2(nsplit))
     hist = torch.empty((LEVELS, E, nsplit, NUM_BINS), dtype=torch.int32, device=dev)
+    state = torch.empty((LEVELS, E, 2), dtype=torch.int32, device=dev)
     for level in range(LEVELS):
-        _ec_hist_kernel[(E, nsplit)](keys, hist, T, C, chunk, nsplit, E=E, LEVEL=level,
+        _ec_hist_kernel[(E, nsplit)](keys, hist, state, T, C, chunk, nsplit, E=E, LEVEL=level,
                                      BLOCK=block, BLOCK_S=block_s, NUM_BINS=NUM_BINS,
                                      num_warps=4)
     picks = torch.empty((E, C), dtype=torch.int64, device=dev)
-    _ec_compact_kernel[(E, nsplit)](keys, hist, picks, T, C, chunk, nsplit, E=E, BLOCK=block,
-                                    BLOCK_S=block_s, NUM_BINS=NUM_BINS, num_warps=4)
+    _ec_compact_kernel[(E, nsplit)](keys, hist, state, picks, T, C, chunk, nsplit, E=E,
+                                    BLOCK=block, BLOCK_S=block_s, NUM_BINS=NUM_BINS,
+                                    num_warps=4)
     # (key desc, token asc): the packed keys are unique, so any sort order is the stable one
     picks = torch.sort(picks, dim=1, descending=True).values
     _ec_place_kernel[(E, triton.cdiv(C, _PLACE_BLOCK))](
