@@ -154,11 +154,16 @@ def test_layer_trains_with_expert_choice(device):
 # GPU only: the benchmark's sizes, CUDA graphs
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,E,cf", [(16384, 64, 1.0), (65536, 256, 2.0), (65536, 128, 1.0)])
-def test_gpu_large(T, E, cf):
+@pytest.mark.parametrize("T,E,cf,distinct", [
+    (16384, 64, 1.0, None), (65536, 256, 2.0, None), (65536, 128, 1.0, None),
+    (65536, 64, 2.0, 40),  # 40 distinct rows: tie groups of ~1600 tokens across every chunk
+])
+def test_gpu_large(T, E, cf, distinct):
     torch.manual_seed(T + E)
     cfg = _cfg(E, 1, cf)
     logits = torch.randn(T, E, device="cuda")
+    if distinct is not None:
+        logits = logits[:distinct][torch.randint(0, distinct, (T,), device="cuda")]
     sel, plan = route(logits, cfg)
     _own_contract(sel, plan, cfg, None)
     want = ref.select(logits, cfg)
