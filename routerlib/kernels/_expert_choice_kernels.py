@@ -196,8 +196,7 @@ def _ec_compact_kernel(
         else:
             digit = (prefix >> (16 - 8 * level)) & 0xFF
         written += tl.sum(tl.sum(tl.where(before & (bins > digit)[None, :], h2, 0), axis=1))
-        if level == 3:
-            tau = (prefix.to(tl.uint32) << 8) | digit.to(tl.uint32)
+    tau = (prefix.to(tl.uint32) << 8) | digit.to(tl.uint32)  # digit: the last level's
     written += tl.minimum(ties, k)
     start = split * chunk
     for off in range(0, chunk, BLOCK):
