@@ -150,6 +150,21 @@ def test_layer_trains_with_expert_choice(device):
     assert r.gate.weight.grad is not None and bool(r.gate.weight.grad.abs().sum() > 0)
 
 
+def test_benchmark_rows(tmp_path):
+    """The benchmark at a toy size on the CPU: one row per variant and pass, in the shared
+    schema, written to a results file that loads back."""
+    from routerlib.bench import results
+    from routerlib.bench.expert_choice import run
+
+    rs = run([8], [2], [1.0], "cpu", set(), 60.0, rep_ms=1.0, log=lambda *_: None)
+    got = {(r.variant, r.config["pass"]) for r in rs.rows}
+    assert got == {("triton", "fwd"), ("triton", "fwd+bwd"), ("torch", "fwd"),
+                   ("torch", "fwd+bwd")}
+    assert all(r.metric == "time_us" and r.value > 0 and r.config["C"] == 4 for r in rs.rows)
+    _, rows = results.load(rs.write(tmp_path))
+    assert len(rows) == 4
+
+
 # --------------------------------------------------------------------------------------------
 # GPU only: the benchmark's sizes, CUDA graphs
 
