@@ -8,7 +8,8 @@ topk_weights = scores * routed_scaling_factor, expert_rank[t, e] = t's place in 
 (best key first, ties to the lower token) or -1, and the E x C capacity layout. The picks are the
 stable top-C of the kernel's own fp32 scores (+ bias): exact ties (equal logits rows, equal keys)
 break as the reference does; two keys that the reference and the kernel round an ulp apart may
-order differently, as with any two softmax implementations.
+order differently, as with any two softmax implementations. topk_ids is a broadcast view of
+arange(E) (stride 0 over tokens: no T*E*4 bytes written); Selection.scores is returned too.
 
 No sort over the T tokens: a radix select per expert (4 digit passes over uint32 keys, split over
 token chunks), a stable compaction of the C picks, and a sort of those E*C picks only (torch.sort
