@@ -15,7 +15,7 @@ from helpers import PLAN_FIELDS, assert_close, assert_equal_int, assert_route_ma
 from routerlib import reference as ref
 from routerlib.config import RouterConfig
 from routerlib.kernels import route
-from routerlib.kernels.expert_choice import expert_choice, expert_choice_forward
+from routerlib.kernels.expert_choice import capacity, expert_choice, expert_choice_forward
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}  # scores are fp32 math
 
@@ -148,6 +148,49 @@ def test_layer_trains_with_expert_choice(device):
     assert_equal_int(out.plan.kept_counts, torch.full((6,), C, dtype=torch.int32), "kept_counts")
     (out.selection.topk_weights.sum() + out.z_loss).backward()
     assert r.gate.weight.grad is not None and bool(r.gate.weight.grad.abs().sum() > 0)
+
+
+def test_torch_compile(device):
+    """The custom op stays in one graph (fullgraph), forward and backward, and gives the eager
+    results."""
+    cfg = _cfg(5, 2, 1.0, routed_scaling_factor=2.0)
+
+    def run(x):
+        sel, plan = expert_choice(x, cfg)
+        loss = (sel.topk_weights * x.detach()).sum() + sel.prob_sum.square().sum() + sel.zsq_sum
+        return sel.expert_rank, plan.row_to_slot, loss
+
+    torch._dynamo.reset()
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+    compiled = torch.compile(run, backend=backend, fullgraph=True)
+    for T in (11, 17):  # the second token count recompiles with a symbolic T (and C)
+        logits = torch.randn(T, 5, device=device)
+        x1, x2 = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+        rank1, rows1, loss1 = run(x1)
+        rank2, rows2, loss2 = compiled(x2)
+        loss1.backward()
+        loss2.backward()
+        assert_equal_int(rank2, rank1, "expert_rank")
+        assert_equal_int(rows2, rows1, "row_to_slot")
+        assert_close(loss2, loss1, 1e-6, "loss")
+        assert_close(x2.grad, x1.grad, 1e-6, "grad_logits")
+
+
+def test_opcheck(device):
+    """torch.library's consistency checks of the custom op: schema, fake tensor, autograd."""
+    x = torch.randn(7, 4, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.routerlib.expert_choice.default, (x, None, 2, "softmax"),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
+
+
+def test_capacity_in_integers():
+    """The traceable capacity (integer arithmetic) equals RouterConfig.capacity everywhere."""
+    for E, K, cf, min_cap in [(5, 2, 1.0, 1), (7, 1, 1.1, 1), (64, 1, 1.25, 4), (3, 3, 8.0, 1),
+                              (10, 1, 0.3, 2)]:
+        cfg = _cfg(E, K, cf, min_capacity=min_cap)
+        got = [capacity(cfg, T) for T in range(0, 300)]
+        assert got == [cfg.capacity(T) for T in range(0, 300)], (E, K, cf, min_cap)
 
 
 def test_benchmark_rows(tmp_path):

@@ -21,6 +21,7 @@ torch.compile takes the custom op whole. Backward: one pass, reads T*E*s + T*E*4
 from __future__ import annotations
 
 import functools
+from fractions import Fraction
 
 import torch
 import triton
@@ -194,6 +195,22 @@ def _backward(ctx, grad_scores, _g_rank, _g_slot, _g_row, grad_prob_sum, grad_zs
 _expert_choice_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.compiler.assume_constant_result
+def _capacity_ratio(cfg: RouterConfig) -> tuple[int, int]:
+    """capacity_factor * top_k / num_experts as an exact fraction (num, den): a constant to
+    torch.compile, which cannot trace Fraction."""
+    r = Fraction(str(cfg.capacity_factor)) * cfg.top_k / cfg.num_experts
+    return r.numerator, r.denominator
+
+
+def capacity(cfg: RouterConfig, num_tokens: int | torch.SymInt) -> int | torch.SymInt:
+    """cfg.capacity(T) in integer arithmetic, so that T may be symbolic (torch.compile with
+    dynamic shapes): min(T, max(min_capacity, ceil(T * num / den)))."""
+    num, den = _capacity_ratio(cfg)
+    c = (num_tokens * num + den - 1) // den
+    return torch.sym_min(torch.sym_max(c, cfg.min_capacity), num_tokens)
+
+
 def expert_choice(logits: Tensor, cfg: RouterConfig, bias: Tensor | None = None
                   ) -> tuple[Selection, RoutingPlan]:
     """Expert-choice selection and its E x C capacity plan (differentiable in logits through
@@ -211,7 +228,7 @@ def expert_choice(logits: Tensor, cfg: RouterConfig, bias: Tensor | None = None
     if bias is not None:
         bias = bias.contiguous()
     T, E = logits.shape
-    C = cfg.capacity(T)
+    C = capacity(cfg, T)
     if not torch.compiler.is_compiling() and not (torch.is_grad_enabled()
                                                   and logits.requires_grad):
         out = expert_choice_forward(logits, bias, C, cfg.score_func)
