@@ -227,9 +227,12 @@ def test_gpu_large(T, E, cf, distinct):
     _own_contract(sel, plan, cfg, None)
     want = ref.select(logits, cfg)
     assert_close(sel.scores, want.scores, 1e-5, "scores")
-    # the torch softmax and the kernel's may round a score an ulp apart: allow a few swaps
-    same = (sel.expert_rank == want.expert_rank).float().mean().item()
-    assert same > 0.999, f"only {same:.5f} of the ranks agree with the reference"
+    # torch's softmax and the kernel's (approximate exp and division on the GPU) may round a
+    # score a few ulps apart: neighbours in a pick list may swap, a boundary pick may change
+    picked, want_picked = sel.expert_rank >= 0, want.expert_rank >= 0
+    same_set = (picked & want_picked).sum().item() / want_picked.sum().item()
+    same_rank = (sel.expert_rank == want.expert_rank)[want_picked].float().mean().item()
+    assert same_set > 0.999 and same_rank > 0.9, (same_set, same_rank)
 
 
 @pytest.mark.gpu
