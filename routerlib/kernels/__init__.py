@@ -37,8 +37,8 @@ from routerlib.types import RoutingPlan, Selection
 def route(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None,
           priority: torch.Tensor | None = None, need_stats: bool | None = None
           ) -> tuple[Selection, RoutingPlan]:
-    """Triton route: fused top-K then the sort-free plan; expert choice: a radix select of each
-    expert's top-C tokens and its capacity plan (expert_choice.py).
+    """Triton route: fused top-K then the sort-free plan. Expert choice selects with the reference
+    (a column top-C over tokens) and plans with it too.
 
     need_stats: whether Selection.prob_sum / zsq_sum (the loss sums) must be computed; None means
     when autograd records (training). Without them, the row-wise route (route_rows.py) runs where
