@@ -143,7 +143,15 @@ fi
 for step in $STEPS; do
   if [[ -f "scripts/gpu_steps/$step.sh" ]]; then
     echo "== step $step"
+    mkdir -p "$OUT/$step"
+    t0=$SECONDS
     source "scripts/gpu_steps/$step.sh" || rc=$((rc | 1))
+    echo "== step $step: $((SECONDS - t0)) s, rc so far $rc"
   fi
 done
+# The device returns at most 8 files: every folder under $OUT travels as one archive.
+dirs=$(cd "$OUT" && find . -mindepth 1 -maxdepth 1 -type d -printf '%f\n')
+if [[ -n "$dirs" ]]; then
+  tar czf "$OUT/steps.tgz" -C "$OUT" $dirs && (cd "$OUT" && rm -rf $dirs)
+fi
 exit $rc
