@@ -67,6 +67,9 @@ class RouterConfig:
 
     Losses
         aux_loss_coef: Switch/GShard load-balancing loss E*sum_e f_e*P_e.
+        aux_loss_global: f_e and P_e over every data-parallel rank's tokens (one all_reduce
+            through torch.distributed; Router(process_group=...) names the group, default the
+            world): the global-batch balance loss. False: this rank's tokens only.
         seq_aux_loss_coef: its per-sequence variant (DeepSeek-V3), needs the sequence length.
         z_loss_coef: mean(logsumexp(logits)^2) (ST-MoE).
         bias_update_rate: step of the aux-loss-free bias update
@@ -98,6 +101,7 @@ class RouterConfig:
     jitter_eps: float = 0.0
     noise_std: float = 0.0
     aux_loss_coef: float = 0.0
+    aux_loss_global: bool = False
     seq_aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
     bias_update_rate: float = 1e-3

@@ -28,12 +28,15 @@ class Router(nn.Module):
 
     The gate is a bias-free linear map D -> E. With cfg.expert_bias the module holds the
     aux-loss-free bias as a buffer; call update_bias(load) after each step to move it.
+    process_group: the data-parallel group of cfg.aux_loss_global (None: the world).
     """
 
     def __init__(self, hidden_size: int, cfg: RouterConfig, backend: Backend = "torch",
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 process_group: torch.distributed.ProcessGroup | None = None):
         super().__init__()
         self.cfg = cfg
+        self.process_group = process_group
         self.hidden_size = hidden_size
         self.backend = backend
         self.gate = nn.Linear(hidden_size, cfg.num_experts, bias=False, device=device, dtype=dtype)
@@ -66,7 +69,10 @@ class Router(nn.Module):
         T = logits.shape[0]
         aux = logits.new_zeros((), dtype=torch.float32)
         if cfg.routing == "token_choice":  # expert choice is balanced by construction
-            if cfg.aux_loss_coef > 0:
+            if cfg.aux_loss_coef > 0 and cfg.aux_loss_global:
+                aux = aux + cfg.aux_loss_coef * ref.global_load_balancing_loss(
+                    sel.prob_sum, plan.expert_counts, T, cfg.top_k, self.process_group)
+            elif cfg.aux_loss_coef > 0:
                 aux = aux + cfg.aux_loss_coef * ref.load_balancing_loss_from_stats(
                     sel.prob_sum, plan.expert_counts, T, cfg.top_k)
             if cfg.seq_aux_loss_coef > 0:
@@ -83,8 +89,12 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor) -> None:
-        """Aux-loss-free balancing step (DeepSeek-V3) from this step's per-expert load [E]."""
+        """Aux-loss-free balancing step (DeepSeek-V3) from this step's per-expert load [E]
+        (e.g. out.plan.expert_counts), in place on the device: no host sync, so a CUDA graph
+        can capture it."""
         if self.expert_bias is None:
             raise RuntimeError("update_bias needs RouterConfig.expert_bias=True")
-        self.expert_bias.copy_(ref.update_expert_bias(self.expert_bias, load,
-                                                      self.cfg.bias_update_rate))
+        if load.shape != self.expert_bias.shape:
+            raise ValueError(f"load must have shape {tuple(self.expert_bias.shape)} (one count "
+                             f"per expert), got {tuple(load.shape)}")
+        ref.update_expert_bias_(self.expert_bias, load, self.cfg.bias_update_rate)

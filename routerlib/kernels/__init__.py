@@ -43,9 +43,10 @@ def route(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = N
     (default: route.launch_config's choice for the shape)."""
     ref.check_logits(logits, cfg)
     ref.gating.check_bias(bias, logits, cfg)
-    if cfg.routing == "expert_choice":
-        sel = ref.select(logits, cfg, bias)
-        return sel, ref.build_plan(sel, cfg, priority)
+    if cfg.routing == "expert_choice":  # each expert's top-C tokens: kernels/expert_choice.py
+        from routerlib.kernels.expert_choice import expert_choice
+
+        return expert_choice(logits, cfg, bias)
     if need_stats is None:
         need_stats = torch.is_grad_enabled() and logits.requires_grad
     if fast.applies(logits, cfg, need_stats):

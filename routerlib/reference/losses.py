@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from routerlib.reference.gating import token_distribution as _probs
 
@@ -34,6 +35,38 @@ def load_balancing_loss_from_stats(prob_sum: torch.Tensor, load: torch.Tensor, n
     return E * ((load.float() / (denom * top_k)) * (prob_sum / denom)).sum()
 
 
+def global_load_balancing_loss(prob_sum: torch.Tensor, load: torch.Tensor, num_tokens: int,
+                               top_k: int, group: dist.ProcessGroup | None = None
+                               ) -> torch.Tensor:
+    """The Switch/GShard loss of the global batch: f_e and P_e over every rank's tokens.
+
+    prob_sum [E] (this rank's Selection.prob_sum, differentiable), load [E] (this rank's slots
+    per expert), num_tokens: this rank's T (ranks may differ). One all_reduce of [2E+1] fp64
+    sums over `group` (default: the world) gives the global counts, prob sums and token count.
+    Every rank returns the same value, the loss of the concatenated batch, and its gradient is
+    that loss's gradient through this rank's own prob_sum (the other ranks' sums are constants
+    here; their gradients arise on their ranks). DDP averages gradients over the R ranks, so a
+    DDP step follows 1/R of the global loss's gradient: scale the coefficient by R to keep the
+    single-process step. No host sync (the all_reduce is enqueued on the stream).
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("global_load_balancing_loss needs torch.distributed initialised "
+                           "(dist.init_process_group); use load_balancing_loss_from_stats for "
+                           "one process")
+    E = prob_sum.shape[0]
+    if load.shape != (E,):
+        raise ValueError(f"load must have shape ({E},) like prob_sum, got {tuple(load.shape)}")
+    local = torch.cat([load.detach().double(), prob_sum.detach().double(),
+                       prob_sum.new_full((1,), num_tokens, dtype=torch.float64)])  # [2E+1]
+    total = local.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    T = total[2 * E].clamp(min=1.0)  # no tokens anywhere: a zero loss, not NaN
+    f = (total[:E] / (T * top_k)).float()  # [E] no gradient
+    others = (total[E:2 * E] - local[E:2 * E]).float()  # [E] the other ranks' prob sums
+    P = (prob_sum + others) / T.float()  # [E] the gradient flows to this rank's sum only
+    return E * (f * P).sum()
+
+
 def sequence_load_balancing_loss(scores: torch.Tensor, topk_ids: torch.Tensor, seq_len: int,
                                  score_func: str = "softmax") -> torch.Tensor:
     """The loss above computed within each sequence and averaged (DeepSeek-V3's sequence-wise
@@ -62,3 +95,11 @@ def update_expert_bias(bias: torch.Tensor, load: torch.Tensor, rate: float) -> t
     Overloaded experts become less attractive, underloaded ones more. Returns the new bias."""
     load = load.float()
     return bias + rate * torch.sign(load.mean() - load).to(bias.dtype)
+
+
+def update_expert_bias_(bias: torch.Tensor, load: torch.Tensor, rate: float) -> torch.Tensor:
+    """update_expert_bias in place: device ops only (no .item(), no branch on a value), so it
+    runs inside a captured CUDA graph, the load read from the tensor each replay. bias [E] fp32,
+    load [E] any dtype (e.g. RoutingPlan.expert_counts). Returns bias."""
+    load = load.float()
+    return bias.add_(torch.sign(load.mean() - load).to(bias.dtype), alpha=rate)
