@@ -232,7 +232,7 @@ def plot_token_routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     ax.set_ylabel("token")
     ax.tick_params(axis="y", labelsize=8)
     if len(dr):
-        ax.legend(loc="upper right", fontsize="small")
+        ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
     load = np.bincount(ids[routed], minlength=num_experts)
     kept_load = np.bincount(ids[kept], minlength=num_experts)
     x = np.arange(num_experts)

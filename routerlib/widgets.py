@@ -136,7 +136,7 @@ def routing_explorer(**kwargs) -> RoutingExplorer:
 def validation_passages(num: int = 6, length: int = 40, seed: int = 0
                         ) -> dict[str, torch.Tensor]:
     """{name: [length] long}: passages of the validation text (routerlib.models.data), each
-    starting at a line start; named by their first words."""
+    starting after a line break (seeded positions); named by their first words."""
     from routerlib.models.data import load_corpus, token_pieces
 
     val = torch.from_numpy(load_corpus().val.astype("int64"))
