@@ -173,15 +173,18 @@ class RouterConfig:
 class MoEConfig:
     """An MoE layer: a router plus E SwiGLU experts of width F, optionally a shared expert.
 
-    expert_path: "loop" (one matmul per expert, readable) or "batched" (grouped GEMM over the
-    expert-major buffer). backend: "torch" (the reference) or "triton" (the kernels).
+    expert_path: "fused" (Triton grouped GEMMs reading tokens through the plan, combine weights in
+    the epilogue: routerlib.kernels.experts), "batched" (dispatch, grouped GEMM over the
+    expert-major buffer, combine), "loop" (one matmul per expert, readable) or "auto" (fused with
+    backend="triton", batched with "torch"). backend: "torch" (the reference) or "triton" (the
+    kernels).
     """
 
     hidden_size: int
     ffn_size: int
     router: RouterConfig
     shared_expert_size: int = 0
-    expert_path: Literal["loop", "batched"] = "batched"
+    expert_path: Literal["auto", "fused", "batched", "loop"] = "auto"
     backend: Backend = "torch"
 
     def __post_init__(self) -> None:
@@ -192,9 +195,9 @@ class MoEConfig:
         if not isinstance(self.shared_expert_size, int) or self.shared_expert_size < 0:
             raise ValueError(f"MoEConfig.shared_expert_size={self.shared_expert_size!r}: "
                              "must be an int >= 0")
-        if self.expert_path not in ("loop", "batched"):
-            raise ValueError(f"MoEConfig.expert_path={self.expert_path!r}: must be 'loop' or "
-                             "'batched'")
+        if self.expert_path not in ("auto", "fused", "batched", "loop"):
+            raise ValueError(f"MoEConfig.expert_path={self.expert_path!r}: must be 'auto', "
+                             "'fused', 'batched' or 'loop'")
         if self.backend not in _BACKENDS:
             raise ValueError(f"MoEConfig.backend={self.backend!r}: must be one of {_BACKENDS}")
         if not isinstance(self.router, RouterConfig):

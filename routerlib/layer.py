@@ -1,8 +1,12 @@
 """MoELayer: router + E SwiGLU experts + dispatch/combine, an nn.Module that drops in for an MLP.
 
-Two expert paths compute the same thing:
-  loop     one matmul chain per expert over its rows: readable, kept for comparison;
-  batched  one grouped GEMM per projection over the whole expert-major buffer.
+Three expert paths compute the same thing (MoEConfig.expert_path):
+  fused    the Triton kernels of routerlib.kernels.experts: the up GEMM reads the tokens through
+           the plan, the down GEMM's epilogue applies the combine weights, no dispatched copy
+           (the default with backend="triton");
+  batched  dispatch, one grouped GEMM per projection over the expert-major buffer
+           (torch._grouped_mm / bmm), combine (the default with backend="torch");
+  loop     dispatch, one matmul chain per expert over its rows, combine: readable, for comparison.
 """
 
 from __future__ import annotations
@@ -73,6 +77,14 @@ class SwiGLUExperts(nn.Module):
             return torch.where(used[:, None], out, 0)
         return self.forward_loop(rows, plan)
 
+    def forward_fused(self, x: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor
+                      ) -> torch.Tensor:
+        """x [T, D] -> y [T, D] = the weighted sum over each token's kept slots of its experts'
+        outputs: dispatch, experts and combine in the fused Triton kernels."""
+        from routerlib.kernels.experts import fused_experts
+
+        return fused_experts(x, plan, weights, self.w_gate_up, self.w_down)
+
 
 class MoELayer(nn.Module):
     """x [T, D] (or [B, S, D]) -> (y, RouterOutput). y has x's shape and dtype."""
@@ -95,12 +107,18 @@ class MoELayer(nn.Module):
         x2 = x.reshape(-1, shape[-1])  # [T, D]
         out = self.router(x2, seq_len=seq_len, generator=generator)
         backend = self.cfg.backend
-        rows = ops.dispatch(x2, out.plan, backend)  # [R, D]
-        if self.cfg.expert_path == "loop":
-            expert_out = self.experts.forward_loop(rows, out.plan)
+        path = self.cfg.expert_path
+        if path == "auto":
+            path = "fused" if backend == "triton" else "batched"
+        if path == "fused":
+            y = self.experts.forward_fused(x2, out.plan, out.topk_weights)  # [T, D]
         else:
-            expert_out = self.experts.forward_batched(rows, out.plan)
-        y = ops.combine(expert_out, out.plan, out.topk_weights, backend)  # [T, D]
+            rows = ops.dispatch(x2, out.plan, backend)  # [R, D]
+            if path == "loop":
+                expert_out = self.experts.forward_loop(rows, out.plan)
+            else:
+                expert_out = self.experts.forward_batched(rows, out.plan)
+            y = ops.combine(expert_out, out.plan, out.topk_weights, backend)  # [T, D]
         if self.shared is not None:
             y = y + swiglu(x2, self.shared.w_gate_up[0], self.shared.w_down[0])
         return y.view(shape), out

@@ -110,7 +110,7 @@ BAD_MOE = [
     (dict(hidden_size=8.0), ValueError, "MoEConfig.hidden_size=8.0"),
     (dict(ffn_size=-1), ValueError, "MoEConfig.ffn_size=-1"),
     (dict(shared_expert_size=-4), ValueError, "MoEConfig.shared_expert_size=-4"),
-    (dict(expert_path="fused"), ValueError, "MoEConfig.expert_path='fused'"),
+    (dict(expert_path="grouped"), ValueError, "MoEConfig.expert_path='grouped'"),
     (dict(backend="cuda"), ValueError, "MoEConfig.backend='cuda'"),
     (dict(router={"num_experts": 8}), TypeError, "MoEConfig.router must be a RouterConfig"),
 ]
@@ -126,7 +126,7 @@ def test_moe_config_rejects(overrides, exc, msg):
 
 def test_moe_config_defaults():
     cfg = MoEConfig(hidden_size=16, ffn_size=32, router=_rc())
-    assert (cfg.shared_expert_size, cfg.expert_path, cfg.backend) == (0, "batched", "torch")
+    assert (cfg.shared_expert_size, cfg.expert_path, cfg.backend) == (0, "auto", "torch")
 
 
 # (config overrides, T, expected C, why)
