@@ -116,3 +116,30 @@ def test_graph_equals_eager_gpu(B):
     ref = Generator(_model("torch", "cuda", E=8, K=2).to(torch.bfloat16), B, 30, graph=True)
     ref.generate(prompt, 3)
     assert not ref.uses_graph and ref.graph_error
+
+
+def test_checkpoint_and_decode_bench(tmp_path):
+    """A saved checkpoint is found and loaded as "trained"; the decode benchmark writes one row
+    per metric in the shared schema, p99 >= p50 > 0."""
+    from routerlib.bench.inference import bench_decode, find_checkpoint, load_lm
+    from routerlib.bench.results import ResultSet, load
+    from routerlib.models.train import save_checkpoint
+
+    cfg = LMConfig(vocab_size=4096, max_seq_len=32, num_layers=2, hidden_size=32, num_heads=2,
+                   ffn_size=16, router=RouterConfig(num_experts=4, top_k=2))
+    torch.manual_seed(0)
+    model = MoETransformer(cfg).eval()
+    path = save_checkpoint(model, tmp_path / "run" / "model.pt", step=5)
+    assert find_checkpoint(tmp_path) == path and find_checkpoint(tmp_path / "none") is None
+    loaded, label = load_lm(path)
+    assert label.startswith("trained") and "step 5" in label
+    rs = ResultSet("inference")
+    bench_decode(loaded, label, rs, backends=("torch",), batches=(2,), prompt_len=4,
+                 new_tokens=5, log=lambda s: None)
+    _, rows = load(rs.write(tmp_path / "out"))
+    by_metric = {r.metric: r for r in rows}
+    assert set(by_metric) == {"latency_p50_us", "latency_p99_us", "tokens_per_s", "prefill_ms"}
+    assert by_metric["latency_p99_us"].value >= by_metric["latency_p50_us"].value > 0
+    assert all(r.config["B"] == 2 and r.config["model"] == label for r in rows)
+    _, toy = load_lm(None)
+    assert toy == "toy-untrained"
