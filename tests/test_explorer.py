@@ -24,7 +24,7 @@ def explorer():
                    ffn_size=16, router=RouterConfig(num_experts=6, top_k=2, renormalize=True),
                    first_layer_dense=True, init_std=0.5)
     torch.manual_seed(0)
-    passages = validation_passages(num=2, length=20)
+    passages = validation_passages(num=2, length=12)
     return TextRoutingExplorer(MoETransformer(cfg), passages, label="tiny test model")
 
 
@@ -40,8 +40,8 @@ def test_controls_reroute(explorer):
     assert ex.stats is not None and ex.updates == 1 and ex.image.value
     assert "tiny test model" in ex.widget.children[0].value
     png = ex.image.value
-    ex.controls["capacity_factor"].value = 0.5  # C = ceil(0.5 * 20 * 2 / 6) = 4 of 40 slots
-    assert ex.cfg.capacity_factor == 0.5 and ex.stats.capacity == 4
+    ex.controls["capacity_factor"].value = 0.5  # C = ceil(0.5 * 12 * 2 / 6) = 2 of 24 slots
+    assert ex.cfg.capacity_factor == 0.5 and ex.stats.capacity == 2
     assert ex.stats.dropped > 0 and ex.image.value != png
     exp = _expected(ex)
     assert (ex.stats.load == exp.load).all() and (ex.stats.kept == exp.kept).all()
@@ -49,7 +49,7 @@ def test_controls_reroute(explorer):
     ex.controls["dropless"].value = True
     assert ex.stats.dropped == 0 and ex.stats.capacity is None
     ex.controls["K"].value = 6  # K = E
-    assert ex.stats.num_slots == 20 * 6 and (ex.stats.load == 20).all()
+    assert ex.stats.num_slots == 12 * 6 and (ex.stats.load == 12).all()
     ex.controls["K"].value = 1
     ex.controls["layer"].value = 1
     exp = _expected(ex)
@@ -57,7 +57,7 @@ def test_controls_reroute(explorer):
     ex.controls["dropless"].value = False
     ex.controls["strategy"].value = "expert_choice"
     assert ex.cfg.routing == "expert_choice" and ex.stats.dropped == 0
-    assert (ex.stats.kept == ex.cfg.capacity(20)).all()  # every expert fills its C slots
+    assert (ex.stats.kept == ex.cfg.capacity(12)).all()  # every expert fills its C slots
     ex.controls["precision"].value = "bf16"
     assert ex.layer_logits(ex.values()["passage"], "bf16")[0].dtype == torch.bfloat16
     ex.controls["passage"].value = list(ex.passages)[1]

@@ -28,7 +28,7 @@ def _prompt(B: int, S: int, V: int = 61, device: str = "cpu") -> torch.Tensor:
 
 
 @pytest.mark.parametrize("B,S,N,K", [(1, 1, 6, 1),    # T=1 prompt, K=1
-                                     (3, 7, 9, 2),    # odd batch and prompt
+                                     (3, 7, 6, 2),    # odd batch and prompt
                                      (2, 5, 4, 5)])   # K=E
 def test_greedy_cache_equals_full_forward(B, S, N, K):
     model = _model(K=K)
@@ -53,12 +53,12 @@ def test_greedy_cache_equals_full_forward(B, S, N, K):
 
 def test_sampling_seeded_and_reproducible():
     model = _model()
-    prompt = _prompt(3, 3)
+    prompt = _prompt(2, 3)
     s = Sampling(temperature=1.5, top_p=0.95, seed=11)
-    a = generate(model, prompt, 8, s)
-    b = generate(model, prompt, 8, s)
-    c = generate(model, prompt, 8, Sampling(temperature=1.5, top_p=0.95, seed=12))
-    greedy = generate(model, prompt, 8)
+    a = generate(model, prompt, 6, s)
+    b = generate(model, prompt, 6, s)
+    c = generate(model, prompt, 6, Sampling(temperature=1.5, top_p=0.95, seed=12))
+    greedy = generate(model, prompt, 6)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert not torch.equal(a, greedy)

@@ -158,8 +158,9 @@ def bench_hf(rs: ResultSet, model_types=tuple(HF_SHAPES), num_layers: int = 2,
                            ffn_size=F, vocab_size=32000, num_heads=H, num_kv_heads=KV,
                            head_dim=Hd)
         torch.manual_seed(0)
-        base = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-        base = base.to(device).eval()
+        with device:  # initialised on the GPU: billions of parameters are slow to draw on a CPU
+            base = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        base = base.eval()
         impl = getattr(base.config, "_experts_implementation", None) or "eager"
         x = torch.randint(0, 32000, (1, tokens), device=device)
         prompt = torch.randint(0, 32000, (gen_batch, gen_prompt), device=device)
