@@ -169,3 +169,24 @@ def test_logits_equal_gpu(model_type, backend):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bf16_block_close_gpu(backend):
     test_bf16_block_close("qwen3_moe", device="cuda", backend=backend)
+
+
+def test_dropin_bench_rows():
+    """The drop-in benchmark at a toy shape on the CPU: every variant times a forward and a
+    generate; speedups are ratios to the transformers model."""
+    from routerlib.bench.inference import bench_hf
+    from routerlib.bench.results import ResultSet
+
+    rs = ResultSet("hf_dropin")
+    bench_hf(rs, shapes={"qwen3_moe": (32, 6, 2, 24, 4, 2, 8)}, tokens=16, gen_batch=2,
+             gen_prompt=4, gen_new=3, device="cpu", vocab_size=97, backends=("torch",),
+             log=lambda s: None)
+    got = {(r.variant, r.metric): r.value for r in rs.rows}
+    assert set(got) == {("hf", "forward_ms"), ("hf", "generate_tokens_per_s"),
+                        ("routerlib-torch", "forward_ms"),
+                        ("routerlib-torch", "generate_tokens_per_s"),
+                        ("routerlib-torch", "forward_speedup"),
+                        ("routerlib-torch", "generate_speedup")}
+    ratio = got[("hf", "forward_ms")] / got[("routerlib-torch", "forward_ms")]
+    assert got[("routerlib-torch", "forward_speedup")] == pytest.approx(ratio)
+    assert all(v > 0 for v in got.values())

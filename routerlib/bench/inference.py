@@ -136,48 +136,53 @@ HF_SHAPES = {
 }
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _time_s(fn, device) -> float:
     from routerlib.bench.timing import bench
 
     return bench(fn, warmup_ms=50, rep_ms=300, device=device).seconds
 
 
-def bench_hf(rs: ResultSet, model_types=tuple(HF_SHAPES), num_layers: int = 2,
+def bench_hf(rs: ResultSet, shapes: dict = HF_SHAPES, num_layers: int = 2,
              tokens: int = 4096, gen_batch: int = 8, gen_prompt: int = 128, gen_new: int = 32,
-             log=print) -> None:
+             device: torch.device | str = "cuda", vocab_size: int = 32000,
+             backends=BACKENDS, log=print) -> None:
     """Forward of [1, tokens] and greedy generate() of [gen_batch, gen_prompt] + gen_new tokens:
     the transformers model as shipped vs patched with apply_routerlib (torch and triton)."""
     import transformers
 
     from routerlib.integrations.hf import apply_routerlib, small_config
 
-    device = torch.device("cuda")
-    for mt in model_types:
-        D, E, K, F, H, KV, Hd = HF_SHAPES[mt]
+    device = torch.device(device)
+    for mt, (D, E, K, F, H, KV, Hd) in shapes.items():
         cfg = small_config(mt, hidden_size=D, num_layers=num_layers, num_experts=E, top_k=K,
-                           ffn_size=F, vocab_size=32000, num_heads=H, num_kv_heads=KV,
+                           ffn_size=F, vocab_size=vocab_size, num_heads=H, num_kv_heads=KV,
                            head_dim=Hd)
         torch.manual_seed(0)
         with device:  # initialised on the GPU: billions of parameters are slow to draw on a CPU
             base = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
         base = base.eval()
         impl = getattr(base.config, "_experts_implementation", None) or "eager"
-        x = torch.randint(0, 32000, (1, tokens), device=device)
-        prompt = torch.randint(0, 32000, (gen_batch, gen_prompt), device=device)
+        x = torch.randint(0, vocab_size, (1, tokens), device=device)
+        prompt = torch.randint(0, vocab_size, (gen_batch, gen_prompt), device=device)
         case = dict(model=mt, layers=num_layers, D=D, E=E, K=K, F=F, dtype="bfloat16",
                     transformers=transformers.__version__, hf_experts=impl)
         times = {}
-        for variant in ("hf", "torch", "triton"):
+        for variant in ("hf", *backends):
             m = base if variant == "hf" else apply_routerlib(copy.deepcopy(base), variant)
             with torch.no_grad():
                 fwd = _time_s(lambda m=m, x=x: m(x).logits, device)
                 kw = dict(max_new_tokens=gen_new, do_sample=False, min_new_tokens=gen_new,
                           pad_token_id=0)
                 m.generate(prompt, **kw)  # warm-up (compiles the kernels)
-                torch.cuda.synchronize()
+                _sync(device)
                 t0 = time.perf_counter()
                 m.generate(prompt, **kw)
-                torch.cuda.synchronize()
+                _sync(device)
                 gen = time.perf_counter() - t0
             times[variant] = (fwd, gen)
             name = "hf" if variant == "hf" else f"routerlib-{variant}"
@@ -190,11 +195,10 @@ def bench_hf(rs: ResultSet, model_types=tuple(HF_SHAPES), num_layers: int = 2,
                        "generate_speedup", times["hf"][1] / gen, "x")
             log(f"{mt:10s} {name:16s} forward {fwd * 1e3:8.2f} ms, generate "
                 f"{gen_batch * gen_new / gen:8.0f} tokens/s")
-            if variant != "hf":
-                del m
-                torch.cuda.empty_cache()
+            del m
         del base
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
