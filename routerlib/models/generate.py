@@ -123,24 +123,29 @@ class Generator:
         return self.model(self._tok, cache=self.cache, input_pos=self._pos).logits[:, -1]
 
     def _capture(self) -> None:
-        """Warm up on a side stream, then capture one decode step. The warm-up and capture write
-        keys/values at position _pos: harmless, as every real step overwrites its own slot
-        before attending to it."""
+        """Warm up on a side stream (compiles and autotunes the kernels), then capture one
+        decode step. The warm-up writes the current token's keys/values at its own position,
+        as the step itself does. A step that syncs with the host fails inside the capture: the
+        CUDA state is then repaired and the generator stays eager, with graph_error saying why."""
+        from routerlib.bench.timing import _recover_after_failed_capture
+
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                self._step_eager()
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
         try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    self._step_eager()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 self._logits = self._step_eager()
             self._graph = g
-        except Exception as e:  # the step syncs with the host (e.g. the torch reference route)
+        except Exception as e:  # RuntimeError or torch.AcceleratorError
+            del g
             self._graph, self._logits = None, None
-            self.graph_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            torch.cuda.synchronize()
+            state = "" if _recover_after_failed_capture() else " (CUDA state broken)"
+            self.graph_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}{state}"
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
