@@ -32,8 +32,9 @@ MODES = ("eager", "graph")
 
 
 def find_checkpoint(*roots: str | Path) -> Path | None:
-    """The newest model.pt under the given folders (e.g. results/, a GPU run's $OUT), or None."""
-    found = [p for r in roots if Path(r).is_dir() for p in Path(r).rglob("model.pt")]
+    """The newest *model.pt (routerlib.models.train's model.pt, the study's balance_model.pt)
+    under the given folders (e.g. results/, a GPU run's $OUT), or None."""
+    found = [p for r in roots if Path(r).is_dir() for p in Path(r).rglob("*model.pt")]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
@@ -45,7 +46,8 @@ def load_lm(checkpoint: str | Path | None, device: torch.device | str = "cpu"
         from routerlib.models.train import load_checkpoint
 
         model, meta = load_checkpoint(checkpoint, device)
-        return model, f"trained ({Path(checkpoint).name}, step {meta.get('step')})"
+        extra = f", {meta['strategy']}" if meta.get("strategy") else ""
+        return model, f"trained ({Path(checkpoint).name}, step {meta.get('step')}{extra})"
     torch.manual_seed(0)
     cfg = LMConfig(vocab_size=4096, max_seq_len=256, num_layers=4, hidden_size=256, num_heads=4,
                    ffn_size=128, first_layer_dense=True)
@@ -204,7 +206,7 @@ def bench_hf(rs: ResultSet, shapes: dict = HF_SHAPES, num_layers: int = 2,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="build/inference")
-    ap.add_argument("--checkpoint", default=None, help="model.pt of routerlib.models.train "
+    ap.add_argument("--checkpoint", default=None, help="a checkpoint of routerlib.models.train "
                     "(default: the newest under results/; '' or none found: a toy model)")
     ap.add_argument("--quick", action="store_true", help="B=1 only, 16 tokens, no HF models")
     ap.add_argument("--skip-hf", action="store_true")

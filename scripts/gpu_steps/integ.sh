@@ -3,8 +3,9 @@
 # generate, Qwen3-30B-A3B / OLMoE / Mixtral widths, 2 layers) and the GPU tests of both.
 # Sourced by scripts/gpu_run.sh with OUT, PY, ROOT and rc set. About 150 s on an H200.
 mkdir -p "$OUT/integ"
-# the trained checkpoint: one committed under results/, or one a study step wrote into $OUT
-ckpt=$(ls -t "$OUT"/*/model.pt "$OUT"/*/*/model.pt results/*/model.pt results/*/*/model.pt \
+# the trained checkpoint: the balance step's $OUT/balance/balance_model.pt when it ran first,
+# else one committed under results/ (else a toy model, labelled so in every row)
+ckpt=$(ls -t "$OUT"/*/*model.pt "$OUT"/*/*/*model.pt results/*/*model.pt results/*/*/*model.pt \
   2>/dev/null | head -n 1)
 timeout 240 "$PY" -m routerlib.bench.inference --out "$OUT/integ" ${ckpt:+--checkpoint "$ckpt"} \
   >"$OUT/integ/inference.log" 2>&1
