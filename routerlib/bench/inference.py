@@ -75,7 +75,7 @@ def val_prompts(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 
 
 def bench_decode(model: MoETransformer, label: str, rs: ResultSet, backends=BACKENDS,
-                 batches=BATCHES, modes=MODES, prompt_len: int = 64, new_tokens: int = 64,
+                 batches=BATCHES, modes=MODES, prompt_len: int = 64, new_tokens: int = 48,
                  log=print) -> None:
     """Per-token decode latency and throughput, one Generator per case; the second of two
     generate() calls is measured (the first compiles kernels and captures the graph)."""
@@ -234,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     rs.write(out)
     if device.type == "cuda" and not (a.quick or a.skip_hf):
         hf = ResultSet("hf_dropin")
-        bench_hf(hf)
-        hf.write(out)
+        for mt, shape in HF_SHAPES.items():  # written after each model: a timeout keeps them
+            bench_hf(hf, {mt: shape})
+            hf.write(out)
     return 0
 
 

@@ -7,9 +7,9 @@ mkdir -p "$OUT/integ"
 # else one committed under results/ (else a toy model, labelled so in every row)
 ckpt=$(ls -t "$OUT"/*/*model.pt "$OUT"/*/*/*model.pt results/*/*model.pt results/*/*/*model.pt \
   2>/dev/null | head -n 1)
-timeout 240 "$PY" -m routerlib.bench.inference --out "$OUT/integ" ${ckpt:+--checkpoint "$ckpt"} \
+timeout "${INTEG_BENCH_TIMEOUT:-170}" "$PY" -m routerlib.bench.inference --out "$OUT/integ" ${ckpt:+--checkpoint "$ckpt"} \
   >"$OUT/integ/inference.log" 2>&1
 code=$?; rc=$((rc | code)); echo "inference bench: exit $code"; tail -n 30 "$OUT/integ/inference.log"
-timeout 200 "$PY" -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
+timeout "${INTEG_TESTS_TIMEOUT:-90}" "$PY" -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
   tests/test_generate.py tests/test_hf.py >"$OUT/integ/pytest_gpu_integ.log" 2>&1
 code=$?; rc=$((rc | code)); echo "integ gpu tests: exit $code ($(tail -n 1 "$OUT/integ/pytest_gpu_integ.log"))"
