@@ -63,6 +63,12 @@ def test_controls_reroute(explorer):
     ex.controls["passage"].value = list(ex.passages)[1]
     exp = _expected(ex)
     assert (ex.stats.load == exp.load).all() and ex.error is None
+    if "triton" in ex.controls["backend"].options:  # a GPU, or TRITON_INTERPRET=1
+        ex.controls["strategy"].value = "token_choice"
+        ex.controls["backend"].value = "triton"
+        exp = _expected(ex)
+        assert (ex.stats.load == exp.load).all() and (ex.stats.kept == exp.kept).all()
+        ex.controls["backend"].value = "torch"
 
 
 def test_invalid_setting_is_reported(explorer):
