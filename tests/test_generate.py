@@ -49,6 +49,9 @@ def test_greedy_cache_equals_full_forward(B, S, N, K):
                      tol=1e-5)
     assert torch.equal(out.tokens, seq)
     assert len(out.step_s) == N - 1
+    # a generator is reused: the keys/values left from the last call are masked or overwritten
+    assert torch.equal(gen.generate(prompt.flip(0), N).tokens.flip(0)[:, :S], prompt)
+    assert torch.equal(gen.generate(prompt, N).tokens, seq)
 
 
 def test_sampling_seeded_and_reproducible():
