@@ -148,6 +148,17 @@ def test_errors():
         cfg = transformers.LlamaConfig(vocab_size=16, hidden_size=16, num_hidden_layers=1,
                                        num_attention_heads=2, intermediate_size=16)
         hf.apply_routerlib(transformers.AutoModelForCausalLM.from_config(cfg))
+    cfg = hf.small_config("mixtral")
+    with pytest.raises(ValueError, match="transformers >= 5.0"):  # 4.x: one module per expert
+        hf._fused_experts(torch.nn.ModuleList([torch.nn.Linear(2, 2)]), cfg)
+    experts = _model("mixtral").model.layers[0].mlp.experts
+    experts.is_concatenated = False
+    with pytest.raises(ValueError, match="interleaved"):
+        hf._fused_experts(experts, cfg)
+    experts.is_concatenated = True
+    cfg.hidden_act = "gelu"
+    with pytest.raises(ValueError, match="silu"):
+        hf._fused_experts(experts, cfg)
 
 
 @pytest.mark.gpu
