@@ -53,7 +53,7 @@ class HFRouting:
     logits_fp32: bool  # DeepSeek-V3 computes the gate in fp32 (its gate weight is kept fp32)
 
 
-def routing_of(config, backend: Backend = "torch") -> HFRouting:
+def routing_of(config) -> HFRouting:
     """RouterConfig of a transformers config (dropless, no losses: inference semantics)."""
     mt = config.model_type
     E = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
@@ -130,7 +130,7 @@ class RouterlibMoEBlock(MoELayer):
 
     def __init__(self, block: nn.Module, config, backend: Backend = "torch"):
         nn.Module.__init__(self)  # MoELayer.__init__ would allocate fresh weights
-        routing = routing_of(config, backend)
+        routing = routing_of(config)
         experts = _fused_experts(block.experts, config)
         E, F2, D = experts.w_gate_up.shape[0], experts.w_gate_up.shape[2], config.hidden_size
         self.cfg = MoEConfig(hidden_size=D, ffn_size=F2 // 2, router=routing.router,
