@@ -212,3 +212,51 @@ def plot_bench(df: pd.DataFrame, stage: str | None = None, config: str | None = 
         title = " / ".join(parts) if parts else "benchmark"
     fig.suptitle(title)
     return fig
+
+
+def plot_token_routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                       slot_to_row: torch.Tensor, num_experts: int, tokens: Sequence[str],
+                       capacity: int | None = None, title: str | None = None) -> Figure:
+    """Left: token -> expert heatmap over a text (one row per token, labelled with the token),
+    cell = combine weight of the slot, kept slots coloured and dropped slots marked with a red
+    cross. Right: per-expert load, routed and kept, with the capacity line.
+    topk_ids, topk_weights, slot_to_row: [T, S]; tokens: T labels."""
+    ids = _np(topk_ids).astype(np.int64)
+    w = _np(topk_weights).astype(np.float64)
+    kept = _np(slot_to_row) >= 0
+    T, S = ids.shape
+    if len(tokens) != T:
+        raise ValueError(f"{len(tokens)} token labels for {T} tokens")
+    rows = np.repeat(np.arange(T), S)
+    m = np.full((T, num_experts), np.nan)
+    m[rows[kept.reshape(-1)], ids.reshape(-1)[kept.reshape(-1)]] = w.reshape(-1)[kept.reshape(-1)]
+    # expert choice lists every (token, expert) pair as a slot: only the picked ones are routed
+    routed = kept | (ids.shape[1] != num_experts)
+    drop = routed & ~kept
+    fig = Figure(figsize=(min(16.0, 7.0 + 0.12 * num_experts), max(4.0, 0.2 * T + 1.2)),
+                 layout="constrained")
+    ax, ax2 = fig.subplots(1, 2, width_ratios=[3, 2])
+    sns.heatmap(m, ax=ax, cmap="mako_r", cbar_kws={"label": "combine weight"}, vmin=0.0,
+                yticklabels=list(tokens), xticklabels=max(1, num_experts // 16))
+    dr, dc = rows[drop.reshape(-1)], ids.reshape(-1)[drop.reshape(-1)]
+    ax.scatter(dc + 0.5, dr + 0.5, marker="x", color="#d62728", s=30, label="dropped slot")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("token")
+    ax.tick_params(axis="y", labelsize=8)
+    if len(dr):
+        ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
+    load = np.bincount(ids[routed], minlength=num_experts)
+    kept_load = np.bincount(ids[kept], minlength=num_experts)
+    x = np.arange(num_experts)
+    ax2.bar(x, load, color="#fcae91", label="routed", width=0.85)
+    ax2.bar(x, kept_load, color="#3182bd", label="kept", width=0.85)
+    if capacity is not None:
+        ax2.axhline(capacity, color="#d62728", lw=1.5, label=f"capacity {capacity}")
+    ax2.set_xlim(-0.6, num_experts - 0.4)
+    ax2.set_xlabel("expert")
+    ax2.set_ylabel("token-slots")
+    ax2.legend(fontsize="small", loc="upper right")
+    ax2.set_title("per-expert load")
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -40,13 +40,13 @@ if "$SYS_PY" -c "import torch, triton, sys; sys.exit(0 if torch.cuda.is_availabl
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 else
   if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import routerlib, torch, triton, \
-nbclient, hypothesis" 2>/dev/null; then
+nbclient, hypothesis, mkdocs, transformers, playwright" 2>/dev/null; then
     echo "[env] building $VENV (CPU torch + triton interpreter)" >&2
     "$SYS_PY" -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip
     install_cpu_torch "$VENV/bin/python"
     "$VENV/bin/python" -m pip install -q "$TRITON_SPEC"
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[notebooks,dev,docs]"
+    "$VENV/bin/python" -m pip install -q -e "$ROOT[notebooks,dev,docs,hf,browser]"
   fi
   PY="$VENV/bin/python"
   # No GPU: Triton kernels run on the CPU through the interpreter.

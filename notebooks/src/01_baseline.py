@@ -313,3 +313,22 @@ cmp = big.pivot_table(index=["config", "T"], columns="stage", values="median_us"
 assert (cmp["combine"] > cmp["experts"]).all(), cmp
 assert (frac.xs("combine", axis=1) < 0.1).all()
 print("conclusions hold for", base_files[0].parent.name)
+
+# %% [markdown]
+# ## Explore: how the language model routes real text
+#
+# The explorer below runs the small MoE language model (`routerlib.models`) over passages of its
+# validation text and re-routes one layer's router logits with the settings you choose: the
+# strategy (token choice or expert choice), the capacity factor (or dropless), K, the precision
+# the model runs in (fp32 or bf16) and the backend (triton where a GPU or the interpreter runs
+# it). The heatmap shows each token's experts and combine weights, with the tokens as labels;
+# red crosses are slots dropped by the capacity; the bars are the per-expert load, routed and
+# kept. The model is the trained checkpoint when one is committed under `results/`; otherwise a
+# randomly initialised toy model, labelled `toy-untrained` above the controls, whose routing
+# says nothing about a trained router.
+
+# %%
+from routerlib.widgets import text_routing_explorer
+
+explorer = text_routing_explorer(results=str(RESULTS))
+explorer

@@ -1,0 +1,1 @@
+"""Adapters that put routerlib's MoE layer into other libraries' models."""
