@@ -44,6 +44,39 @@ def execute_notebook(path: Path, out_dir: Path | None = None, timeout: int = 180
     return nb
 
 
+# One sentence introducing each notebook on the index page, by its number.
+INTROS: dict[str, str] = {
+    "01": "The PyTorch reference router step by step: the bytes and FLOPs of each stage, its "
+          "invariants, capacity and drop policies, and the baseline measured on a GPU.",
+    "02": "The Triton kernels that replace it (route, dispatch, combine, fused experts), each "
+          "checked against the reference and timed against torch.compile and the peers.",
+    "03": "Every load-balancing strategy (auxiliary losses, bias update, expert choice) on a "
+          "small MoE language model trained on real text, with its expert loads and drops.",
+    "04": "What lower precision costs in routing decisions and layer output (router int8/fp8, "
+          "quantized token payload, fp8 experts), and what it saves.",
+    "05": "Expert parallelism over torch.distributed: bytes on the wire, a check on CPU ranks, "
+          "and the simulator's plan for 8-64 GPUs.",
+    "06": "The summary: what was gained over the reference and the peers, read from the "
+          "committed results, then each phase's challenges, trade-offs, usage and limits.",
+}
+
+
+def notebook_intro(stem: str, nb=None) -> str:
+    """The index's sentence for a notebook: INTROS by its number, else the first sentence of
+    the notebook's first paragraph after its heading ('' if neither)."""
+    if stem[:2] in INTROS:
+        return INTROS[stem[:2]]
+    for cell in (nb.cells if nb is not None else []):
+        if cell.cell_type != "markdown":
+            continue
+        text = " ".join(line.strip() for line in cell.source.splitlines()
+                        if line.strip() and not line.startswith("#"))
+        if text:
+            end = text.find(". ")
+            return text if end < 0 else text[:end + 1]
+    return ""
+
+
 def notebook_title(nb) -> str:
     """The text of the notebook's first markdown heading ('' if it has none)."""
     for cell in nb.cells:
@@ -54,17 +87,24 @@ def notebook_title(nb) -> str:
     return ""
 
 
-def index_html(rows: list[tuple[str, str, float]]) -> str:
-    """The report's front page: a title and one line per notebook (stem, title, seconds)."""
-    items = "\n".join(
-        f'  <li><a href="{html.escape(stem)}.html">{html.escape(title or stem)}</a>'
-        f" <small>({html.escape(stem)}.ipynb, executed in {dt:.0f} s)</small></li>"
-        for stem, title, dt in rows)
+def index_html(rows: list[tuple]) -> str:
+    """The report's front page: a title and one entry per notebook. Each row is
+    (stem, title, seconds) or (stem, title, seconds, intro sentence)."""
+    items = []
+    for stem, title, dt, *rest in rows:
+        intro = rest[0] if rest else ""
+        items.append(
+            f'  <li><a href="{html.escape(stem)}.html">{html.escape(title or stem)}</a>'
+            f" <small>({html.escape(stem)}.ipynb, executed in {dt:.0f} s)</small>"
+            + (f"<br>{html.escape(intro)}" if intro else "") + "</li>")
+    body = "\n".join(items)
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
             "<title>routerlib report</title></head>\n<body>\n"
             "<h1>routerlib report: Mixture-of-Experts routing, reference and Triton kernels</h1>\n"
-            "<p>The notebooks in order, executed by <code>make report</code>.</p>\n"
-            f"<ol>\n{items}\n</ol>\n</body></html>\n")
+            "<p>The notebooks in order, executed by <code>make report</code>: on a GPU they "
+            "measure, on a CPU they run at toy sizes and render the results committed under "
+            "<code>results/</code>. Start with the final report (06) for the summary.</p>\n"
+            f"<ol>\n{body}\n</ol>\n</body></html>\n")
 
 
 def write_html(nb, dest: Path) -> None:
@@ -94,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         write_html(nb, args.out / (path.stem + ".html"))
         dt = time.perf_counter() - t0
         print(f"[report]   done in {dt:.0f} s -> {args.out / path.name}", flush=True)
-        rows.append((path.stem, notebook_title(nb), dt))
+        rows.append((path.stem, notebook_title(nb), dt, notebook_intro(path.stem, nb)))
     (args.out / "index.html").write_text(index_html(rows), encoding="utf-8")
     print(f"[report] wrote {args.out / 'index.html'}")
     return 0
