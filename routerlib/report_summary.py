@@ -221,7 +221,7 @@ def plot_gains(table, ax=None, title: str = ""):
     if ax is None:
         _, ax = plt.subplots(figsize=(9, 0.55 * max(n, 1) + 1.6))
     if n == 0:
-        ax.text(0.5, 0.5, "no result files measured yet", ha="center", va="center",
+        ax.text(0.5, 0.5, "not measured yet: no result file to summarise", ha="center", va="center",
                 transform=ax.transAxes)
         ax.set_axis_off()
         return ax

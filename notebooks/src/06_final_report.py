@@ -70,8 +70,7 @@ else:
                   "best_peer", "peer_value", "x vs baseline", "x vs best peer", "source"]])
 
 # %%
-ax = rsum.plot_gains(head, title=f"routerlib's speed-up, one line per stage ({CARD}, "
-                                 "each bar from the file in the table above)")
+ax = rsum.plot_gains(head, title=f"routerlib's speed-up per stage (results/{CARD}/, sources above)")
 plt.show()
 
 # %% [markdown]
