@@ -1,6 +1,7 @@
 """Execute the notebooks in order and write the report (executed notebooks + HTML + index).
 
     python -m routerlib.report [--notebooks notebooks] [--out build/report] [--timeout 1800]
+                               [--only NN] [--pdf auto|on|off]
 
 Each notebook picks its sizes itself: full sizes on a GPU, small ones on a CPU (where results
 measured on a GPU are read from results/ and rendered instead).
@@ -87,15 +88,16 @@ def notebook_title(nb) -> str:
     return ""
 
 
-def index_html(rows: list[tuple]) -> str:
+def index_html(rows: list[tuple], pdf: bool = False) -> str:
     """The report's front page: a title and one entry per notebook. Each row is
-    (stem, title, seconds) or (stem, title, seconds, intro sentence)."""
+    (stem, title, seconds) or (stem, title, seconds, intro sentence); pdf: link NN_name.pdf."""
     items = []
     for stem, title, dt, *rest in rows:
         intro = rest[0] if rest else ""
         items.append(
             f'  <li><a href="{html.escape(stem)}.html">{html.escape(title or stem)}</a>'
-            f" <small>({html.escape(stem)}.ipynb, executed in {dt:.0f} s)</small>"
+            f" <small>({html.escape(stem)}.ipynb, executed in {dt:.0f} s"
+            + (f', <a href="{html.escape(stem)}.pdf">PDF</a>' if pdf else "") + ")</small>"
             + (f"<br>{html.escape(intro)}" if intro else "") + "</li>")
     body = "\n".join(items)
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
@@ -114,12 +116,46 @@ def write_html(nb, dest: Path) -> None:
     dest.write_text(body, encoding="utf-8")
 
 
+def find_chromium() -> str | None:
+    """A chromium binary for the PDFs (ROUTERLIB_CHROMIUM, else `chromium` on the PATH), or None
+    when there is none or Playwright (which drives it) is not installed."""
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("playwright") is None:
+        return None
+    path = os.environ.get("ROUTERLIB_CHROMIUM") or shutil.which("chromium")
+    return path if path and os.access(path, os.X_OK) else None
+
+
+def write_pdfs(html_paths: list[Path], chromium: str) -> list[Path]:
+    """Print each HTML page to a PDF beside it (A4 landscape) with a headless chromium."""
+    from playwright.sync_api import sync_playwright
+
+    out = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                    args=["--no-sandbox"])
+        page = browser.new_page()
+        for src in html_paths:
+            page.goto(src.resolve().as_uri(), wait_until="domcontentloaded", timeout=120_000)
+            page.wait_for_timeout(300)  # images decoded
+            dest = src.with_suffix(".pdf")
+            page.pdf(path=str(dest), format="A4", landscape=True, print_background=True)
+            out.append(dest)
+        browser.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--notebooks", type=Path, default=ROOT / "notebooks")
     ap.add_argument("--out", type=Path, default=ROOT / "build" / "report")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     ap.add_argument("--only", default=None, help="run only notebooks whose name contains this")
+    ap.add_argument("--pdf", choices=("auto", "on", "off"), default="auto",
+                    help="a PDF of each notebook beside its HTML (needs chromium + playwright; "
+                         "auto: when found)")
     args = ap.parse_args(argv)
 
     paths = notebook_paths(args.notebooks)
@@ -135,7 +171,16 @@ def main(argv: list[str] | None = None) -> int:
         dt = time.perf_counter() - t0
         print(f"[report]   done in {dt:.0f} s -> {args.out / path.name}", flush=True)
         rows.append((path.stem, notebook_title(nb), dt, notebook_intro(path.stem, nb)))
-    (args.out / "index.html").write_text(index_html(rows), encoding="utf-8")
+    chromium = find_chromium() if args.pdf != "off" else None
+    if chromium:
+        pdfs = write_pdfs([args.out / f"{r[0]}.html" for r in rows], chromium)
+        print(f"[report] wrote {len(pdfs)} PDFs beside the HTML pages")
+    elif args.pdf == "on":
+        raise SystemExit("--pdf on: no chromium (set ROUTERLIB_CHROMIUM, or run "
+                         "scripts/install_browser.sh) or no playwright package")
+    else:
+        print("[report] no PDFs: chromium or playwright not found (HTML only)")
+    (args.out / "index.html").write_text(index_html(rows, pdf=bool(chromium)), encoding="utf-8")
     print(f"[report] wrote {args.out / 'index.html'}")
     return 0
 

@@ -45,6 +45,7 @@ class Comparison:
     peers: tuple[str, ...] = ()     # other implementations measured in the same run
     where: dict[str, Any] = field(default_factory=dict)  # config filter
     lower_is_better: bool = True
+    prefer: str = ""                # the headline shows the last case whose name holds this
 
 
 COMPARISONS: tuple[Comparison, ...] = (
@@ -63,11 +64,14 @@ COMPARISONS: tuple[Comparison, ...] = (
     Comparison("targets", "route + dispatch + combine, backward", "triton", "torch", "time_us",
                ("case", "T"), (), {"section": "backward", "mode": "backward"}),
     Comparison("experts", "MoE layer, prefill forward", "routerlib", "hf_loop", "time_us",
-               ("shape", "T"), ("torch_composition",), {"mode": "forward"}),
+               ("shape", "T"), ("torch_composition",), {"mode": "forward"},
+               prefer="qwen3-30b-a3b"),
     Comparison("experts", "MoE layer, forward + backward", "routerlib", "hf_loop", "time_us",
-               ("shape", "T"), ("torch_composition",), {"mode": "train"}),
+               ("shape", "T"), ("torch_composition",), {"mode": "train"},
+               prefer="qwen3-30b-a3b"),
     Comparison("experts", "MoE layer, decode", "routerlib", "hf_loop", "time_us",
-               ("shape", "T"), ("torch_composition",), {"mode": "decode"}),
+               ("shape", "T"), ("torch_composition",), {"mode": "decode"},
+               prefer="qwen3-30b-a3b"),
     Comparison("expert_choice", "expert-choice routing", "triton", "torch", "time_us",
                ("T", "E", "capacity_factor", "dtype"), ("compile",), {"pass": "fwd"}),
     Comparison("inference", "LM decode step (graph)", "triton-graph", "torch-eager",
@@ -171,7 +175,8 @@ def compare(rs: ResultSet, c: Comparison, source: Source) -> list[dict[str, Any]
             peer_value=peers[best] if best else None,
             x_vs_baseline=_ratio(base, vals[c.fast], c.lower_is_better),
             x_vs_peer=_ratio(peers[best], vals[c.fast], c.lower_is_better) if best else None,
-            source=source.label(), commit=source.commit[:7], device=source.device))
+            source=source.label(), commit=source.commit[:7], device=source.device,
+            prefer=c.prefer))
     return out
 
 
@@ -192,15 +197,20 @@ def gains(card: str, root: str | Path = RESULTS,
             read[c.bench] = (rs, _source(p, rs))
         lines += compare(read[c.bench][0], c, read[c.bench][1])
     cols = ["stage", "case", "metric", "baseline", "baseline_value", "routerlib", "best_peer",
-            "peer_value", "x_vs_baseline", "x_vs_peer", "source", "commit", "device"]
+            "peer_value", "x_vs_baseline", "x_vs_peer", "source", "commit", "device", "prefer"]
     return pd.DataFrame(lines, columns=cols)
 
 
-def headline(table, per_stage: int = 1):
-    """The `per_stage` largest cases of each stage (by the order in the file: the last ones,
-    which the benchmarks write from small to large), for the one table a reader wants first."""
-    return table.groupby("stage", sort=False, group_keys=False).tail(per_stage).reset_index(
-        drop=True)
+def headline(table):
+    """One line per stage for the table a reader wants first: the last case of the stage (the
+    benchmarks write from small to large) among those whose name holds the comparison's
+    `prefer` (the shape quoted across the project), or the last case when none does."""
+    keep = []
+    for _, g in table.groupby("stage", sort=False):
+        pref = g.prefer.iloc[0]
+        hit = g[g.case.str.contains(pref, regex=False)] if pref else g
+        keep.append((hit if len(hit) else g).index[-1])
+    return table.loc[keep].reset_index(drop=True)
 
 
 def fmt_ratio(x: float | None) -> str:

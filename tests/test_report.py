@@ -77,6 +77,20 @@ def test_headline_keeps_the_last_case_of_each_stage(tmp_path):
     assert h.case.tolist()[1] == "D=4096 T=16384 K=8"
 
 
+def test_headline_prefers_the_quoted_shape(tmp_path):
+    rs = ResultSet("experts", env=ENV)
+    for shape in ("qwen3-30b-a3b", "mixtral-8x7b"):
+        c = dict(shape=shape, T=4096, mode="forward", D=2048)
+        for variant, us in (("routerlib", 100.0), ("hf_loop", 800.0),
+                            ("torch_composition", 250.0)):
+            rs.add(variant, {**c, "graph": variant == "routerlib"}, "time_us", us, "us")
+    rs.write(tmp_path / "h200")
+    t = rsum.gains("h200", tmp_path)
+    assert len(t) == 2 and t.x_vs_baseline.tolist() == pytest.approx([8.0, 8.0])
+    assert t.x_vs_peer.tolist() == pytest.approx([2.5, 2.5])
+    assert rsum.headline(t).case.tolist() == ["shape=qwen3-30b-a3b T=4096"]
+
+
 def test_case_keys_ignore_differing_config_and_higher_is_better(tmp_path):
     _inference(tmp_path)
     t = rsum.gains("h200", tmp_path)
@@ -135,13 +149,13 @@ def test_plot_gains_bars_match_the_table(tmp_path):
 
 
 def test_index_introduces_each_notebook():
-    import nbformat
+    from types import SimpleNamespace as NS
 
     from routerlib.report import INTROS, index_html, notebook_intro
 
     assert set(INTROS) >= {"01", "02", "03", "04", "05", "06"}
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_markdown_cell("# 07 — New\n\nFirst sentence here. Second one.")]
+    nb = NS(cells=[NS(cell_type="code", source="x = 1"),
+                   NS(cell_type="markdown", source="# 07 — New\n\nFirst sentence here. Second.")])
     assert notebook_intro("07_new", nb) == "First sentence here."
     assert notebook_intro("01_baseline") == INTROS["01"]
     page = index_html([("01_baseline", "01 — Baseline", 3.0, INTROS["01"]),
@@ -149,7 +163,9 @@ def test_index_introduces_each_notebook():
     items = [line for line in page.splitlines() if line.strip().startswith("<li>")]
     assert len(items) == 2
     assert INTROS["01"] in items[0] and 'href="01_baseline.html"' in items[0]
-    assert "A &lt;b&gt; sentence." in items[1]
+    assert "A &lt;b&gt; sentence." in items[1] and ".pdf" not in page
+    with_pdf = index_html([("06_final_report", "06", 2.0)], pdf=True)
+    assert 'href="06_final_report.pdf"' in with_pdf
 
 
 def test_the_final_report_notebook_reads_every_number_from_files():
