@@ -153,8 +153,8 @@ else:
 # %% [markdown]
 # **Limits and future work.** The eager route is bound by the Python host path (tens of µs
 # for a few µs of device work); the graph route misses the 10 µs target at T=16384 (see the
-# verdicts above). Next: a persistent kernel for the decode path, and fp8 experts in the fused
-# path's training backward.
+# verdicts above). Next: a persistent kernel for the decode path (one launch for route,
+# experts and combine), and a backward for the fp8 fused experts (inference only today).
 #
 # ## 03 — Load balancing
 #
@@ -228,8 +228,9 @@ else:
     display(quant)
 
 # %% [markdown]
-# **Limits and future work.** fp8 needs Hopper tensor cores; on older cards the fp8 paths fall
-# back to a dequantized GEMM (slower, same numbers).
+# **Limits and future work.** The fp8 experts are inference only (no backward yet) and need D and
+# F multiples of 128; a low-precision router GEMM that the torch build refuses on a device runs
+# its exact emulation there (slower, same numbers, and the benchmark says so).
 #
 # ## 05 — Multi-GPU: expert parallelism
 #
