@@ -264,23 +264,24 @@ print("multi-GPU measurements: not measured yet (no multi-GPU machine lent)")
 # weights, its logits with and without routerlib.
 
 # %%
-import transformers  # noqa: E402
+import importlib.util  # noqa: E402
 
-from routerlib.integrations.hf import (  # noqa: E402
-    apply_routerlib,
-    count_routerlib_blocks,
-    small_config,
-)
+if importlib.util.find_spec("transformers") is None:
+    print("transformers is not installed here (pip install 'routerlib[hf]'): example skipped")
+else:
+    import transformers
 
-torch.manual_seed(0)
-hf_model = transformers.AutoModelForCausalLM.from_config(small_config("mixtral")).eval()
-ids = torch.randint(0, 97, (2, 12))
-with torch.no_grad():
-    ref_logits = hf_model(ids).logits
-    apply_routerlib(hf_model, backend="torch")
-    rl_logits = hf_model(ids).logits
-print(f"{count_routerlib_blocks(hf_model)} blocks replaced; max |logit difference| "
-      f"{(rl_logits - ref_logits).abs().max().item():.1e}")
+    from routerlib.integrations.hf import apply_routerlib, count_routerlib_blocks, small_config
+
+    torch.manual_seed(0)
+    hf_model = transformers.AutoModelForCausalLM.from_config(small_config("mixtral")).eval()
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        ref_logits = hf_model(ids).logits
+        apply_routerlib(hf_model, backend="torch")
+        rl_logits = hf_model(ids).logits
+    print(f"{count_routerlib_blocks(hf_model)} blocks replaced; max |logit difference| "
+          f"{(rl_logits - ref_logits).abs().max().item():.1e}")
 
 # %%
 for bench in ("inference", "hf_dropin"):
