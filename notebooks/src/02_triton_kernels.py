@@ -14,7 +14,7 @@
 # | plan | `kernels/plan.py` | T·K ids (+ weights/keys for priority) | counts, offsets, slot→row, row→slot | 1 (small T) or 2 |
 # | dispatch | `kernels/dispatch.py` | T·D tokens | R·D rows (empty rows zeroed) | 1 |
 # | combine | `kernels/combine.py` | T·K·D rows + T·K weights | T·D | 1 |
-# | inference route: score + top-K + plan | `kernels/route_rows.py` | T·E logits | ids, weights, the plan | 3 (PDL), or 1 with grid barriers |
+# | inference route: score + top-K + plan | `kernels/fast_route/` | T·E logits | ids, weights, the plan | 3 (PDL), or 1 with grid barriers |
 # | decode route + dispatch (T ≤ 16) | `kernels/_route_dispatch_kernels.py` | T·E logits (each program), T·D tokens | the route's outputs, R·D rows | 1 |
 #
 # On a CPU the kernels run under `TRITON_INTERPRET=1` (set below when there is no GPU), on small
@@ -305,7 +305,7 @@ for T in sorted(t["T"].unique(), reverse=True):
 #
 # Where the route needs no loss sums (inference: no gradient) and the config allows it (token
 # choice, drop policy "position", no group limit, K ≤ 8, E ≤ 512), `routerlib.kernels.route` runs
-# `kernels/route_rows.py` instead of top-K + plan:
+# `kernels/fast_route/` instead of top-K + plan:
 #
 # 1. `_select_rows_kernel` — H ∈ {1, 2, 4} threads per token, each streaming its share of the
 #    E columns 16 at a time (four 16-byte loads in flight) and inserting every key into a sorted
@@ -359,7 +359,7 @@ for T in sorted(t["T"].unique(), reverse=True):
 # outputs, random configs; on the H100 up to T = 65536 and E = 512):
 
 # %%
-from routerlib.kernels.route_rows import route_rows  # noqa: E402
+from routerlib.kernels.fast_route import route_rows  # noqa: E402
 
 for T in (6, 300):
     cfg = RouterConfig(num_experts=24, top_k=4, renormalize=True, capacity_factor=1.25)

@@ -933,7 +933,7 @@ def summary(result: dict) -> str:
                      f"{roofs['launch_us']:.1f} us, one-kernel CUDA graph "
                      f"{roofs.get('graph_us') or float('nan'):.1f} us; device "
                      f"{result['env']['device']}")
-    lines.append("target                                          goal       measured  verified  pass")
+    lines.append(f"{'target':<47} goal       measured  verified  pass")
     for t in result["targets"]:
         unit = {"us": " us", "graph_us": " us", "frac_copy": ""}.get(t["metric"], "x")
         goal = f"{t['cmp']} {t['goal']:g}{unit}"
