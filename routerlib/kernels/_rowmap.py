@@ -14,7 +14,7 @@ Both walk the tokens (token-major), so every HBM byte moves exactly once:
 Every output row or token is written by exactly one program: no atomics, deterministic results.
 Where the token blocks alone leave SMs idle (decode sizes) the grid's second axis splits D into
 ranges of whole blocks (d_split); on Hopper both kernels are programmatic dependent launches
-(use_pdl).
+(_pdl_flags).
 
 Launch configs: on a GPU, triton.autotune over `_hopper_configs()` keyed on (D, S, flags, dtypes)
 and the token class of T (token_class: six size classes from decode to prefill). Without the
@@ -266,7 +266,7 @@ def _scatter_rows_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,     # D % BLOCK_D == 0: no column mask
-    PDL: tl.constexpr = False,  # launched as a programmatic dependent (use_pdl)
+    PDL: tl.constexpr = False,  # launched as a programmatic dependent (_pdl_flags)
 ):
     pdl_start(PDL)
     pid = tl.program_id(0)
@@ -412,7 +412,7 @@ def _gather_reduce_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,     # D % BLOCK_D == 0: no column mask
-    PDL: tl.constexpr = False,  # launched as a programmatic dependent (use_pdl)
+    PDL: tl.constexpr = False,  # launched as a programmatic dependent (_pdl_flags)
 ):
     pdl_start(PDL)
     pid = tl.program_id(0)
