@@ -272,13 +272,13 @@ class Runner:
         if self.cuda:
             return bench(fn, self.warmup_ms, self.rep_ms, self.device)
         return bench(fn, self.warmup_ms, self.rep_ms, self.device, min_rep=2,
-                     max_rep=20 if self.quick else 1000)
+                     max_rep=5 if self.quick else 1000)
 
     def _wall_us(self, fn: Callable[[], object], median_us: float) -> float:
         """Host wall time per call of back-to-back calls (synchronised once at the end)."""
         n = int(min(2000, max(5, self.rep_ms * 1e3 / max(median_us, 1.0))))
         if not self.cuda:
-            n = min(n, 20)
+            n = min(n, 5 if self.quick else 20)
         fn()
         if self.cuda:
             torch.cuda.synchronize()
