@@ -19,6 +19,7 @@ import torch
 
 from routerlib import reference as ref
 from routerlib.config import RouterConfig
+
 # the inference route's package is fast_route/, not route/: route() below would shadow it
 from routerlib.kernels import fast_route as fast
 
