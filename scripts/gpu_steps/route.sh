@@ -24,7 +24,8 @@ done
 for f in "$OUT"/route/pytest_*.log; do
   echo "$(basename "$f"): $(grep -E "passed|failed|error|no tests ran" "$f" | tail -n 1)"
 done
-targets_args=(--sections route,dispatch,decode --budget-s "${ROUTE_TARGETS_BUDGET:-75}")
+targets_args=(--sections route,dispatch,decode --warmup 10 --rep 50
+             --budget-s "${ROUTE_TARGETS_BUDGET:-75}")
 timeout 100 "$PY" -m routerlib.bench.targets --backends triton,torch "${targets_args[@]}" \
   --out "$OUT/route/targets" >"$OUT/route/targets.log" 2>&1 || rc=$((rc | 1))
 tail -n 22 "$OUT/route/targets.log"
