@@ -43,7 +43,7 @@ class Selection:
     @classmethod
     def of_kernel(cls, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Selection:
         """The selection of a kernel whose outputs are int32 / fp32 [T, K] by construction
-        (route_rows: views of one allocation), without __post_init__'s checks: they cost ~1.5 us
+        (the fast route: views of one allocation), without __post_init__'s checks: they cost ~1.5 us
         of host time an eager route. The kernels' tests compare these outputs with the
         reference's, dtypes and shapes included."""
         sel = cls.__new__(cls)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import sys
-from unittest import mock
 
 # Under the sanitizer every launch is slow: pin the row-map configs instead of autotuning them.
 os.environ.setdefault("ROUTERLIB_SCATTER_CONFIG", "default")
@@ -60,43 +59,39 @@ def main() -> None:
     # the row-wise route: one launch (T fits one tile), two (the place kernel scans the few tile
     # counts: T=64 and E=13), three (a scan launch: T=1000 E=128), capacity and padding; the
     # bit-transposed ranks with one-warp tiles (T=2000 E=128) and four-warp tiles (E=100)
-    from routerlib.kernels.route_rows import route_rows
+    from routerlib.kernels.fast_route import launch_config, route_rows
 
     # each with the exact insertion and with packed keys (fp32: the exact finishing, and its
     # fallback on the rows of equal values; bf16: packed exactly)
-    for packed, dtype in (("0", torch.bfloat16), ("1", torch.bfloat16), ("1", torch.float32)):
-        os.environ["ROUTERLIB_ROWS_PACKED"] = packed
+    for packed, dtype in ((False, torch.bfloat16), (True, torch.bfloat16), (True, torch.float32)):
         for T, cfg, split in (
                 (64, RouterConfig(num_experts=64, top_k=8, capacity_factor=1.0), None),
                 (1000, RouterConfig(num_experts=128, top_k=8, capacity_factor=1.0), None),
                 (1000, RouterConfig(num_experts=13, top_k=3, pad_to_multiple=8,
                                     renormalize=True), None),
                 (2000, RouterConfig(num_experts=128, top_k=8, capacity_factor=1.0), None),
-                (2001, RouterConfig(num_experts=100, top_k=6, pad_to_multiple=8), "1,4")):
+                (2001, RouterConfig(num_experts=100, top_k=6, pad_to_multiple=8), (1, 4))):
             logits = torch.randn(T, cfg.num_experts, device="cuda", dtype=dtype)
             logits[::97] = 0.5  # rows of ties
-            with mock.patch.dict(os.environ, {"ROUTERLIB_ROWS_CONFIG": split} if split else {}):
-                _, plan = route_rows(logits, cfg)
+            lc = launch_config(T, cfg.num_experts, cfg.top_k)
+            if split is not None:
+                lc = lc.replace(threads_per_token=split[0], num_warps=split[1], lane_ranks=True)
+            lc = lc.replace(packed=packed, stages=lc.stages if packed else max(1, lc.stages))
+            _, plan = route_rows(logits, cfg, None, lc)
             want = ref.build_plan(ref.select(logits, cfg), cfg)
             assert torch.equal(plan.row_to_slot, want.row_to_slot), "row-wise route differs"
-    del os.environ["ROUTERLIB_ROWS_PACKED"]
-    # the route with the dispatch: in one launch (T <= 16), in the place kernel (pinned), and
-    # the two ops with D split over the grid (few tokens); capacity (empty rows zeroed) and
-    # padded layouts; then the combine with the D split
+    # the route with the dispatch in one launch (T <= 16), and the two ops with D split over
+    # the grid (few tokens); capacity (empty rows zeroed) and padded layouts; then the combine
+    # with the D split
     from routerlib.kernels import route_dispatch
 
-    for T, cfg, D, pin in ((12, RouterConfig(num_experts=64, top_k=8), 512, None),
-                           (9, RouterConfig(num_experts=13, top_k=3, capacity_factor=1.0), 72,
-                            None),
-                           (37, RouterConfig(num_experts=13, top_k=3, capacity_factor=1.0), 72,
-                            "place"),
-                           (100, RouterConfig(num_experts=130, top_k=4, pad_to_multiple=8), 200,
-                            "place"),
-                           (64, RouterConfig(num_experts=64, top_k=8), 4096, None)):
+    for T, cfg, D in ((12, RouterConfig(num_experts=64, top_k=8), 512),
+                      (9, RouterConfig(num_experts=13, top_k=3, capacity_factor=1.0), 72),
+                      (13, RouterConfig(num_experts=130, top_k=4, pad_to_multiple=8), 200),
+                      (64, RouterConfig(num_experts=64, top_k=8), 4096)):
         logits = torch.randn(T, cfg.num_experts, device="cuda")
         x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
-        with mock.patch.dict(os.environ, {"ROUTERLIB_ROWS_DISPATCH": pin} if pin else {}):
-            sel, plan, rows = route_dispatch(logits, x, cfg)
+        sel, plan, rows = route_dispatch(logits, x, cfg)
         want = ref.build_plan(ref.select(logits, cfg), cfg)
         assert torch.equal(plan.row_to_slot, want.row_to_slot), "route + dispatch plan differs"
         assert torch.equal(rows, ref.dispatch(x, want)), "route + dispatch rows differ"

@@ -314,7 +314,7 @@ def test_kernel_two_pass_rows_match_reference(fmt, device, monkeypatch):
     # a tile narrower than the row: per-token scales take the two-pass loop (amax, then codes)
     from routerlib.kernels.quant import quantize_dispatch as kernel
 
-    monkeypatch.setenv("ROUTERLIB_QUANT_DISPATCH_CONFIG", "BLOCK_T=2,BLOCK_D=128,num_warps=4")
+    monkeypatch.setattr("routerlib.kernels.quant._PIN", "BLOCK_T=2,BLOCK_D=128,num_warps=4")
     plan = _plan(9, 5, 2, seed=3, capacity_factor=1.0)
     plan = type(plan)(**{k: (v.to(device) if torch.is_tensor(v) else v)
                          for k, v in plan.__dict__.items()})
@@ -324,7 +324,7 @@ def test_kernel_two_pass_rows_match_reference(fmt, device, monkeypatch):
     codes = (lambda t: t.view(torch.uint8)) if fmt == "fp8" else (lambda t: t)
     assert_equal_int(codes(q), codes(q_ref), "codes")
     assert torch.equal(s, s_ref)
-    monkeypatch.setenv("ROUTERLIB_QUANT_DISPATCH_CONFIG", "BLOCK_T=2,BLOCK_D=64,num_warps=4")
+    monkeypatch.setattr("routerlib.kernels.quant._PIN", "BLOCK_T=2,BLOCK_D=64,num_warps=4")
     with pytest.raises(ValueError, match="multiple of the scale group"):
         kernel(torch.randn(9, 256, device=device), plan, fmt, 128)
 

@@ -1,13 +1,10 @@
-"""The route with the dispatch in one launch (route_rows.route_dispatch_rows,
+"""The route with the dispatch in one launch (fast_route.route_dispatch_rows,
 kernels.route_dispatch) equals the reference route and the reference dispatch: ids, plan and
 rows exactly (the rows are copies), weights to fp32 rounding. Every output starts poisoned, so an
 element no program writes fails: the copied rows, the empty rows (capacity and padded layouts)
 and the plan."""
 
 from __future__ import annotations
-
-import os
-from unittest import mock
 
 import pytest
 import torch
@@ -18,16 +15,17 @@ from test_triton_backend import router_configs
 
 from routerlib import RouterConfig, ops
 from routerlib import reference as ref
-from routerlib.kernels import _rowmap, route_dispatch, route_rows
+from routerlib.kernels import _rowmap, fast_route, route_dispatch
+from routerlib.kernels.fast_route import launch as route_launch
+from routerlib.kernels.fast_route import launch_config
 
-CASES = [  # (T, E, K, D, config, how it dispatches) with the edge each covers
-    (1, 8, 2, 40, {}, "one"),  # one token; D not a multiple of the block
-    (16, 20, 3, 16, dict(pad_to_multiple=4, expert_bias=True), "one"),  # padded, bias
-    (9, 1, 1, 8, {}, "one"),  # E = 1
-    (12, 7, 7, 32, dict(softmax_after_topk=True, capacity_factor=0.5), "one"),  # k = E, drops
-    (37, 13, 3, 33, dict(capacity_factor=1.0), "place"),  # odd sizes, drops, empty rows zeroed
-    (64, 64, 8, 64, dict(renormalize=True), "place"),  # the decode shape (small D)
-    (90, 130, 1, 24, dict(pad_to_multiple=8), "place"),  # E > 128, not a power of two
+CASES = [  # (T, E, K, D, config, in one launch) with the edge each covers
+    (1, 8, 2, 40, {}, True),  # one token; D not a multiple of the block
+    (16, 20, 3, 16, dict(pad_to_multiple=4, expert_bias=True), True),  # padded, bias
+    (9, 1, 1, 8, {}, True),  # E = 1
+    (12, 7, 7, 32, dict(softmax_after_topk=True, capacity_factor=0.5), True),  # k = E, drops
+    (11, 130, 1, 24, {}, True),  # E > 128, not a power of two
+    (37, 13, 3, 33, dict(capacity_factor=1.0), False),  # past 16 tokens: route, then dispatch
 ]
 
 
@@ -35,10 +33,11 @@ CASES = [  # (T, E, K, D, config, how it dispatches) with the edge each covers
 def poisoned(monkeypatch):
     """Every output starts as poison (NaN / -7777); few programs under the interpreter (each
     one selects every token again)."""
-    monkeypatch.setattr(route_rows, "_empty", lambda *a, **k: poison_like(torch.empty(*a, **k)))
+    monkeypatch.setattr(route_launch, "_empty",
+                        lambda *a, **k: poison_like(torch.empty(*a, **k)))
     if _rowmap.interpreting():
-        monkeypatch.setattr(route_rows, "_DISPATCH_SLOT_PROGRAMS", 6)
-    monkeypatch.setattr(route_rows, "_statics", {})
+        monkeypatch.setattr(route_launch, "_DISPATCH_SLOT_PROGRAMS", 6)
+    monkeypatch.setattr(route_launch, "_statics", {})
 
 
 def make(T, E, K, D, kw, device, dtype=torch.bfloat16, seed=0):
@@ -54,12 +53,10 @@ def make(T, E, K, D, kw, device, dtype=torch.bfloat16, seed=0):
     return cfg, logits.to(device), bias, x.to(device)
 
 
-def check(cfg, logits, bias, x, mode):
-    """mode "place" (the place kernel dispatching) is taken only when pinned."""
-    with mock.patch.dict(os.environ, {"ROUTERLIB_ROWS_DISPATCH": "place"} if mode == "place"
-                         else {}):
-        assert route_rows.dispatch_mode(logits, x, cfg) == mode
-        sel, plan, rows = route_dispatch(logits, x, cfg, bias)
+def check(cfg, logits, bias, x, one):
+    """one: whether the call takes the one launch (by default T <= 16)."""
+    assert fast_route.dispatch_in_one(logits.shape[0], x.shape[1]) == one
+    sel, plan, rows = route_dispatch(logits, x, cfg, bias)
     assert_route_matches_reference(sel, plan, logits, cfg, bias)
     expected = ref.dispatch(x, plan)
     assert rows.dtype == x.dtype and rows.shape == expected.shape
@@ -67,34 +64,33 @@ def check(cfg, logits, bias, x, mode):
     return sel, plan, rows
 
 
-@pytest.mark.parametrize("T,E,K,D,kw,mode", CASES)
-def test_route_dispatch_equals_reference(T, E, K, D, kw, mode, device, poisoned):
-    check(*make(T, E, K, D, kw, device), mode)
+@pytest.mark.parametrize("T,E,K,D,kw,one", CASES)
+def test_route_dispatch_equals_reference(T, E, K, D, kw, one, device, poisoned):
+    check(*make(T, E, K, D, kw, device), one)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("T,mode", [(13, "one"), (41, "place")])
-def test_route_dispatch_token_dtypes(dtype, T, mode, device, poisoned):
-    check(*make(T, 16, 4, 20, dict(capacity_factor=1.25), device, dtype=dtype), mode)
+def test_route_dispatch_token_dtypes(dtype, device, poisoned):
+    check(*make(13, 16, 4, 20, dict(capacity_factor=1.25), device, dtype=dtype), True)
 
 
-@pytest.mark.parametrize("T,mode", [(15, "one"), (50, "place")])
-def test_route_dispatch_strided_inputs(T, mode, device, poisoned):
+@pytest.mark.parametrize("T,one", [(15, True)])
+def test_route_dispatch_strided_inputs(T, one, device, poisoned):
     """Rows of x and of the logits with a stride past their width (views of wider tensors)."""
     cfg, logits, bias, x = make(T, 12, 3, 40, {}, device)
     wide_x = torch.zeros(T, 56, dtype=x.dtype, device=device)
     wide_x[:, 8:48] = x
     wide_logits = torch.zeros(T, 20, device=device)
     wide_logits[:, 4:16] = logits
-    check(cfg, wide_logits[:, 4:16], bias, wide_x[:, 8:48], mode)
+    check(cfg, wide_logits[:, 4:16], bias, wide_x[:, 8:48], one)
 
 
-@settings(max_examples=15, deadline=None,
+@settings(max_examples=10, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # fixtures: constants
 @given(cfg=router_configs(), T=st.integers(1, 24), D=st.integers(1, 40),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-       pin=st.sampled_from([None, "place", "0"]), seed=st.integers(0, 2**16))
-def test_route_dispatch_random_configs(cfg, T, D, dtype, pin, seed, device, poisoned):
+       one=st.booleans(), seed=st.integers(0, 2**16))
+def test_route_dispatch_random_configs(cfg, T, D, dtype, one, seed, device, poisoned):
     """Any configuration (where the row-wise route does not apply: the general route, then the
     dispatch) equals the reference route + dispatch: ids, plan and rows exactly."""
     g = torch.Generator().manual_seed(seed)
@@ -104,8 +100,8 @@ def test_route_dispatch_random_configs(cfg, T, D, dtype, pin, seed, device, pois
     pri = torch.rand(T, cfg.top_k, generator=g).to(device) if cfg.drop_policy == "random" \
         else None
     x = torch.randn(T, D, generator=g).to(device=device, dtype=dtype)
-    with mock.patch.dict(os.environ, {"ROUTERLIB_ROWS_DISPATCH": pin} if pin else {}):
-        sel, plan, rows = ops.route_dispatch(logits, x, cfg, bias, pri, backend="triton")
+    lc = launch_config(T, cfg.num_experts, cfg.top_k).replace(dispatch_one=one)
+    sel, plan, rows = route_dispatch(logits, x, cfg, bias, pri, launch=lc)
     sel_r, plan_r, rows_r = ops.route_dispatch(logits, x, cfg, bias, pri, backend="torch")
     assert torch.equal(sel.topk_ids, sel_r.topk_ids)
     torch.testing.assert_close(sel.topk_weights, sel_r.topk_weights, rtol=1e-5, atol=1e-6)
@@ -124,12 +120,10 @@ def test_ops_route_dispatch_backends_agree(device, poisoned):
 
 
 def test_falls_back_past_decode_sizes(device, poisoned, monkeypatch):
-    """A route with a scan launch (here forced): the route, then the dispatch (two ops)."""
-    monkeypatch.setenv("ROUTERLIB_ROWS_SCAN", "1")
-    cfg, logits, bias, x = make(150, 16, 2, 8, {}, device)
-    assert route_rows.dispatch_mode(logits, x, cfg) is None
+    """Past 16 tokens: the route, then the dispatch (two ops)."""
+    cfg, logits, bias, x = make(40, 16, 2, 8, {}, device)
     called = []
-    monkeypatch.setattr(route_rows, "route_dispatch_rows", lambda *a: called.append(a))
+    monkeypatch.setattr(fast_route, "route_dispatch_rows", lambda *a: called.append(a))
     sel, plan, rows = route_dispatch(logits, x, cfg, bias)
     assert not called
     assert_route_matches_reference(sel, plan, logits, cfg, bias)
@@ -147,32 +141,14 @@ def test_falls_back_for_gradients(device):
     torch.testing.assert_close(x.grad, 2 * kept[:, None].expand_as(x))
 
 
-def test_knob_switches_it_off(device, monkeypatch):
-    cfg, logits, bias, x = make(8, 8, 2, 8, {}, device)
-    assert route_rows.dispatch_mode(logits, x, cfg) == "one"
-    monkeypatch.setenv("ROUTERLIB_ROWS_DISPATCH", "0")
-    assert route_rows.dispatch_mode(logits, x, cfg) is None
-
-
-def test_dispatch_mode_rule(monkeypatch):
+def test_one_launch_rule():
     """One launch up to 16 tokens (a tile of 32, 4 threads a token: <= 32 words of the rank
-    table a thread at E <= 512), else the two ops; pinned to "place", the place kernel while
-    the route skips the scan launch (tile counts x experts <= 4096)."""
-    assert route_rows.dispatch_config(1, 512) == (4, 4, 32)
-    assert route_rows.dispatch_config(16, 512) == (4, 4, 32)
-    assert route_rows.dispatch_config(17, 8) is None
-    assert route_rows.next_pow2(512 // 4) // 4 <= 32
-    x = torch.empty(1024, 16)
-    rules = [(16, 512, "one", "place"), (17, 64, None, "place"), (64, 64, None, "place"),
-             (512, 64, None, "place"), (513, 64, None, None), (256, 128, None, "place"),
-             (257, 128, None, None), (64, 512, None, "place"), (4096, 128, None, None)]
-    for T, E, default, _ in rules:
-        cfg = RouterConfig(num_experts=E, top_k=8)
-        assert route_rows.dispatch_mode(torch.empty(T, E), x[:T], cfg) == default, (T, E)
-    monkeypatch.setenv("ROUTERLIB_ROWS_DISPATCH", "place")
-    for T, E, _, pinned in rules:
-        cfg = RouterConfig(num_experts=E, top_k=8)
-        assert route_rows.dispatch_mode(torch.empty(T, E), x[:T], cfg) == pinned, (T, E)
+    table a thread at E <= 512), else the two ops; the launch configuration can turn it off."""
+    assert fast_route.dispatch_in_one(1, 16) and fast_route.dispatch_in_one(16, 4096)
+    assert not fast_route.dispatch_in_one(17, 4096) and not fast_route.dispatch_in_one(8, 0)
+    assert not fast_route.dispatch_in_one(8, 16, launch_config(8, 64, 8).replace(
+        dispatch_one=False))
+    assert _rowmap.next_pow2(512 // 4) // 4 <= 32
 
 
 def test_bad_inputs(device):
@@ -188,32 +164,26 @@ def test_bad_inputs(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,E,K,D,kw,mode", [
-    (64, 64, 8, 4096, {}, "place"),  # the decode target's shape
-    (16, 64, 8, 4096, {}, "one"),
-    (64, 64, 8, 4096, dict(renormalize=True), None),  # the default there: the two ops
-    (1, 128, 8, 4096, dict(renormalize=True), "one"),
+@pytest.mark.parametrize("T,E,K,D,kw,one", [
+    (16, 64, 8, 4096, {}, True),
+    (64, 64, 8, 4096, dict(renormalize=True), False),  # the decode target: the two ops
+    (1, 128, 8, 4096, dict(renormalize=True), True),
     (7, 256, 8, 7168, dict(score_func="sigmoid", expert_bias=True, renormalize=True,
-                           routed_scaling_factor=2.5), "one"),
-    (100, 128, 8, 2048, dict(capacity_factor=1.0), "place"),
-    (128, 256, 4, 1000, dict(pad_to_multiple=128), "place"),  # many empty rows to zero
-    (64, 512, 8, 4096, {}, "place"),
-    (50, 60, 6, 4096, dict(capacity_factor=0.5), "place"),
-    (500, 64, 8, 2048, {}, "place"),
-    (16, 512, 8, 2048, dict(capacity_factor=0.5, pad_to_multiple=1), "one"),
+                           routed_scaling_factor=2.5), True),
+    (13, 256, 4, 1000, dict(pad_to_multiple=128), True),  # many empty rows to zero
+    (16, 512, 8, 2048, dict(capacity_factor=0.5, pad_to_multiple=1), True),
+    (100, 128, 8, 2048, dict(capacity_factor=1.0), False),
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_route_dispatch_full_size(T, E, K, D, kw, mode, dtype, device, poisoned):
+def test_route_dispatch_full_size(T, E, K, D, kw, one, dtype, device, poisoned):
     for seed in range(2):
-        check(*make(T, E, K, D, kw, device, dtype=dtype, seed=seed), mode)
+        check(*make(T, E, K, D, kw, device, dtype=dtype, seed=seed), one)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,pin", [(16, None), (64, "place")])  # one launch, the place kernel
-def test_route_dispatch_in_cuda_graph(T, pin, device, monkeypatch):
+@pytest.mark.parametrize("T", [16, 64])  # one launch; the route then the dispatch
+def test_route_dispatch_in_cuda_graph(T, device):
     """Captured once, replayed on new logits and tokens; the direct launch after the first call."""
-    if pin:
-        monkeypatch.setenv("ROUTERLIB_ROWS_DISPATCH", pin)
     cfg, logits, bias, x = make(T, 64, 8, 4096, {}, device)
     route_dispatch(logits, x, cfg)  # compiled outside the capture
     torch.cuda.synchronize()
@@ -232,14 +202,9 @@ def test_route_dispatch_in_cuda_graph(T, pin, device, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pdl", ["0", "1"])
-def test_rowmap_dependent_launches(pdl, device, monkeypatch):
-    """dispatch and combine with and without programmatic dependent launch, eagerly and in a
-    CUDA graph behind other kernels."""
-    monkeypatch.setenv("ROUTERLIB_ROWMAP_PDL", pdl)
-    monkeypatch.setenv("ROUTERLIB_ROWS_DISPATCH", "0")
-    hopper = torch.cuda.get_device_capability() >= (9, 0)
-    assert _rowmap.use_pdl(torch.device(device)) == (pdl == "1" and hopper)
+def test_rowmap_dependent_launches(device):
+    """dispatch and combine (programmatic dependent launches on Hopper), in a CUDA graph behind
+    the route's kernels."""
     cfg, logits, bias, x = make(64, 64, 8, 4096, {}, device)
 
     def path():

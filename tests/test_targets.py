@@ -5,6 +5,7 @@ The full-size run is GPU work (`python -m routerlib.bench.targets --out ...`).""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -64,12 +65,15 @@ def test_quick_run_rows_carry_numbers(torch_run):
     rows = torch_run["rows"]
     ok = [r for r in rows if r["status"] == "ok"]
     # every eager / forward / backward measure ran on CPU: 3 routes, 2 x (dispatch, combine),
-    # decode, forward + backward
-    assert len(ok) == 3 + 4 + 1 + 2, [(r["case"], r["op"], r["mode"], r["error"]) for r in rows]
+    # decode, the index_select yardstick, forward + backward
+    assert len(ok) == 3 + 4 + 1 + 1 + 2, [(r["case"], r["op"], r["mode"], r["error"])
+                                           for r in rows]
     for r in ok:
         assert r["error"] is None
         assert r["median_us"] > 0 and r["p20_us"] <= r["median_us"] <= r["p80_us"], r
         assert r["n"] >= 2 and r["wall_us"] > 0
+        if r["op"] == "index_select":  # a host-time yardstick: no bytes counted
+            continue
         assert r["bytes"] > 0 and r["gbps"] > 0
         # frac_copy is gbps over the copy roof of the same run
         assert math.isclose(r["frac_copy"], r["gbps"] / torch_run["roofs"]["copy_gbps"],
@@ -96,7 +100,7 @@ def test_quick_run_graph_rows_skipped_on_cpu(torch_run):
 
 def test_quick_run_targets(torch_run):
     tg = torch_run["targets"]
-    assert len(tg) == 8
+    assert len(tg) == 8 + 3 + 1  # the issue's, DeepSeek-V3 against E=256, decode host time
     for t in tg:
         assert set(t) >= {"target", "goal", "measured", "verified", "pass", "why"}
         # triton did not run: nothing is claimed
@@ -201,7 +205,7 @@ def test_targets_evaluation():
          "impl": "triton", "mode": "backward", "status": "error", "error": "boom"},
     ]
     out = {t["target"]: t for t in targets.evaluate_targets(rows, cases, quick=False)}
-    assert len(out) == len(tgs) == 8
+    assert len(out) == len(tgs) + len(targets.ratio_targets_for(cases)) == 8 + 3 + 3
     g = out["route graph qwen3"]
     assert g["measured"] == 9.0 and g["pass"] is True
     e = out["route eager qwen3"]
@@ -214,14 +218,45 @@ def test_targets_evaluation():
     assert out["decode path graph T=64 D=4096"]["why"].startswith("not measured")
 
 
+def test_ratio_targets_evaluation():
+    """DeepSeek-V3 routing against the ungrouped E=256 route, and the eager decode path's host
+    time against one index_select: ratios of rows of the same run."""
+    cases = targets.make_cases(quick=False)
+
+    def row(section, case, op, impl, mode, **kw):
+        return {"section": section, "case": case, "op": op, "impl": impl, "mode": mode,
+                "status": "ok", "verified": True, **kw}
+
+    rows = [row("route", "deepseek-v3", "route", "triton", "graph", median_us=30.0),
+            row("route", "e256", "route", "triton", "graph", median_us=25.0),
+            row("route", "deepseek-v3-T64", "route", "triton", "eager", median_us=20.0,
+                wall_us=60.0),
+            row("route", "e256-T64", "route", "triton", "eager", median_us=20.0, wall_us=40.0),
+            row("decode", "host T=1", "path_no_expert", "triton", "eager", median_us=9.0,
+                wall_us=100.0),
+            row("decode", "host T=1", "index_select", "torch", "eager", median_us=3.0,
+                wall_us=30.0)]
+    out = {t["target"]: t for t in targets.evaluate_ratio_targets(rows, cases, quick=False)}
+    g = out["deepseek-v3 / e256 route graph T=16384"]
+    assert g["measured"] == pytest.approx(1.2) and g["pass"] is True
+    e = out["deepseek-v3 / e256 route eager T=64"]
+    assert e["measured"] == pytest.approx(1.5) and e["pass"] is False and "misses" in e["why"]
+    assert out["deepseek-v3 / e256 route graph T=64"]["why"].startswith("not measured")
+    h = out["decode path eager host T=1 / index_select"]
+    assert h["measured"] == pytest.approx(100 / 30) and h["pass"] is True
+
+
 def test_make_cases_shapes():
     full = targets.make_cases(quick=False)
-    q, k4, ds = full.route
+    q, k4, ds, flat, ds64, flat64 = full.route
     assert (q.T, q.E, q.K, q.cfg.score_func, q.cfg.renormalize, q.cfg.dropless) == \
         (16384, 128, 8, "softmax", True, True)
     assert (k4.T, k4.E, k4.K) == (8192, 128, 4)
     assert (ds.T, ds.E, ds.K, ds.cfg.score_func, ds.cfg.n_groups, ds.cfg.expert_bias) == \
         (16384, 256, 8, "sigmoid", 8, True)
+    assert flat.cfg == dataclasses.replace(ds.cfg, n_groups=1, topk_groups=1) and flat.T == 16384
+    assert (ds64.T, ds64.cfg, flat64.T, flat64.cfg) == (64, ds.cfg, 64, flat.cfg)
+    assert full.decode_host_T == (1, 16, 64)
     assert (full.rows_T, full.rows_D, full.rows_cfg.num_experts, full.rows_cfg.top_k) == \
         (16384, (2048, 4096), 128, 8)
     assert (full.decode_T, full.decode_D, full.decode_cfg.num_experts,
@@ -236,7 +271,9 @@ def test_quick_run_triton_interpreter_verified(tmp_path):
     """Under the interpreter, every triton row that ran matches the reference."""
     doc = _run_cli(tmp_path, "--backends", "triton,torch", "--sections", "route,decode")
     tri = [r for r in doc["rows"] if r["impl"] == "triton" and r["status"] == "ok"]
-    assert len(tri) == 3 * 2 + 1, [(r["case"], r["mode"], r["error"]) for r in doc["rows"]
+    # 3 routes x (eager, eager_check_finite; graph skipped on the CPU), the decode path and
+    # its host-time row
+    assert len(tri) == 3 * 2 + 1 + 1, [(r["case"], r["mode"], r["error"]) for r in doc["rows"]
                                    if r["impl"] == "triton"]
     assert all(r["verified"] is True for r in tri), [r["verify_error"] for r in tri]
 

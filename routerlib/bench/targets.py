@@ -9,6 +9,8 @@ Sections (full shapes; --quick swaps in tiny ones with the same structure):
                 qwen3     T=16384 E=128 K=8 softmax + renormalise, dropless
                 qwen3-k4  T=8192  E=128 K=4 (same rules)
                 deepseek  T=16384 E=256 K=8 sigmoid + bias, best 4 of 8 groups (top-2 sum), x2.5
+                e256      the same without the group limit (the ungrouped route it is held to)
+                deepseek-v3 / e256 at T=64 (decode), triton eager and graph only
               triton eager (check_finite off, and on to show its cost), triton in a CUDA graph,
               torch eager, torch in a graph (it syncs: the error is the result), torch.compile of
               the reference, peers (torchtitan, deepspeed) eager and in a graph.
@@ -19,7 +21,8 @@ Sections (full shapes; --quick swaps in tiny ones with the same structure):
               on triton up to 16 tokens) + (rows * 0.5, the stand-in for the experts) + combine
               from the logits: triton in a graph, triton and torch eager; and the stages the
               issue names alone (score, top-K, plan, dispatch, combine: path_no_expert, triton
-              in a graph), the row its target is judged on.
+              in a graph), the row its target is judged on. The eager host wall time of that
+              path at T in {1, 16, 64} beside one torch index_select of the same T rows.
     backward  qwen3 T=16384 D=2048: route + dispatch + combine with the experts as the identity;
               forward time, backward time (autograd.grad of y into logits, x and the top-K
               weights, retain_graph), ratio backward / forward: triton and torch.
@@ -61,6 +64,7 @@ from routerlib import ops
 from routerlib.bench.configs import DEEPSEEK_V3, OLMOE, QWEN3_30B_A3B
 from routerlib.bench.envinfo import env_info
 from routerlib.bench.inputs import make_logits, make_tokens
+from routerlib.bench.results import ResultSet
 from routerlib.bench.roofline import Roofs, measure_roofs, stage_cost
 from routerlib.bench.timing import (
     Timing,
@@ -99,6 +103,7 @@ class RouteCase:
     T: int
     cfg: RouterConfig
     peer_score: str = "softmax"  # what torchtitan's router is told (it has no group limit)
+    triton_only: bool = False  # a ratio target's case: triton eager and graph rows only
 
     @property
     def E(self) -> int:
@@ -118,6 +123,7 @@ class Cases:
     decode_T: int
     decode_D: int
     decode_cfg: RouterConfig
+    decode_host_T: tuple[int, ...]  # the eager host-time rows of the decode path
     bwd_T: int
     bwd_D: int
     bwd_cfg: RouterConfig
@@ -128,20 +134,24 @@ def make_cases(quick: bool) -> Cases:
     qwen = QWEN3_30B_A3B.router_config  # softmax + renormalise, dropless, check_finite off
     deepseek = DEEPSEEK_V3.router_config  # sigmoid + bias, 4 of 8 groups by top-2 sum, x2.5
     olmoe = OLMOE.router_config  # softmax, no renormalisation
-    if quick:
+    ungrouped = dict(n_groups=1, topk_groups=1)  # DeepSeek-V3's scoring without the groups
+    if quick:  # the ratio targets' extra cases are left out: their rows say "not measured"
         return Cases(
             route=(RouteCase("qwen3", 48, qwen(num_experts=16, top_k=4)),
                    RouteCase("qwen3-k4", 24, qwen(num_experts=16, top_k=2)),
                    RouteCase("deepseek-v3", 48, deepseek(num_experts=32, top_k=4), "sigmoid")),
             rows_T=40, rows_D=(32, 64), rows_cfg=qwen(num_experts=8, top_k=2),
             decode_T=8, decode_D=32, decode_cfg=olmoe(num_experts=8, top_k=2),
-            bwd_T=32, bwd_D=32, bwd_cfg=qwen(num_experts=16, top_k=4))
+            decode_host_T=(2,), bwd_T=32, bwd_D=32, bwd_cfg=qwen(num_experts=16, top_k=4))
     return Cases(
         route=(RouteCase("qwen3", 16384, qwen()),
                RouteCase("qwen3-k4", 8192, qwen(top_k=4)),
-               RouteCase("deepseek-v3", 16384, deepseek(), "sigmoid")),
+               RouteCase("deepseek-v3", 16384, deepseek(), "sigmoid"),
+               RouteCase("e256", 16384, deepseek(**ungrouped), "sigmoid", True),
+               RouteCase("deepseek-v3-T64", 64, deepseek(), "sigmoid", True),
+               RouteCase("e256-T64", 64, deepseek(**ungrouped), "sigmoid", True)),
         rows_T=16384, rows_D=(2048, 4096), rows_cfg=qwen(),
-        decode_T=64, decode_D=4096, decode_cfg=olmoe(),
+        decode_T=64, decode_D=4096, decode_cfg=olmoe(), decode_host_T=(1, 16, 64),
         bwd_T=16384, bwd_D=2048, bwd_cfg=qwen())
 
 
@@ -262,13 +272,13 @@ class Runner:
         if self.cuda:
             return bench(fn, self.warmup_ms, self.rep_ms, self.device)
         return bench(fn, self.warmup_ms, self.rep_ms, self.device, min_rep=2,
-                     max_rep=20 if self.quick else 1000)
+                     max_rep=5 if self.quick else 1000)
 
     def _wall_us(self, fn: Callable[[], object], median_us: float) -> float:
         """Host wall time per call of back-to-back calls (synchronised once at the end)."""
         n = int(min(2000, max(5, self.rep_ms * 1e3 / max(median_us, 1.0))))
         if not self.cuda:
-            n = min(n, 20)
+            n = min(n, 5 if self.quick else 20)
         fn()
         if self.cuda:
             torch.cuda.synchronize()
@@ -435,9 +445,12 @@ def _route_case(r: Runner, c: RouteCase, seed: int) -> None:
         "route", c.key, "route", impl, mode, shape=shape, build=build, nbytes=nbytes, **kw)
     if r.wants("triton"):
         m("triton", "eager", _const(route_fn("triton")), check=check)
-        m("triton", "eager_check_finite", _const(route_fn("triton", cfg_cf)), check=check,
-          note="check_finite=True: one host sync per call")
+        if not c.triton_only:
+            m("triton", "eager_check_finite", _const(route_fn("triton", cfg_cf)), check=check,
+              note="check_finite=True: a device-side check, read at a later call")
         m("triton", "graph", _const(route_fn("triton")), check=check)
+    if c.triton_only:
+        return
     if r.wants("torch"):
         m("torch", "eager", _const(route_fn("torch")))
         m("torch", "graph", _const(route_fn("torch")),
@@ -587,6 +600,35 @@ def run_decode(r: Runner, cases: Cases, seed: int) -> None:
     if r.wants("torch"):
         m("torch", "eager")
         m("torch", "graph")
+    for t in cases.decode_host_T:  # the eager host cost of the path against one index_select
+        _decode_host(r, cfg, t, D, seed)
+
+
+def _decode_host(r: Runner, cfg: RouterConfig, T: int, D: int, seed: int) -> None:
+    """Eager rows (wall_us: host wall time a call) of route + dispatch + combine and of one
+    torch.index_select of T rows of x, at decode size T."""
+    E, K = cfg.num_experts, cfg.top_k
+    dt = torch.bfloat16
+    shape = {"T": T, "D": D, "E": E, "K": K, "dtype": "bfloat16"}
+    logits = make_logits("uniform", T, E, torch.float32, r.device, seed)  # [T, E]
+    x = make_tokens(T, D, dt, r.device, seed)  # [T, D]
+    idx = torch.arange(T, device=r.device).flip(0)  # [T]
+
+    def path(backend: str):
+        def f():
+            sel, plan, rows = ops.route_dispatch(logits, x, cfg, None, None, backend)
+            return sel.topk_ids, ops.combine(rows, plan, sel.topk_weights, backend)
+        return _no_grad(f)
+
+    if r.wants("triton"):
+        r.measure("decode", f"host T={T}", "path_no_expert", "triton", "eager", shape=shape,
+                  build=_const(path("triton")),
+                  check=expect(path("torch")(), ["topk_ids", "y"], [None, 1e-2]),
+                  note="route+dispatch -> combine, eager: judged on wall_us")
+    if r.wants("torch"):
+        r.measure("decode", f"host T={T}", "index_select", "torch", "eager", shape=shape,
+                  build=_const(_no_grad(lambda: torch.index_select(x, 0, idx))),
+                  note="one torch.index_select of T rows: the host-time yardstick")
 
 
 def run_backward(r: Runner, cases: Cases, seed: int) -> None:
@@ -681,6 +723,71 @@ def targets_for(cases: Cases) -> tuple[Target, ...]:
     )
 
 
+@dataclass(frozen=True)
+class RatioTarget:
+    """measure(row a) / measure(row b) against a goal: rows named (section, case, op, impl,
+    mode); measure "us" (eager: the larger of median and wall), "wall_us" or "graph_us"."""
+
+    name: str
+    a: tuple[str, str, str, str, str]
+    b: tuple[str, str, str, str, str]
+    metric: str
+    goal: float
+
+
+def ratio_targets_for(cases: Cases) -> tuple[RatioTarget, ...]:
+    ds, flat = "deepseek-v3", "e256"
+    out = [RatioTarget(f"{ds} / {flat} route graph T={cases.route[2].T}",
+                       ("route", ds, "route", "triton", "graph"),
+                       ("route", flat, "route", "triton", "graph"), "graph_us", 1.5)]
+    for mode, metric in (("graph", "graph_us"), ("eager", "us")):
+        out.append(RatioTarget(f"{ds} / {flat} route {mode} T=64",
+                               ("route", f"{ds}-T64", "route", "triton", mode),
+                               ("route", f"{flat}-T64", "route", "triton", mode), metric, 1.3))
+    for t in cases.decode_host_T:
+        out.append(RatioTarget(f"decode path eager host T={t} / index_select",
+                               ("decode", f"host T={t}", "path_no_expert", "triton", "eager"),
+                               ("decode", f"host T={t}", "index_select", "torch", "eager"),
+                               "wall_us", 4.0))
+    return tuple(out)
+
+
+def _find(rows: list[dict], key: tuple[str, str, str, str, str]) -> dict | None:
+    return next((r for r in rows if (r["section"], r["case"], r["op"], r["impl"], r["mode"])
+                 == key), None)
+
+
+def _measure_of(row: dict | None, metric: str) -> float | None:
+    if row is None or row.get("status") != "ok":
+        return None
+    if metric == "us":
+        return max(row["median_us"], row.get("wall_us") or 0.0)
+    return row.get("wall_us") if metric == "wall_us" else row.get("median_us")
+
+
+def evaluate_ratio_targets(rows: list[dict], cases: Cases, quick: bool) -> list[dict]:
+    out = []
+    for tg in ratio_targets_for(cases):
+        ra, rb = _find(rows, tg.a), _find(rows, tg.b)
+        a, b = _measure_of(ra, tg.metric), _measure_of(rb, tg.metric)
+        measured = a / b if a is not None and b else None
+        verified = None if ra is None else ra.get("verified")
+        met = measured is not None and measured <= tg.goal
+        why = None
+        if measured is None:
+            why = "not measured: " + "; ".join(filter(None, [
+                (ra or {}).get("error"), (rb or {}).get("error")]))[:200]
+        elif verified is False:
+            why = "output differs from the reference"
+        elif not met:
+            why = f"misses the goal <= {tg.goal:g} ({a:.1f} / {b:.1f} us)"
+        out.append({"target": tg.name, "metric": f"ratio of {tg.metric}", "cmp": "<=",
+                    "goal": tg.goal, "measured": measured, "verified": verified,
+                    "pass": bool(met and verified is not False), "why": why,
+                    "shape": "quick" if quick else "full"})
+    return out
+
+
 def evaluate_targets(rows: list[dict], cases: Cases, quick: bool) -> list[dict]:
     """One entry per target: the triton row's measure, pass = meets the goal and verified."""
     out = []
@@ -712,7 +819,7 @@ def evaluate_targets(rows: list[dict], cases: Cases, quick: bool) -> list[dict]:
                     "measured": measured, "verified": verified,
                     "pass": bool(met and verified is not False), "why": why,
                     "shape": "quick" if quick else "full"})
-    return out
+    return out + evaluate_ratio_targets(rows, cases, quick)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -783,6 +890,18 @@ def write_results(result: dict, prefix: str) -> list[str]:
         w = csv.DictWriter(f, fieldnames=ROW_COLUMNS)
         w.writeheader()
         w.writerows(rows)
+    # the same rows in the one schema of routerlib.bench.results, in the folder PREFIX/
+    rs = ResultSet("targets")
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        conf = {k: r[k] for k in ("section", "case", "op", "mode", "T", "D", "E", "K", "dtype",
+                                  "verified")}
+        for metric, unit in (("median_us", "us"), ("wall_us", "us"), ("gbps", "GB/s"),
+                             ("frac_copy", ""), ("ratio", "")):
+            if r.get(metric) is not None:
+                rs.add(r["impl"], conf, metric, r[metric], unit)
+    paths.append(str(rs.write(prefix)))
     return paths
 
 
@@ -814,12 +933,12 @@ def summary(result: dict) -> str:
                      f"{roofs['launch_us']:.1f} us, one-kernel CUDA graph "
                      f"{roofs.get('graph_us') or float('nan'):.1f} us; device "
                      f"{result['env']['device']}")
-    lines.append("target                                   goal       measured  verified  pass")
+    lines.append(f"{'target':<47} goal       measured  verified  pass")
     for t in result["targets"]:
-        unit = {"us": " us", "graph_us": " us", "frac_copy": "", "ratio": "x"}[t["metric"]]
+        unit = {"us": " us", "graph_us": " us", "frac_copy": ""}.get(t["metric"], "x")
         goal = f"{t['cmp']} {t['goal']:g}{unit}"
         meas = "-" if t["measured"] is None else f"{t['measured']:.3g}{unit}"
-        lines.append(f"{t['target']:<40} {goal:<10} {meas:>10}  {_fmt(t['verified']):>8}  "
+        lines.append(f"{t['target']:<47} {goal:<10} {meas:>10}  {_fmt(t['verified']):>8}  "
                      f"{'PASS' if t['pass'] else 'FAIL'}"
                      + (f"  ({t['why'][:70]})" if t["why"] and not t["pass"] else ""))
     return "\n".join(lines)
@@ -885,7 +1004,8 @@ def run(args: argparse.Namespace) -> dict:
                                     "error": "section failed: " + _error_text(e)})
                 runner.free()
     cases_order = ([c.key for c in cases.route] + [f"D={d}" for d in cases.rows_D]
-                   + [f"T={cases.decode_T}", "qwen3"])
+                   + [f"T={cases.decode_T}"] + [f"host T={t}" for t in cases.decode_host_T]
+                   + ["qwen3"])
     _sort_rows(runner.rows, sections, cases_order)
     return {"env": env, "roofs": roofs.as_dict() if roofs else None,
             "args": {**vars(args), "backends_resolved": list(impls), "device_resolved":

@@ -2,11 +2,12 @@
 
     python -m routerlib.bench.tune --out results/h100/tune
 
-Each kernel reads its config from an environment pin (ROUTERLIB_TOPK_CONFIG,
-ROUTERLIB_SCATTER_CONFIG, ROUTERLIB_GATHER_CONFIG, ROUTERLIB_ROWS_CONFIG); this sweep sets the
-pin, checks the output against the unpinned run, times it inside a CUDA graph and writes one
-row per (kernel, shape, config). The defaults in the kernel modules come from this sweep;
-notebook 02 explains them.
+The fast route and dispatch / combine take their launch configuration as an argument
+(fast_route.RouteLaunch; _rowmap's config=); the general top-K kernel through its pin
+(ROUTERLIB_TOPK_CONFIG). The sweep checks each config's output against the default's, times it
+inside a CUDA graph and writes one row per (kernel, shape, config) with
+routerlib.bench.results.ResultSet (<out>/tune.json, .csv). The defaults in the kernel modules
+come from this sweep.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -22,11 +22,14 @@ from collections.abc import Callable
 import pandas as pd
 import torch
 
-from routerlib.bench.envinfo import env_info
+from routerlib.bench.results import ResultSet
 from routerlib.bench.timing import bench_cuda_graph
 
-PINS = ("ROUTERLIB_TOPK_CONFIG", "ROUTERLIB_SCATTER_CONFIG", "ROUTERLIB_GATHER_CONFIG",
-        "ROUTERLIB_ROWS_CONFIG")
+
+def _time_graph(fn: Callable[[], object]) -> float:
+    fn()  # compile this config outside the capture
+    torch.cuda.synchronize()
+    return bench_cuda_graph(fn, warmup_ms=10, rep_ms=40).median_us
 
 
 def _time(fn: Callable[[], object], pin: str, value: str | None) -> float:
@@ -82,59 +85,61 @@ def sweep_topk(rows: list[dict], quick: bool) -> None:
 
 
 def sweep_rowmap(rows: list[dict], quick: bool) -> None:
+    """dispatch (scatter_rows) and combine (gather_reduce) at the prefill shape, every config
+    of the grid passed explicitly, and the chosen one ("default")."""
     from routerlib import reference as ref
     from routerlib.config import RouterConfig
-    from routerlib.kernels.combine import combine
-    from routerlib.kernels.dispatch import dispatch
+    from routerlib.kernels import _rowmap
 
     T, E, K = 16384, 128, 8
     cfg = RouterConfig(num_experts=E, top_k=K, renormalize=True, check_finite=False)
     sel = ref.select(torch.randn(T, E, device="cuda"), cfg)
     plan = ref.build_plan(sel, cfg)
+    s2r, r2s, w = plan.slot_to_row, plan.row_to_slot, sel.topk_weights
     grid = list(itertools.product((1, 2, 4, 8), (1024, 2048), (4, 8)))
     if quick:
         grid = grid[:3]
     for D in (2048, 4096):
         x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
-        rows_ref = dispatch(x, plan)
-        y_ref = combine(rows_ref, plan, sel.topk_weights)
-        cases = (("dispatch", "ROUTERLIB_SCATTER_CONFIG", lambda x=x: dispatch(x, plan), rows_ref),
-                 ("combine", "ROUTERLIB_GATHER_CONFIG",
-                  lambda r=rows_ref: combine(r, plan, sel.topk_weights), y_ref))
-        for name, pin, fn, expect in cases:
-            for bt, bd, nw in grid:
-                if bd > 2 * D or bt * bd > 16384:
+        rows_ref = ref.dispatch(x, plan)
+        y_ref = ref.combine(rows_ref, plan, w)
+        cases = (("dispatch", lambda c, x=x: _rowmap.scatter_rows(x, s2r, r2s, config=c)[0],
+                  rows_ref),
+                 ("combine", lambda c, r=rows_ref: _rowmap.gather_reduce(r, s2r, w, config=c),
+                  y_ref))
+        for name, run, expect in cases:
+            base = dict(kernel=name, T=T, E=E, K=K, D=D)
+            for bt, bd, nw in [*grid, None]:
+                if bt is not None and (bd > 2 * D or bt * bd > 16384):
                     continue
-                value = f"BLOCK_T={bt},BLOCK_D={bd},num_warps={nw}"
-                row = dict(kernel=name, T=T, E=E, K=K, D=D, config=value)
+                conf = None if bt is None else {"BLOCK_T": bt, "BLOCK_D": bd, "num_warps": nw}
+                row = dict(base, config="default" if conf is None else
+                           f"BLOCK_T={bt},BLOCK_D={bd},num_warps={nw}")
                 try:
-                    os.environ[pin] = value
-                    out = fn()
-                    os.environ.pop(pin)
-                    ok = bool(torch.allclose(out.float(), expect.float(), atol=2e-2, rtol=2e-2))
-                    row.update(ok=ok, us=_time(fn, pin, value))
-                except Exception as e:  # noqa: BLE001
-                    os.environ.pop(pin, None)
+                    ok = bool(torch.allclose(run(conf).float(), expect.float(), atol=2e-2,
+                                             rtol=2e-2))
+                    row.update(ok=ok, us=_time_graph(lambda c=conf, r=run: r(c)))
+                except Exception as e:  # noqa: BLE001 - a config that fails to compile is a row
                     row.update(ok=False, us=None, error=f"{type(e).__name__}: {e}"[:300])
                 rows.append(row)
-            rows.append(dict(kernel=name, T=T, E=E, K=K, D=D, config="autotune", ok=True,
-                             us=_time(fn, pin, None)))
 
 
 def sweep_route(rows: list[dict], quick: bool, save: Callable[[], object] | None = None) -> None:
-    """The row-wise route (kernels/route_rows.py): thread groups per token x warps, and the
-    general path (top-K + plan, ROUTERLIB_ROW_ROUTE=0) as the baseline of the same run."""
+    """The fast route (kernels/fast_route/): thread groups per token x warps passed as launch
+    configurations, the default, and the training path (top-K + plan) in the same run."""
     from routerlib import reference as ref
     from routerlib.config import RouterConfig
     from routerlib.kernels import route
+    from routerlib.kernels.fast_route import launch_config
+    from routerlib.kernels.plan import build_plan
+    from routerlib.kernels.topk import fused_topk
 
     qwen = RouterConfig(128, 8, renormalize=True, check_finite=False)
     sig = RouterConfig(256, 8, score_func="sigmoid", expert_bias=True, renormalize=True,
                        routed_scaling_factor=2.5, check_finite=False)
     every = [(h, nw) for h in (1, 2, 4) for nw in (1, 2, 4, 8) if 32 // h * nw <= 128]
     # each split is its own compile (5-20 s on the GPU host): the full grid for the issue's
-    # shape, the plausible ones elsewhere (the full grids of results/h100/tune_route.csv at
-    # 4a8bffe ranked them)
+    # shape, the plausible ones elsewhere
     cases = [("qwen3", 16384, qwen, every),
              ("qwen3", 65536, qwen, [(1, 1), (1, 2), (1, 4), (2, 2), (4, 4)]),
              ("sigmoid-bias", 16384, sig, [(2, 2), (2, 4), (4, 4), (4, 8)]),
@@ -148,30 +153,35 @@ def sweep_route(rows: list[dict], quick: bool, save: Callable[[], object] | None
         logits = torch.randn(T, E, device="cuda") * 2
         bias = torch.randn(E, device="cuda") * 0.05 if cfg.expert_bias else None
         want = ref.build_plan(ref.select(logits, cfg, bias), cfg).slot_to_row
-
-        def fn(lg=logits, c=cfg, b=bias):
-            return route(lg, c, b)
-
+        default = launch_config(T, E, K)
         base = dict(kernel="route", T=T, E=E, K=K, D=None, case=name)
-        for h, nw in splits:
-            value = f"{h},{nw}"
-            row = dict(base, config=value)
+        for split in [*splits, None]:
+            if split is None:
+                lc, label = default, "default"
+            else:
+                h, nw = split
+                packed = h == 1
+                lc = default.replace(threads_per_token=h, num_warps=nw, packed=packed,
+                                     stages=0 if packed and nw >= 4 else 3,
+                                     lane_ranks=h == 1 and E <= 128 and T > 32 * nw)
+                label = f"{h},{nw}"
+            row = dict(base, config=label)
             try:
-                os.environ["ROUTERLIB_ROWS_CONFIG"] = value
+                def fn(lg=logits, c=cfg, b=bias, lc=lc):
+                    return route(lg, c, b, launch=lc)
+
                 ok = torch.equal(fn()[1].slot_to_row, want)
-                os.environ.pop("ROUTERLIB_ROWS_CONFIG")
-                row.update(ok=ok, us=_time(fn, "ROUTERLIB_ROWS_CONFIG", value))
+                row.update(ok=ok, us=_time_graph(fn))
             except Exception as e:  # noqa: BLE001 - a config that fails to compile is a row
-                os.environ.pop("ROUTERLIB_ROWS_CONFIG", None)
                 row.update(ok=False, us=None, error=f"{type(e).__name__}: {e}"[:300])
             rows.append(row)
-        rows.append(dict(base, config="default", ok=True,
-                         us=_time(fn, "ROUTERLIB_ROWS_CONFIG", None)))
-        os.environ["ROUTERLIB_ROW_ROUTE"] = "0"
-        ok = torch.equal(fn()[1].slot_to_row, want)
-        os.environ.pop("ROUTERLIB_ROW_ROUTE")
-        rows.append(dict(base, config="general path", ok=ok,
-                         us=_time(fn, "ROUTERLIB_ROW_ROUTE", "0")))
+
+        def general(lg=logits, c=cfg, b=bias):
+            sel = fused_topk(lg, c, b)
+            return sel, build_plan(sel.topk_ids, sel.topk_weights, c)
+
+        ok = torch.equal(general()[1].slot_to_row, want)
+        rows.append(dict(base, config="general path", ok=ok, us=_time_graph(general)))
         if save is not None:  # a time limit keeps the cases measured so far
             save()
 
@@ -181,10 +191,11 @@ def kernel_resources() -> list[dict]:
     in this process (from Triton's per-device caches; a spill means local-memory traffic)."""
     import triton
 
-    from routerlib.kernels import _plan_kernels, _route_rows_kernels, _rowmap, _topk_kernels
+    from routerlib.kernels import _plan_kernels, _rowmap, _topk_kernels
+    from routerlib.kernels.fast_route import kernels as route_kernels
 
     out = []
-    for mod in (_route_rows_kernels, _topk_kernels, _plan_kernels, _rowmap):
+    for mod in (route_kernels, _topk_kernels, _plan_kernels, _rowmap):
         for name, fn in vars(mod).items():
             if not isinstance(fn, triton.runtime.jit.JITFunction) or not name.endswith("kernel"):
                 continue
@@ -204,7 +215,8 @@ def kernel_resources() -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="results/tune", help="prefix: writes <out>.csv/.json")
+    ap.add_argument("--out", default="build/tune", help="folder: writes tune.json/.csv and "
+                    "tune_resources.csv there")
     ap.add_argument("--kernels", default="route,topk,rowmap")
     ap.add_argument("--quick", action="store_true", help="a few configs only")
     args = ap.parse_args(argv)
@@ -212,16 +224,16 @@ def main(argv: list[str] | None = None) -> int:
         print("tune: needs a CUDA GPU (configs are timed in CUDA graphs)", file=sys.stderr)
         return 2
     rows: list[dict] = []
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    env = env_info()
+    os.makedirs(args.out, exist_ok=True)
 
     def save() -> pd.DataFrame:  # after every sweep: a time limit keeps what was measured
-        df = pd.DataFrame(rows)
-        df.to_csv(args.out + ".csv", index=False)
-        with open(args.out + ".json", "w") as f:
-            json.dump({"env": env, "rows": json.loads(df.to_json(orient="records"))}, f,
-                      indent=1)
-        return df
+        rs = ResultSet("tune")
+        for r in rows:
+            conf = {k: v for k, v in r.items() if k not in ("config", "us")}
+            rs.add(str(r["config"]), conf, "time_us", float("nan") if r["us"] is None
+                   else r["us"], "us")
+        rs.write(args.out)
+        return pd.DataFrame(rows)
 
     for name, sweep in (("topk", sweep_topk), ("rowmap", sweep_rowmap),
                         ("route", functools.partial(sweep_route, save=save))):
@@ -229,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             sweep(rows, args.quick)
             df = save()
     res = pd.DataFrame(kernel_resources())
-    res.to_csv(args.out + "_resources.csv", index=False)
+    res.to_csv(os.path.join(args.out, "tune_resources.csv"), index=False)
     if len(res):
         print(res[["kernel", "num_warps", "n_regs", "n_spills", "shared"]].to_string(index=False))
     good = df[df["ok"] & df["us"].notna()]

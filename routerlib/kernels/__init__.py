@@ -19,6 +19,8 @@ import torch
 
 from routerlib import reference as ref
 from routerlib.config import RouterConfig
+
+# the inference route's package is fast_route/, not route/: route() below would shadow it
 from routerlib.kernels import fast_route as fast
 
 # Re-exported eagerly: importing a submodule binds the package attribute of its name (dispatch,

@@ -14,15 +14,13 @@ Both walk the tokens (token-major), so every HBM byte moves exactly once:
 Every output row or token is written by exactly one program: no atomics, deterministic results.
 Where the token blocks alone leave SMs idle (decode sizes) the grid's second axis splits D into
 ranges of whole blocks (d_split); on Hopper both kernels are programmatic dependent launches
-(use_pdl).
+(_pdl_flags).
 
 Launch configs: on a GPU, triton.autotune over `_hopper_configs()` keyed on (D, S, flags, dtypes)
-and the token class of T (token_class: six size classes from decode to prefill). Without the
-class a process kept the configs chosen at its first call's T for every T of that D: on an H100
-the decode path without the D split took 36.7 us at T=64 in a process whose first call had T=1
-(results/h100/ab_decode_082f3c8.txt) and 21.5 us in the targets run, whose first row-map call
-had T=16384 (results/h100/targets_9af1b90.json). A class, not T itself: a server sees every
-batch size, and each new key costs one tuning sweep.
+and the token class of T (token_class: six size classes from decode to prefill): without the
+class a process keeps the configs chosen at its first call's T for every T of that D (the
+decode path then ran 1.7x slower at T=64 after a first call at T=1). A class, not T itself: a
+server sees every batch size, and each new key costs one tuning sweep.
 Each launch key's config is chosen once (_launch) and reused; the pins ROUTERLIB_SCATTER_CONFIG /
 ROUTERLIB_GATHER_CONFIG (read once, at import) set one for tuning: "default" (the heuristic
 below) or "BLOCK_T=4,BLOCK_D=1024,num_warps=8". Under TRITON_INTERPRET=1 there is no autotune.
@@ -266,7 +264,7 @@ def _scatter_rows_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,     # D % BLOCK_D == 0: no column mask
-    PDL: tl.constexpr = False,  # launched as a programmatic dependent (use_pdl)
+    PDL: tl.constexpr = False,  # launched as a programmatic dependent (_pdl_flags)
 ):
     pdl_start(PDL)
     pid = tl.program_id(0)
@@ -412,7 +410,7 @@ def _gather_reduce_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,     # D % BLOCK_D == 0: no column mask
-    PDL: tl.constexpr = False,  # launched as a programmatic dependent (use_pdl)
+    PDL: tl.constexpr = False,  # launched as a programmatic dependent (_pdl_flags)
 ):
     pdl_start(PDL)
     pid = tl.program_id(0)

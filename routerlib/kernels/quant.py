@@ -24,13 +24,19 @@ interpreter or with ROUTERLIB_QUANT_DISPATCH_CONFIG="BLOCK_T=..,BLOCK_D=..,num_w
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from routerlib.kernels import _rowmap
+from routerlib.kernels.common import interpreting, next_pow2
 from routerlib.kernels.dispatch import check_rows
 from routerlib.types import RoutingPlan
+
+# Tuning pin (read once): 'default', or 'BLOCK_T=..,BLOCK_D=..,num_warps=..'; unset = autotune.
+_PIN = os.environ.get("ROUTERLIB_QUANT_DISPATCH_CONFIG", "")
 
 FP8_DTYPE = torch.float8_e4m3fn
 FORMATS = {"fp8": (FP8_DTYPE, 448.0), "int8": (torch.int8, 127.0)}
@@ -195,7 +201,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     scales: 1024- or 2048-column tiles (never wider than D needs)."""
     D = named_args["D"]
     group = kwargs.get("GROUP", named_args.get("GROUP", 0))
-    want = max(GROUP, min(8192, _rowmap.next_pow2(D)))
+    want = max(GROUP, min(8192, next_pow2(D)))
     if group == 0:
         keep = [c for c in configs if c.kwargs["BLOCK_D"] == want]
     else:
@@ -214,7 +220,7 @@ _quant_dispatch_tuned = triton.autotune(
 
 def default_config(D: int) -> dict[str, int]:
     """The interpreter's config: a whole row a tile (one pass with per-token scales)."""
-    block_d = max(GROUP, min(8192, _rowmap.next_pow2(D)))
+    block_d = max(GROUP, min(8192, next_pow2(D)))
     return {"BLOCK_T": max(1, min(4, 2048 // block_d)), "BLOCK_D": block_d, "num_warps": 4}
 
 
@@ -291,9 +297,11 @@ def _quantize_rows(x: torch.Tensor, slot_to_row: torch.Tensor, row_to_slot: torc
         bt = meta["BLOCK_T"]
         return (triton.cdiv(T, bt) + triton.cdiv(R, bt * _rowmap.ZERO_GROUPS),)
 
-    pin = _rowmap._parse_pin("ROUTERLIB_QUANT_DISPATCH_CONFIG", D)
-    if pin is None and _rowmap.interpreting():
+    pin = _PIN.strip()
+    if pin == "default" or (not pin and interpreting()):
         pin = default_config(D)
+    else:
+        pin = _rowmap.parse_pin("ROUTERLIB_QUANT_DISPATCH_CONFIG", pin, D)
     if pin is None:
         _quant_dispatch_tuned[grid](*args, **flags)
     else:

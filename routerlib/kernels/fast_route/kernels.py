@@ -297,7 +297,7 @@ def _route_sync_kernel(
 # The route with the dispatch in one launch (decode sizes)
 #
 # Triton kernel of the decode route with the dispatch in the same launch (private: the launcher
-# is route_rows.route_dispatch_rows).
+# is launch.route_dispatch_rows).
 #
 # At decode sizes the route and the dispatch are latency-bound chains of small kernels: select,
 # place, then the gather of the token rows into the expert-major buffer, each a kernel boundary in

@@ -40,8 +40,8 @@ _empty = torch.empty  # every output comes from here (tests swap in a poisoning 
 def _carve(sizes: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
     """Every int32/fp32 output of a route lives in one int32 allocation, each starting on a
     128-byte boundary (Triton's 16-byte pointer specialisation holds): a torch.empty costs
-    ~5-10 us of host time on the lent H100 hosts (results/h100/route_breakdown.json), and the
-    eager route made ten. Returns (the start of each, the allocation's length)."""
+    ~5-10 us of host time on the lent H100 hosts, and the eager route made ten. Returns (the
+    start of each, the allocation's length)."""
     offs, at = [], 0
     for n in sizes:
         offs.append(at)
@@ -178,7 +178,7 @@ def _launch(st: _Static, i: int, args: tuple, stream: int | None, fast: bool) ->
     on the arguments; the key of st pins everything it specialises on), later (fast) straight
     through the compiled kernel's launcher with raw pointers: JITFunction.run's per-call
     binding, specialisation and cache lookup cost ~10-20 us of host time a launch on the lent
-    hosts (results/h100/route_breakdown.json)."""
+    hosts."""
     kernel, grid, kwargs = st.launches[i]
     if fast:
         compiled, tail = st.compiled[i]
