@@ -40,7 +40,7 @@ class Comparison:
     stage: str                      # what the line is about, for the table
     fast: str                       # routerlib's variant
     baseline: str                   # the reference (or plain torch) variant
-    metric: str                     # the row metric compared
+    metric: str | tuple[str, ...]   # the row metric compared (a tuple: any of these names)
     case_keys: tuple[str, ...]      # config keys naming a case (the others may differ)
     peers: tuple[str, ...] = ()     # other implementations measured in the same run
     where: dict[str, Any] = field(default_factory=dict)  # config filter
@@ -48,20 +48,23 @@ class Comparison:
     prefer: str = ""                # the headline shows the last case whose name holds this
 
 
+# The median device time: "time_us" in most files, "median_us" in the targets benchmark's.
+TIME = ("time_us", "median_us")
+
 COMPARISONS: tuple[Comparison, ...] = (
-    Comparison("targets", "route (score + top-K + plan)", "triton", "torch", "time_us",
+    Comparison("targets", "route (score + top-K + plan)", "triton", "torch", TIME,
                ("case", "T", "E", "K", "dtype"), ("compile", "torchtitan", "deepspeed"),
                {"section": "route", "op": "route", "mode": "eager", "case": "qwen3"}),
-    Comparison("targets", "dispatch", "triton", "torch", "time_us", ("case", "T", "D", "K"),
+    Comparison("targets", "dispatch", "triton", "torch", TIME, ("case", "T", "D", "K"),
                ("compile", "torchtitan", "deepspeed"),
                {"section": "dispatch", "op": "dispatch", "mode": "eager"}),
-    Comparison("targets", "combine", "triton", "torch", "time_us", ("case", "T", "D", "K"),
+    Comparison("targets", "combine", "triton", "torch", TIME, ("case", "T", "D", "K"),
                ("compile", "torchtitan", "deepspeed"),
                {"section": "dispatch", "op": "combine", "mode": "eager"}),
-    Comparison("targets", "decode path (route, dispatch, combine)", "triton", "torch",
-               "time_us", ("case", "T", "D"), (),
+    Comparison("targets", "decode path (route, dispatch, combine)", "triton", "torch", TIME,
+               ("case", "T", "D"), (),
                {"section": "decode", "op": "path", "mode": "eager"}),
-    Comparison("targets", "route + dispatch + combine, backward", "triton", "torch", "time_us",
+    Comparison("targets", "route + dispatch + combine, backward", "triton", "torch", TIME,
                ("case", "T"), (), {"section": "backward", "mode": "backward"}),
     Comparison("experts", "MoE layer, prefill forward", "routerlib", "hf_loop", "time_us",
                ("shape", "T"), ("torch_composition",), {"mode": "forward"},
@@ -151,15 +154,18 @@ def _case_label(case: dict[str, Any]) -> str:
 
 def compare(rs: ResultSet, c: Comparison, source: Source) -> list[dict[str, Any]]:
     """Every case of `c` in one result set: baseline, routerlib and best peer values."""
+    metrics = (c.metric,) if isinstance(c.metric, str) else c.metric
     cases: dict[tuple, dict[str, float]] = {}
     names: dict[tuple, dict[str, Any]] = {}
+    metric_of: dict[tuple, str] = {}
     for row in rs.rows:
-        if row.metric != c.metric or row.value is None or not _matches(row.config, c.where):
+        if row.metric not in metrics or row.value is None or not _matches(row.config, c.where):
             continue
         if row.variant not in (c.fast, c.baseline, *c.peers):
             continue
         key = tuple(row.config.get(k) for k in c.case_keys)
         cases.setdefault(key, {})[row.variant] = row.value
+        metric_of[key] = row.metric
         names[key] = {k: row.config.get(k) for k in c.case_keys if row.config.get(k) is not None}
     out = []
     for key, vals in cases.items():
@@ -170,7 +176,7 @@ def compare(rs: ResultSet, c: Comparison, source: Source) -> list[dict[str, Any]
         base = vals.get(c.baseline)
         out.append(dict(
             stage=c.stage, case=_case_label(names[key]),
-            metric=c.metric, baseline=c.baseline, baseline_value=base,
+            metric=metric_of[key], baseline=c.baseline, baseline_value=base,
             routerlib=vals[c.fast], best_peer=best or "",
             peer_value=peers[best] if best else None,
             x_vs_baseline=_ratio(base, vals[c.fast], c.lower_is_better),

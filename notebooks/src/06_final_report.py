@@ -79,7 +79,12 @@ plt.show()
 
 # %%
 verdicts = rsum.target_verdicts(CARD)
-display(verdicts if not verdicts.empty else "targets: not measured yet")
+if rsum.result_path("targets", CARD) is None:
+    print("targets: not measured yet")
+elif verdicts.empty:
+    print(f"results/{CARD}/targets.json holds no verdicts (no meta.targets in that run's file)")
+else:
+    display(verdicts)
 
 # %% [markdown]
 # ## 01 — Baseline: the reference is the contract
