@@ -262,6 +262,17 @@ def test_gpu_full_shapes_match_reference(shape, T):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("logits, router", [
+    ("few", dict(capacity_factor=0.75)), ("few", dict(pad_to_multiple=8)), ("ties", {}),
+], ids=["capacity, empty experts", "padded to 8, empty experts", "one expert takes all"])
+def test_gpu_library_wgrad_layouts(logits, router):
+    # torch._grouped_mm's per-expert A^T B on CUDA with empty groups, slack and padding rows
+    case = make_case(300, 256, 128, 16, 2, torch.bfloat16, logits, "cuda", **router)
+    assert kx.library_wgrad(case[0], case[4])
+    check_against_reference(*case)
+
+
+@pytest.mark.gpu
 def test_gpu_fp32_is_fp32_accurate():
     check_against_reference(*model_case("olmoe-1b-7b", 256, dtype=torch.float32))
 
