@@ -22,6 +22,10 @@ the plan, [g | u]; never a dispatched copy of x, never h or o):
   3. dW_gate_up[e] = x_e^T @ [dg | du]_e  (x gathered through the plan)
   4. dx rows = [dg | du] @ w_gate_up[e]^T, then dx[t] = sum_j rows (gather_reduce, fp32).
   d(w)[t, j] = sum of the partial dots of row slot_to_row[t, j] (0 for dropped slots).
+On a CUDA GPU in bf16 (library_wgrad), steps 2-4's GEMMs run in torch._grouped_mm over
+expert-sorted rows: step 1 also stores h (R*F), the dispatch kernel gathers w*dy and then x into
+one [R, D] row buffer at a time, and rows outside the kept segments are zero. Elsewhere (fp16,
+fp32, the interpreter) Triton kernels do steps 2-4 reading through the plan.
 
 Scheduling: the row tiles of every expert form a ragged tile map computed inside each program
 from kept_counts and expert_offsets (see _experts_kernels._tile_of), so an expert with no rows
@@ -361,7 +365,7 @@ def _backward_library(dy: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor
     need_x, need_wgu, need_wd, need_w = need
     F = w_down.shape[1]
     dx = dwgu = dwd = dw = None
-    offs = p.expert_offsets[1:]  # [E] int32 end of each expert's segment
+    offs = p.expert_offsets[1:].clone()  # [E] int32 end of each expert's segment
     h = (_rowmap.empty if p.dense else _zeros)((p.R, F), x.dtype, x.device) if need_wd else None
     dgu, partial = _swiglu_backward(dy, w_down, weights, pre, p, cfg.down, h, True)
     if need_w:
