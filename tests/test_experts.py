@@ -37,7 +37,9 @@ def make_case(T: int, D: int, F: int, E: int, K: int, dtype: torch.dtype, logits
     return x, plan, w, wgu, wd
 
 
-def check_against_reference(x, plan, w, wgu, wd, config=None) -> None:
+def check_against_reference(x, plan, w, wgu, wd, config=None, experts=None) -> None:
+    """The fused experts' y and gradients equal the reference's; experts: the experts whose
+    weight gradients are compared (all when None; a few keep the full-shape GPU check light)."""
     dtype = x.dtype
     y = kx.fused_experts(x, plan, w, wgu, wd, config=config)
     y_ref = ref_experts(x, plan, w, wgu, wd)
@@ -48,7 +50,11 @@ def check_against_reference(x, plan, w, wgu, wd, config=None) -> None:
     want = torch.autograd.grad(y_ref, (x, wgu, wd, w), dy)
     for name, a, e in zip(("dx", "dw_gate_up", "dw_down", "dweights"), got, want):
         assert a.dtype == e.dtype, name
-        scale = 1.0 if dtype == torch.float32 else float(e.abs().max()) + 1.0
+        if name.startswith("dw_") and experts is not None:
+            a, e = a[experts], e[experts]
+        # relative to the largest entry: each entry is a long fp32/fp16 sum whose rounding error
+        # scales with the operands, not with the (possibly cancelling) result
+        scale = float(e.abs().max()) + 1.0
         assert_close(a.float() / scale, e.float() / scale, tol=GRAD_TOL[dtype], name=name)
     # dropped slots get no weight gradient
     dropped = plan.slot_to_row < 0
@@ -77,6 +83,20 @@ CASES = [
 @pytest.mark.parametrize("T, D, F, E, K, dtype, logits, router, why", CASES,
                          ids=[c[-1] for c in CASES])
 def test_fused_experts_match_reference(T, D, F, E, K, dtype, logits, router, why, device):
+    check_against_reference(*make_case(T, D, F, E, K, dtype, logits, device, **router))
+
+
+# the layouts the library (torch._grouped_mm) weight gradients must handle: slack and padding
+# rows, empty experts; forced on here (on CUDA it serves bf16 by default)
+LIBRARY_CASES = [CASES[i] for i in (3, 4, 6, 7, 8)]  # D, F multiples of 8
+
+
+@pytest.mark.parametrize("T, D, F, E, K, dtype, logits, router, why", LIBRARY_CASES,
+                         ids=[c[-1] for c in LIBRARY_CASES])
+def test_library_wgrad_matches_reference(T, D, F, E, K, dtype, logits, router, why, device,
+                                         monkeypatch):
+    monkeypatch.setattr(kx, "library_wgrad", lambda x, w_down: True)
+    monkeypatch.setattr(_rowmap, "POISON_OUTPUTS", True)  # unset rows would show up as NaN
     check_against_reference(*make_case(T, D, F, E, K, dtype, logits, device, **router))
 
 
@@ -156,7 +176,7 @@ def test_regimes_and_configs():
     assert kx.default_config(32768 * 8, 128, torch.float32).up.num_stages == 2
     for name in ("decode", "middle", "prefill"):
         cands = kx.candidates(name)
-        assert cands[0] == kx._REGIMES[name] and len(set(cands)) == len(cands) >= 3
+        assert cands[0] == kx._REGIMES[name] and len(set(cands)) == len(cands) >= 2
 
 
 @pytest.mark.parametrize("bad, exc, msg", [
@@ -234,12 +254,32 @@ def model_case(shape, T: int, dtype=torch.bfloat16, device="cuda"):
 @pytest.mark.parametrize("shape, T", [("qwen3-30b-a3b", 4096), ("deepseek-v3", 64),
                                       ("mixtral-8x7b", 1024), ("olmoe-1b-7b", 333)])
 def test_gpu_full_shapes_match_reference(shape, T):
-    check_against_reference(*model_case(shape, T))
+    case = model_case(shape, T)
+    check_against_reference(*case, experts=busiest_and_least_used(case[1]))
+
+
+def busiest_and_least_used(plan) -> torch.Tensor:
+    """The experts whose weight gradients a full-shape check compares: the busiest and the least
+    used (often empty). All of them would cost minutes of host-side comparison, and DeepSeek-V3's
+    full fp32 copies ~30 GB each."""
+    return plan.kept_counts.argsort(descending=True)[[0, -1]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("logits, router", [
+    ("few", dict(capacity_factor=0.75)), ("few", dict(pad_to_multiple=8)), ("ties", {}),
+], ids=["capacity, empty experts", "padded to 8, empty experts", "one expert takes all"])
+def test_gpu_library_wgrad_layouts(logits, router):
+    # torch._grouped_mm's per-expert A^T B on CUDA with empty groups, slack and padding rows
+    case = make_case(300, 256, 128, 16, 2, torch.bfloat16, logits, "cuda", **router)
+    assert kx.library_wgrad(case[0], case[4])
+    check_against_reference(*case)
 
 
 @pytest.mark.gpu
 def test_gpu_fp32_is_fp32_accurate():
-    check_against_reference(*model_case("olmoe-1b-7b", 256, dtype=torch.float32))
+    case = model_case("olmoe-1b-7b", 256, dtype=torch.float32)
+    check_against_reference(*case, experts=busiest_and_least_used(case[1]))
 
 
 @pytest.mark.gpu

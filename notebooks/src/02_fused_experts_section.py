@@ -82,11 +82,20 @@ print("grid bound", kx.tile_bound(T, 2, 6, plan.num_rows, T, bm), "programs over
 # pre-activations [g | u] (R·2F), and nothing else: no dispatched copy of x (the weight-gradient
 # GEMM gathers x through the plan again) and no h or o (recomputed from [g | u] where needed).
 #
-# 1. `acc = dy[token(r)] @ W_d[e]^T`; the epilogue recomputes h and writes [dg | du] and the
-#    per-tile partial dots `<acc, h>`, whose sum is d(combine weight) = <dy, unweighted output>;
+# 1. `acc = dy[token(r)] @ W_d[e]^T` (a Triton grouped GEMM reading dy through the plan); the
+#    epilogue recomputes h and writes [dg | du] and the per-tile partial dots `<acc, h>`, whose
+#    sum is d(combine weight) = <dy, unweighted output>;
 # 2. `dW_d[e] = h_e^T (w·dy)_e` and `dW_gu[e] = x_e^T [dg | du]_e`: grouped A^T·B over each
-#    expert's rows (an expert without rows writes zeros);
+#    expert's rows (an expert without rows gets zeros);
 # 3. `dx` rows = [dg | du] @ W_gu[e]^T, summed per token in fp32 like the forward.
+#
+# Steps 2 and 3 are plain grouped GEMMs over expert-sorted rows, the one thing a library does
+# well: on a CUDA GPU in bf16 they run in `torch._grouped_mm` (`offs` over the row dimension gives
+# the per-expert A^T·B), fed by the dispatch kernel's gathered rows of x and of w·dy (one [R, D]
+# buffer at a time, freed at once) and h stored by step 1's epilogue. A Triton A^T·B kernel that
+# loops over each expert's rows serves fp16, fp32 and the interpreter (the check below); on an
+# H200 it was 2-4x slower than the library, having one program per output tile for all of an
+# expert's rows (Mixtral: 8 experts, few programs).
 #
 # The check below runs the kernels (under the Triton interpreter on a CPU) against the readable
 # reference (`routerlib.reference.experts`: dispatch, one SwiGLU per expert in fp32, combine),
@@ -112,7 +121,8 @@ assert max(check.values()) < 1e-4
 # %% [markdown]
 # Activation memory saved for the backward, per layer at Qwen3's T=32768 (bf16): the
 # composition keeps the dispatched rows (R·D), the up-projection output (R·2F), the activation
-# (R·F) and the expert output (R·D); the fused experts keep [g | u] (R·2F).
+# (R·F) and the expert output (R·D); the fused experts keep [g | u] (R·2F). Their backward then
+# allocates [dg | du] (R·2F) and h (R·F), plus one [R, D] row buffer at a time.
 
 # %%
 s = SHAPES["qwen3-30b-a3b"]
@@ -121,6 +131,8 @@ composition = R * (2 * s.hidden + 3 * s.ffn) * 2
 fused = R * 2 * s.ffn * 2
 print(f"saved activations: composition {composition / 2**30:.2f} GiB, fused {fused / 2**30:.2f} "
       f"GiB ({fused / composition:.0%})")
+transient = R * (3 * s.ffn + s.hidden) * 2
+print(f"fused backward's largest transient buffers together: {transient / 2**30:.2f} GiB")
 
 # %% [markdown]
 # ### Measured on an H200

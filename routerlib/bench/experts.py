@@ -1,6 +1,6 @@
 """The whole MoE layer and its experts: routerlib's fused experts against the torch ways.
 
-    python -m routerlib.bench.experts --out build/gpu/experts          # H200: ~3-4 min
+    python -m routerlib.bench.experts --out build/gpu/experts          # H200: ~3 min
     python -m routerlib.bench.experts --quick --out /tmp/e               # tiny shapes (CPU test)
 
 Variants (same weights, same routing rules, bf16):
@@ -13,8 +13,9 @@ Variants (same weights, same routing rules, bf16):
     grouped_mm_experts   torch._grouped_mm on the experts alone (rows already expert-sorted)
     routerlib_experts    the fused experts alone (gather + experts + weighted combine) on a plan
 Modes: forward (prefill T, no grad), train (forward + backward: autograd.grad into x, the gate
-and both expert weights), decode (T=64, no grad, in a CUDA graph where the variant can be
-captured; hf_loop syncs, so it runs eager).
+and both expert weights; DeepSeek-V3 at T=2048), decode (T=64, no grad, in a CUDA graph where the
+variant can be captured; hf_loop syncs, so it runs eager, and in train mode only for E <= 16:
+one host sync and matmul chain per expert make it seconds a call at E=128).
 
 Metrics (routerlib.bench.results rows): time_us (median, do_bench with L2 flush), tflops,
 frac_matmul_roof (against the bf16 matmul TFLOP/s measured in the same run), floor_us = max(FLOPs /
@@ -23,7 +24,8 @@ the used experts' weights (3*D*F*2 each; x3 in train: read twice, gradients writ
 x and y; x_floor = time / floor; peak_mem_mb (max_memory_allocated above what was allocated
 before the call); padding_waste (rows computed / rows used by the fused experts' tile map);
 rel_err (routerlib's y against torch_composition's, same routing); and the issue's targets.
-A --sweep over kx.candidates() times the fused experts alone per tile config (decode, prefill).
+A --sweep over kx.candidates() times the fused experts alone per tile config: Qwen3-30B-A3B's
+decode and prefill regimes, Mixtral's prefill (very wide experts).
 """
 
 from __future__ import annotations
@@ -44,10 +46,13 @@ from routerlib.bench.timing import bench, bench_cuda_graph
 from routerlib.config import RouterConfig
 from routerlib.layer import MoELayer
 
-# shapes in the order they run (the targets' first) and their prefill T
-PREFILL = {"qwen3-30b-a3b": 32768, "mixtral-8x7b": 16384, "deepseek-v3": 4096,
-           "olmoe-1b-7b": 16384}
-SWEEP_SHAPES = "qwen3-30b-a3b"  # --sweep's default shapes: the decode and prefill regimes
+# shapes in the order they run (the targets' first, the slowest last) and their prefill T
+PREFILL = {"qwen3-30b-a3b": 32768, "olmoe-1b-7b": 16384, "deepseek-v3": 4096,
+           "mixtral-8x7b": 16384}
+TRAIN_T = {"deepseek-v3": 2048}  # train mode's T where it differs (DeepSeek-V3: time, memory)
+# --sweep's default shapes: Qwen3 for the decode and prefill regimes, Mixtral for very wide experts
+SWEEP_SHAPES = "qwen3-30b-a3b,mixtral-8x7b"
+HF_LOOP_TRAIN_MAX_E = 16  # hf_loop's train mode only where it is not minutes of host syncs
 DECODE_T = 64
 
 
@@ -134,10 +139,10 @@ class Runner:
         if self.quick and not self.cuda:  # the interpreter: one timed call shows the plumbing
             return bench(fn, warmup_ms=0.0, rep_ms=0.0, device=self.device, min_rep=1,
                          max_rep=1).median_us
-        warm, rep = (5.0, 20.0) if self.quick else (10.0, 60.0)
+        warm, rep = (5.0, 20.0) if self.quick else (5.0, 30.0)
         if graph:
             return bench_cuda_graph(fn, warmup_ms=warm, rep_ms=rep).median_us
-        return bench(fn, warmup_ms=warm, rep_ms=rep, device=self.device, max_rep=50).median_us
+        return bench(fn, warmup_ms=warm, rep_ms=rep, device=self.device, max_rep=30).median_us
 
     def _peak_mb(self, fn: Callable[[], object]) -> float:
         if not self.cuda:
@@ -198,7 +203,7 @@ def run_shape(r: Runner, shape: ModelShape, T: int, modes: tuple[str, ...], swee
     batched = MoELayer(shape.moe_config("triton", expert_path="batched"), device="meta")
     batched.router, batched.experts = layer.router, layer.experts  # same parameters
     for mode in modes:
-        Tm = DECODE_T if mode == "decode" else T
+        Tm = DECODE_T if mode == "decode" else TRAIN_T.get(shape.name, T) if mode == "train" else T
         if r.quick:
             Tm = min(Tm, 8 if mode == "decode" else 24)
         _run_mode(r, layer, batched, shape, Tm, mode, sweep, dtype, seed)
@@ -272,6 +277,8 @@ def _run_mode(r: Runner, layer: MoELayer, batched: MoELayer, shape: ModelShape, 
     for m in (layer, batched):
         m.train(train)
     for name, f, inp, ps, g, extra in variants:
+        if name == "hf_loop" and train and E > HF_LOOP_TRAIN_MAX_E:
+            continue
         r.measure(name, conf, run_of(f, inp, ps), g, flops, nbytes, extra)
     for m in (layer, batched):
         m.eval()

@@ -6,7 +6,8 @@ Two kernels, each a grouped GEMM over the ragged expert segments of a RoutingPla
                          never straddle two experts. A is read straight from the tokens through
                          row_to_slot (A_GATHER) or from a row buffer. Epilogues: plain store,
                          SwiGLU of a gate/up pair of accumulators, scaling by the combine weight,
-                         and the SwiGLU backward (with the partial dots of d(combine weight)).
+                         and the SwiGLU backward (with the partial dots of d(combine weight),
+                         optionally storing the recomputed h for a library weight gradient).
   _grouped_wgrad_kernel  dW[e] = A_e^T @ B_e over the rows of expert e (the weight gradients):
                          A and B rows read through the plan or from row buffers, with SwiGLU
                          recomputed from the saved pre-activations on load.
@@ -94,6 +95,7 @@ def _grouped_mm_kernel(
     pre_ptr,  # EPI_SWIGLU with PRE: [R, 2N] gate | up pre-activations written;
     #           EPI_SWIGLU_BWD: [R, 2N] the saved pre-activations read
     dw_ptr,  # EPI_SWIGLU_BWD: [R, num_n] fp32 partial dots of d(combine weight)
+    h_ptr,  # EPI_SWIGLU_BWD with STORE_H: [R, N] the recomputed h (for dW_down elsewhere)
     row_to_slot_ptr,  # [R] int32
     counts_ptr,  # [E] int32 rows used by each expert
     offsets_ptr,  # [E + 1] int32 first row of each expert's segment
@@ -101,6 +103,7 @@ def _grouped_mm_kernel(
     N, K, S, E, M_TILES,
     stride_a, stride_be, stride_bk, stride_bn, stride_out, stride_pre,
     EPILOGUE: tl.constexpr, A_GATHER: tl.constexpr, NEED_SLOT: tl.constexpr, PRE: tl.constexpr,
+    STORE_H: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -155,7 +158,10 @@ def _grouped_mm_kernel(
         silu = g * sig
         # d(weight) = <dy, h @ W_down> = <dy @ W_down^T, h>, one partial dot per N tile;
         # h rounded to the activation dtype as the forward's down GEMM read it
-        h = (silu * u).to(pre_ptr.dtype.element_ty).to(tl.float32)
+        h_lo = (silu * u).to(pre_ptr.dtype.element_ty)
+        if STORE_H:
+            tl.store(h_ptr + rows64[:, None] * N + offs_n[None, :], h_lo, mask=mask)
+        h = h_lo.to(tl.float32)
         dot = tl.sum(tl.where(mask, acc * h, 0.0), 1)  # [BLOCK_M]
         tl.store(dw_ptr + rows64 * num_n + pid_n, dot, mask=offs_m < row_hi)
         w = tl.load(weights_ptr + slot, mask=row_ok, other=0.0)

@@ -22,6 +22,10 @@ the plan, [g | u]; never a dispatched copy of x, never h or o):
   3. dW_gate_up[e] = x_e^T @ [dg | du]_e  (x gathered through the plan)
   4. dx rows = [dg | du] @ w_gate_up[e]^T, then dx[t] = sum_j rows (gather_reduce, fp32).
   d(w)[t, j] = sum of the partial dots of row slot_to_row[t, j] (0 for dropped slots).
+On a CUDA GPU in bf16 (library_wgrad), steps 2-4's GEMMs run in torch._grouped_mm over
+expert-sorted rows: step 1 also stores h (R*F), the dispatch kernel gathers w*dy and then x into
+one [R, D] row buffer at a time, and rows outside the kept segments are zero. Elsewhere (fp16,
+fp32, the interpreter) Triton kernels do steps 2-4 reading through the plan.
 
 Scheduling: the row tiles of every expert form a ragged tile map computed inside each program
 from kept_counts and expert_offsets (see _experts_kernels._tile_of), so an expert with no rows
@@ -71,11 +75,14 @@ class ExpertsConfig:
 
     Defaults (default_config) by regime, from the mean rows an expert gets (T*S/E):
       decode  (<= 32 rows an expert): the weights dominate the bytes; BLOCK_M=16 (the smallest
-              tl.dot tile, so little padding), many programs over N so every SM streams weights,
-              deep K steps (128) with 4 stages to keep loads in flight.
+              tl.dot tile, so little padding), 128-wide N tiles 64 deep with 4 stages: the
+              sweep's best on an H200 (Qwen3-30B-A3B, T=64: 294 us against 302 us for 64x128,
+              within run-to-run noise; 256-deep 32-wide tiles lost at 385 us).
       middle  (<= 256): 64-row tiles, 4 warps.
       prefill (> 256): compute bound; 128x128 tiles (the gate/up pair: 128 x (2x128)), 8 warps,
-              3 stages on Hopper.
+              3 stages: the sweep's best on an H200 (Qwen3-30B-A3B, T=32768: 5.63 ms against
+              5.68 for 128x64 up / 128x256 down, 5.99 for GROUP_M=16 with 4 stages, 7.05 for
+              64-row tiles).
     fp32 inputs take half the stages (twice the bytes a tile in shared memory). Under the
     interpreter every GEMM takes 16x32x32 tiles (speed on the CPU). The GPU benchmark sweeps
     candidates() per regime; its winners belong here.
@@ -87,8 +94,8 @@ class ExpertsConfig:
 
 
 _REGIMES: dict[str, ExpertsConfig] = {
-    "decode": ExpertsConfig(up=TileConfig(16, 64, 128, 8, 4, 4),
-                            down=TileConfig(16, 64, 128, 8, 4, 4),
+    "decode": ExpertsConfig(up=TileConfig(16, 128, 64, 8, 4, 4),
+                            down=TileConfig(16, 128, 64, 8, 4, 4),
                             wgrad=TileConfig(64, 64, 32, 1, 4, 3)),
     "middle": ExpertsConfig(up=TileConfig(64, 64, 64, 8, 4, 4),
                             down=TileConfig(64, 128, 64, 8, 4, 4),
@@ -121,20 +128,18 @@ def default_config(rows: int, num_experts: int, dtype: torch.dtype,
 
 
 def candidates(regime_name: str) -> list[ExpertsConfig]:
-    """A few configs per regime for the GPU sweep (the default first)."""
+    """A few configs per regime for the GPU sweep (the default first, then the runners-up:
+    the sweep checks the pinned choice each run, briefly)."""
     base = _REGIMES[regime_name]
     t = TileConfig
     if regime_name == "decode":
-        alts = [(t(16, 128, 64, 8, 4, 4), t(16, 128, 64, 8, 4, 4)),
-                (t(16, 32, 256, 8, 4, 3), t(16, 32, 256, 8, 4, 3)),
-                (t(32, 64, 128, 8, 4, 4), t(32, 64, 128, 8, 4, 4))]
+        alts = [(t(16, 64, 128, 8, 4, 4), t(16, 64, 128, 8, 4, 4))]
     elif regime_name == "middle":
-        alts = [(t(64, 128, 64, 8, 8, 3), t(64, 256, 64, 8, 8, 3)),
-                (t(128, 64, 64, 8, 4, 4), t(128, 128, 64, 8, 8, 3))]
+        alts = [(t(64, 128, 64, 8, 8, 3), t(64, 256, 64, 8, 8, 3))]
     else:
+        # the runner-up, and 4 stages for the long K loops of very wide experts (Mixtral)
         alts = [(t(128, 64, 64, 8, 4, 4), t(128, 256, 64, 8, 8, 3)),
-                (t(128, 128, 64, 16, 8, 4), t(128, 128, 64, 16, 8, 4)),
-                (t(64, 128, 64, 8, 4, 4), t(64, 256, 64, 8, 8, 3))]
+                (t(128, 128, 64, 8, 8, 4), t(128, 256, 64, 8, 8, 3))]
     return [base] + [ExpertsConfig(up=u, down=d, wgrad=base.wgrad) for u, d in alts]
 
 
@@ -189,6 +194,12 @@ class _Plan:
     def E(self) -> int:
         return self.kept_counts.shape[0]
 
+    @property
+    def dense(self) -> bool:
+        """Every buffer row is a kept slot's (dropless, unpadded: R = T*S; or a capacity
+        layout with C = T and R = T*S, where nothing can be dropped)."""
+        return self.R == self.T * self.S and self.per_expert == self.T
+
     def m_tiles(self, block_m: int) -> int:
         return tile_bound(self.T, self.S, self.E, self.R, self.per_expert, block_m)
 
@@ -196,17 +207,19 @@ class _Plan:
 def _mm(p: _Plan, a: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int],
         out: torch.Tensor, n: int, k: int, epilogue: int, a_gather: bool, tile: TileConfig,
         weights: torch.Tensor, pre: torch.Tensor | None = None, dw: torch.Tensor | None = None,
-        store_pre: bool = False) -> None:
+        store_pre: bool = False, h: torch.Tensor | None = None) -> None:
     """One _grouped_mm_kernel launch over the plan's tile map (see the kernel for the roles)."""
     m_tiles = p.m_tiles(tile.block_m)
     grid = (m_tiles * triton.cdiv(n, tile.block_n),)
     pre_t = out if pre is None else pre
     K._grouped_mm_kernel[grid](
-        a, w, out, pre_t, weights if dw is None else dw, p.row_to_slot, p.kept_counts,
+        a, w, out, pre_t, weights if dw is None else dw, out if h is None else h,
+        p.row_to_slot, p.kept_counts,
         p.expert_offsets, weights, n, k, p.S, p.E, m_tiles,
         a.stride(0), w_strides[0], w_strides[1], w_strides[2], out.stride(0), pre_t.stride(0),
         EPILOGUE=epilogue, A_GATHER=a_gather,
         NEED_SLOT=a_gather or epilogue in (K.EPI_SCALE, K.EPI_SWIGLU_BWD), PRE=store_pre,
+        STORE_H=h is not None,
         IEEE=a.dtype == torch.float32, UPCAST=_rowmap.interpreting(), BLOCK_E=_block_e(p.E),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
@@ -256,38 +269,46 @@ def experts_forward(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tens
     return _rowmap.gather_reduce(o, p.slot_to_row), pre
 
 
+def library_wgrad(x: torch.Tensor, w_down: torch.Tensor) -> bool:
+    """Whether the backward's weight gradients (and dx rows) go to torch._grouped_mm: CUDA bf16
+    with 16-byte aligned rows (D, F multiples of 8). It runs the grouped A^T B over the row
+    dimension as a tuned library kernel; the Triton wgrad kernel serves fp16, fp32, other
+    devices and the interpreter."""
+    F = w_down.shape[1]
+    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and x.shape[1] % 8 == 0 and F % 8 == 0 and not _rowmap.interpreting()
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+
+
 def experts_backward(dy: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor,
                      w_down: torch.Tensor, weights: torch.Tensor, pre: torch.Tensor, p: _Plan,
-                     need: tuple[bool, bool, bool, bool], config: ExpertsConfig | None = None
-                     ) -> tuple[torch.Tensor | None, ...]:
+                     need: tuple[bool, bool, bool, bool], config: ExpertsConfig | None = None,
+                     library: bool | None = None) -> tuple[torch.Tensor | None, ...]:
     """(dx [T, D], dw_gate_up [E, D, 2F], dw_down [E, F, D], dweights [T, S] fp32), None where
-    need (x, w_gate_up, w_down, weights) is False."""
+    need (x, w_gate_up, w_down, weights) is False. library: the torch._grouped_mm path for the
+    weight gradients and dx rows (library_wgrad(x, w_down) when None)."""
     need_x, need_wgu, need_wd, need_w = need
     T, D = x.shape
     F = w_down.shape[1]
     cfg = _config(p, x.dtype, config)
     dy = dy.to(x.dtype).contiguous()
-    dx = dwgu = dwd = dw = None
     if T == 0 or p.R == 0 or D == 0 or F == 0:
         zeros = lambda t: None if t is None else torch.zeros_like(t)
         return (zeros(x) if need_x else None, zeros(w_gate_up) if need_wgu else None,
                 zeros(w_down) if need_wd else None,
                 torch.zeros_like(weights) if need_w else None)
+    if library is None:
+        library = library_wgrad(x, w_down)
+    if library:
+        return _backward_library(dy, x, w_gate_up, w_down, weights, pre, p, need, cfg)
+    dx = dwgu = dwd = dw = None
     if need_wd:
         dwd = _wgrad(p, pre, dy, F, D, a_gather=False, a_swiglu=True, b_gather=True,
                      b_scale=True, weights=weights, out_dtype=w_down.dtype, tile=cfg.wgrad)
     if need_x or need_wgu or need_w:
-        tile = cfg.down
-        n_tiles = triton.cdiv(F, tile.block_n)
-        dgu = _rowmap.empty((p.R, 2 * F), x.dtype, x.device)  # [R, 2F] dg | du
-        partial = _rowmap.empty((p.R, n_tiles), torch.float32, x.device)
-        wd_t = (w_down.stride(0), w_down.stride(2), w_down.stride(1))  # w_down[e]^T [D, F]
-        _mm(p, dy, w_down, wd_t, dgu, F, D, K.EPI_SWIGLU_BWD, True, tile, weights, pre=pre,
-            dw=partial)
+        dgu, partial = _swiglu_backward(dy, w_down, weights, pre, p, cfg.down, None, False)
         if need_w:
-            rows = p.slot_to_row.long()  # [T, S]
-            per_row = partial.sum(1)  # [R] rows outside the tile map are never read
-            dw = torch.where(rows >= 0, per_row[rows.clamp(min=0)], 0.0)
+            dw = _dweights(partial, p)
         if need_wgu:
             dwgu = _wgrad(p, x, dgu, D, 2 * F, a_gather=True, a_swiglu=False, b_gather=False,
                           b_scale=False, weights=weights, out_dtype=w_gate_up.dtype,
@@ -298,6 +319,68 @@ def experts_backward(dy: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor,
             _mm(p, dgu, w_gate_up, wgu_t, dx_rows, D, 2 * F, K.EPI_STORE, False, cfg.down,
                 weights)
             dx = _rowmap.gather_reduce(dx_rows, p.slot_to_row)
+    return dx, dwgu, dwd, dw
+
+
+def _swiglu_backward(dy: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
+                     pre: torch.Tensor, p: _Plan, tile: TileConfig, h: torch.Tensor | None,
+                     clean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """([dg | du] [R, 2F], d(weight) partial dots [R, n_tiles] fp32): acc = dy[token] @ Wd^T
+    with dy rows read through the plan, SwiGLU's backward in the epilogue (h [R, F] stored too
+    when given). Rows outside the kept segments are zero if clean, else left unset."""
+    F = w_down.shape[1]
+    empty = _zeros if clean and not p.dense else _rowmap.empty
+    dgu = empty((p.R, 2 * F), dy.dtype, dy.device)  # [R, 2F] dg | du
+    partial = _rowmap.empty((p.R, triton.cdiv(F, tile.block_n)), torch.float32, dy.device)
+    wd_t = (w_down.stride(0), w_down.stride(2), w_down.stride(1))  # w_down[e]^T [D, F]
+    _mm(p, dy, w_down, wd_t, dgu, F, dy.shape[1], K.EPI_SWIGLU_BWD, True, tile, weights,
+        pre=pre, dw=partial, h=h)
+    return dgu, partial
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _dweights(partial: torch.Tensor, p: _Plan) -> torch.Tensor:
+    """d(weight)[t, j] = the sum of row slot_to_row[t, j]'s partial dots (0 if dropped)."""
+    rows = p.slot_to_row.long()  # [T, S]
+    per_row = partial.sum(1)  # [R] rows outside the tile map are never read
+    return torch.where(rows >= 0, per_row[rows.clamp(min=0)], 0.0)
+
+
+def _backward_library(dy: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor,
+                      w_down: torch.Tensor, weights: torch.Tensor, pre: torch.Tensor, p: _Plan,
+                      need: tuple[bool, bool, bool, bool], cfg: ExpertsConfig
+                      ) -> tuple[torch.Tensor | None, ...]:
+    """The backward with torch._grouped_mm for the per-expert A^T B (dW) and the dx rows.
+
+    Triton keeps what only a fused kernel does: the dgu GEMM reads dy through the plan and runs
+    SwiGLU's backward, the d(weight) dots and h in its epilogue; the rows are gathered by the
+    dispatch kernel (scatter_rows, slack rows zero) and reduced by gather_reduce. Allocated on
+    top of the saved [g | u]: [dg | du] (R*2F) and h (R*F) for the whole backward, then one
+    [R, D] buffer at a time (w*dy rows, x rows, dx rows). Rows outside the kept segments (capacity
+    slack, padding) are zero in every grouped_mm operand, so they add nothing.
+    """
+    need_x, need_wgu, need_wd, need_w = need
+    F = w_down.shape[1]
+    dx = dwgu = dwd = dw = None
+    offs = p.expert_offsets[1:].clone()  # [E] int32 end of each expert's segment
+    h = (_rowmap.empty if p.dense else _zeros)((p.R, F), x.dtype, x.device) if need_wd else None
+    dgu, partial = _swiglu_backward(dy, w_down, weights, pre, p, cfg.down, h, True)
+    if need_w:
+        dw = _dweights(partial, p)
+    if need_wd:
+        dy_rows, _ = _rowmap.scatter_rows(dy, p.slot_to_row, p.row_to_slot, weights)  # [R, D]
+        dwd = torch._grouped_mm(h.t(), dy_rows, offs=offs)  # [E, F, D] = h_e^T (w dy)_e
+        del dy_rows, h
+    if need_wgu:
+        x_rows, _ = _rowmap.scatter_rows(x, p.slot_to_row, p.row_to_slot)  # [R, D]
+        dwgu = torch._grouped_mm(x_rows.t(), dgu, offs=offs)  # [E, D, 2F] = x_e^T dgu_e
+        del x_rows
+    if need_x:
+        dx_rows = torch._grouped_mm(dgu, w_gate_up.transpose(1, 2), offs=offs)  # [R, D]
+        dx = _rowmap.gather_reduce(dx_rows, p.slot_to_row)
     return dx, dwgu, dwd, dw
 
 

@@ -30,7 +30,9 @@ def experts(x: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor, w_gate_up
     out = torch.zeros_like(rows)  # [R, D]
     starts = plan.expert_offsets.tolist()
     counts = plan.kept_counts.tolist()
-    for e, (lo, n) in enumerate(zip(starts, counts)):
+    # unbind: the backward stacks the experts' gradients once (indexing w[e] would allocate a
+    # full-size gradient per expert)
+    for lo, n, wgu, wd in zip(starts, counts, w_gate_up.unbind(0), w_down.unbind(0)):
         if n:
-            out[lo:lo + n] = swiglu(rows[lo:lo + n], w_gate_up[e].float(), w_down[e].float())
+            out[lo:lo + n] = swiglu(rows[lo:lo + n], wgu.float(), wd.float())
     return combine(out, plan, weights.float()).to(x.dtype)  # [T, D]
