@@ -80,7 +80,7 @@ COMPARISONS: tuple[Comparison, ...] = (
     Comparison("inference", "LM decode step (graph)", "triton-graph", "torch-eager",
                "latency_p50_us", ("model", "B"), ("torch-graph",)),
     Comparison("hf_dropin", "HF model forward", "routerlib-triton", "hf", "forward_ms",
-               ("model", "T")),
+               ("model", "T"), prefer="qwen3"),
 )
 
 
@@ -285,9 +285,11 @@ def target_verdicts(card: str, root: str | Path = RESULTS):
                          for t in rs.meta.get("targets", [])])
 
 
-def bench_rows(bench: str, card: str, root: str | Path = RESULTS, **where: Any):
+def bench_rows(bench: str, card: str, root: str | Path = RESULTS,
+               columns: tuple[str, ...] | None = None, **where: Any):
     """The rows of one result file (wide: a column per metric), filtered on config values,
-    with the source beside; None when the file is not there yet."""
+    with the source beside; `columns`: keep those (the ones the file has) and the source.
+    None when the file is not there yet."""
     from routerlib.bench.results import wide
 
     p = result_path(bench, card, root)
@@ -297,5 +299,7 @@ def bench_rows(bench: str, card: str, root: str | Path = RESULTS, **where: Any):
     for k, v in where.items():
         if k in df.columns:
             df = df[df[k] == v]
+    if columns is not None:
+        df = df[[c for c in columns if c in df.columns]]
     rs = ResultSet.read(p)
     return df.assign(source=_source(p, rs).label()).reset_index(drop=True)

@@ -69,6 +69,14 @@ else:
     display(show[["stage", "case", "metric", "baseline", "baseline_value", "routerlib",
                   "best_peer", "peer_value", "x vs baseline", "x vs best peer", "source"]])
 
+# %% [markdown]
+# Every case behind those lines (all shapes and sizes each file holds), same columns:
+
+# %%
+if not table.empty:
+    display(table[["stage", "case", "metric", "baseline_value", "routerlib", "best_peer",
+                   "peer_value", "x_vs_baseline", "x_vs_peer", "commit"]])
+
 # %%
 ax = rsum.plot_gains(head, title=f"routerlib's speed-up per stage (results/{CARD}/, sources above)")
 plt.show()
@@ -147,13 +155,12 @@ w_err = (sel_t.topk_weights.cpu().float() - sel.topk_weights.float()).abs().max(
 print(f"ids equal: {same_ids}; rows equal: {same_rows}; max weight difference {w_err:.1e}")
 
 # %%
-experts = rsum.bench_rows("experts", CARD)
+experts = rsum.bench_rows("experts", CARD, columns=("variant", "shape", "mode", "T", "time_us",
+                                                   "x_floor", "peak_mem_mb", "rel_err"))
 if experts is None:
     print(f"whole layer and fused experts (experts.json): not measured yet on {CARD}")
 else:
-    cols = [c for c in ("variant", "shape", "mode", "T", "time_us", "x_floor", "peak_mem_mb",
-                        "source") if c in experts.columns]
-    display(experts[experts.variant != "target"][cols].dropna(subset=["time_us"]))
+    display(experts.dropna(subset=["time_us"]))
 
 # %% [markdown]
 # **Limits and future work.** The eager route is bound by the Python host path (tens of µs
@@ -188,7 +195,9 @@ for cf in (1.0, 1.5, None):
 display(pd.DataFrame(drop_rows))
 
 # %%
-balance = rsum.bench_rows("balance", CARD)
+balance = rsum.bench_rows("balance", CARD, columns=(
+    "variant", "label", "steps", "val_loss", "val_ppl", "imbalance", "cv", "drop_rate",
+    "dead_experts", "step_time_ms"))
 if balance is None:
     print(f"load-balancing study on the GPU (balance.json): not measured yet on {CARD} "
           "(notebook 03 renders its CPU run)")
@@ -196,8 +205,9 @@ else:
     display(balance)
 
 # %% [markdown]
-# **Limits and future work.** The study runs a small model for minutes, not a production
-# training run: its ranking of the strategies is for that model and budget.
+# **Limits and future work.** The study trains a small model for the few steps its GPU budget
+# allowed (the `steps` column), not a production run: its ranking of the strategies holds for
+# that model and budget; longer runs and several seeds would make it firmer.
 #
 # ## 04 — Quantization
 #
@@ -225,7 +235,10 @@ agr = compare_routers(layer.router, quant_layer.router, x, layer=layer)
 display(pd.DataFrame([agr.summary()]))
 
 # %%
-quant = rsum.bench_rows("quant", CARD)
+quant = rsum.bench_rows("quant", CARD, columns=(
+    "variant", "part", "shape", "inputs", "what", "group", "T", "D", "E", "K", "flip_rate",
+    "jaccard", "load_shift", "output_error", "router_time_us", "time_us", "frac_of_roof",
+    "speedup_vs_bf16", "output_error_vs_bf16"))
 if quant is None:
     print(f"router precision, payload and fp8 experts on the GPU (quant.json): not measured yet "
           f"on {CARD}")
@@ -289,8 +302,12 @@ else:
           f"{(rl_logits - ref_logits).abs().max().item():.1e}")
 
 # %%
-for bench in ("inference", "hf_dropin"):
-    df = rsum.bench_rows(bench, CARD)
+shown = {"inference": ("variant", "B", "latency_p50_us", "latency_p99_us", "tokens_per_s",
+                       "prefill_ms", "captured"),
+         "hf_dropin": ("variant", "model", "T", "B", "forward_ms", "generate_tokens_per_s",
+                       "forward_speedup", "generate_speedup")}
+for bench, cols in shown.items():
+    df = rsum.bench_rows(bench, CARD, columns=cols)
     if df is None:
         print(f"{bench}.json: not measured yet on {CARD}")
     else:
