@@ -245,7 +245,7 @@ def plot_gains(table, ax=None, title: str = ""):
     base = table["x_vs_baseline"].astype(float).to_numpy()
     peer = table["x_vs_peer"].astype(float).to_numpy()
     ax.barh(y - 0.2, np.nan_to_num(base, nan=0.0), height=0.38, color="#2b6cb0",
-            label="vs the baseline (PyTorch reference / torch loop)")
+            label="vs the baseline (PyTorch reference; torch loop or stock HF model where noted)")
     ax.barh(y + 0.2, np.nan_to_num(peer, nan=0.0), height=0.38, color="#dd6b20",
             label="vs the best peer measured (torch.compile, torchtitan, DeepSpeed, ...)")
     for yi, b, p in zip(y, base, peer, strict=True):
