@@ -26,13 +26,14 @@ from routerlib.kernels.fast_route.launch import dispatch_in_one, route_dispatch_
 
 MAX_K = 8
 MAX_E = 512
+MAX_GROUPS = 32  # group limit: a token's kept groups are an int32 bitmask
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def applies(logits: torch.Tensor, cfg: RouterConfig, need_stats: bool) -> bool:
     """Whether the fast route computes this call (else the training path does)."""
     return (cfg.routing == "token_choice" and cfg.drop_policy == "position"
-            and cfg.n_groups == 1 and cfg.top_k <= MAX_K and cfg.num_experts <= MAX_E
+            and cfg.n_groups <= MAX_GROUPS and cfg.top_k <= MAX_K and cfg.num_experts <= MAX_E
             and logits.dtype in _DTYPES and logits.shape[0] >= 1 and not need_stats
             and not (torch.is_grad_enabled() and logits.requires_grad)
             and not torch.compiler.is_compiling())

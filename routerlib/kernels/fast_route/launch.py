@@ -81,8 +81,10 @@ def _select_kw(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor,
     block_e = max(2, next_pow2(E))
     softmax_after, renorm = cfg.softmax_after_topk, cfg.renormalize
     sigmoid = cfg.score_func == "sigmoid"
-    key_logits = softmax_after or bias is None
-    packed = 2 if lc.packed else 0  # 2: the keys sorted by a network
+    grouped = cfg.n_groups > 1
+    key_logits = softmax_after or (bias is None and not grouped)  # reference.selection_key
+    # 2: the keys sorted by a network (group-limited routing takes the exact insertion)
+    packed = 2 if lc.packed and not grouped else 0
     return dict(
         E=E, K=cfg.top_k, KP=next_pow2(cfg.top_k), H=H, EH=EH, BT=BT, BLOCK_E=block_e,
         W=next_pow2(-(-E // 4)), SIGMOID=sigmoid, SOFTMAX_AFTER=softmax_after, RENORM=renorm,
@@ -94,7 +96,8 @@ def _select_kw(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor,
         # bf16/fp16 logits as the keys: their fp32 low 13 bits are zero, packing cuts nothing
         EXACT_PACK=bias is None and logits.dtype != torch.float32,
         CAPACITY=cfg.capacity(T) is not None, PAD=cfg.pad_to_multiple,
-        BLOCK_R=max(16, min(1024, 8192 // block_e)))
+        BLOCK_R=max(16, min(1024, 8192 // block_e)),
+        NG=cfg.n_groups, TG=cfg.topk_groups, TOP2=cfg.group_score == "top2_sum")
 
 
 def _static(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor, bias: torch.Tensor | None,
