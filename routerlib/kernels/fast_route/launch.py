@@ -27,6 +27,7 @@ from routerlib.kernels.fast_route.kernels import (
     _select_rows_kernel,
 )
 from routerlib.kernels.fast_route.sync import resident_programs, sync_counter
+from routerlib.kernels.plan import build_plan
 from routerlib.reference.plan import num_rows
 from routerlib.types import RoutingPlan, Selection
 
@@ -194,10 +195,13 @@ def _launch(st: _Static, i: int, args: tuple, stream: int | None, fast: bool) ->
 
 
 def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None,
-               launch: RouteLaunch | None = None) -> tuple[Selection, RoutingPlan]:
+               launch: RouteLaunch | None = None, priority: torch.Tensor | None = None
+               ) -> tuple[Selection, RoutingPlan]:
     """The fast route; the caller checks `applies` (and validated the inputs). Loss sums are not
     computed (Selection.prob_sum / zsq_sum are None). launch: another launch configuration
-    than launch_config's (benchmarks, tests)."""
+    than launch_config's (benchmarks, tests). drop_policy "priority" / "random" (priority: the
+    random keys [T, K]): every expert's rows in key order, so the plan of the selection is the
+    key-ranking plan of kernels/plan.py."""
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     T, E = logits.shape
@@ -256,6 +260,8 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
                                                a_r2s, T * K, st.ints[0], st.NT, C or 0, R),
                     stream, fast)
     sel = Selection.of_kernel(ids, weights)
+    if cfg.drop_policy != "position":
+        return sel, build_plan(ids, weights, cfg, priority)
     plan = RoutingPlan.of_kernel(counts, kept, offsets, slot_to_row, row_to_slot, C, R)
     return sel, plan
 
