@@ -114,14 +114,18 @@ def _static(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor, bias: torch
     ntp = next_pow2(NT)
     summed = sum_tiles(lc, ntp, block_e)
     scan = not fused and not summed  # the scan step: its output, the tile counts' prefix
-    sync = allow_sync and use_sync(lc, on_gpu, NT, scan, capturing, T, E)
     n_hist = 0 if fused else NT * block_e
     sizes = (T * K, T * K, T * K, E, E, E + 1, R, n_hist, n_hist if scan else 0,
              block_e if scan else 0)
+    sel_kw = _select_kw(T, E, cfg, logits, bias, lc, fused)
+    if cfg.drop_policy != "position":  # the selection only: route_rows plans by key
+        launches = [(_select_rows_kernel, NT, dict(sel_kw, FUSED_PLAN=fused,
+                                                   num_warps=num_warps, PDL=False))]
+        return _Static(C, R, NT, sizes, *_carve(sizes), fused, summed, False, launches)
+    sync = allow_sync and use_sync(lc, on_gpu, NT, scan, capturing, T, E)
     capacity, pad = C is not None, cfg.pad_to_multiple
     mark = capacity or pad > 1
     n = T * K
-    sel_kw = _select_kw(T, E, cfg, logits, bias, lc, fused)
     if sync:
         bc = max(2, block_e // 64)  # 64 scan programs: short columns, low latency
         # the mark-empty-rows block is [BLOCK_R, BLOCK_E] booleans: <= 64 a thread (with the
@@ -253,7 +257,7 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
                 stream, fast)
     else:
         _launch(st, 0, sel_args, stream, fast)
-        if not st.fused:
+        if not st.fused and len(st.launches) > 1:
             if not st.sum_tiles:
                 _launch(st, 1, (hist, prefix, total, st.NT), stream, fast)
             _launch(st, len(st.launches) - 1, (a_ids, prefix, total, a_cnt, a_kept, a_off, a_s2r,
