@@ -424,14 +424,16 @@ def test_route_rows_drop_policies(policy, T, E, K, kw, device, poisoned):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,E,K,kw", [
-    (16384, 256, 8, DSV3),  # the DeepSeek-V3 routing target
-    (64, 256, 8, DSV3),
-    (12289, 256, 8, dict(DSV3, capacity_factor=1.0, drop_policy="priority")),
-    (12289, 16, 1, dict(renormalize=True, capacity_factor=1.0, drop_policy="priority")),
-    (4099, 60, 6, dict(n_groups=5, topk_groups=2, expert_bias=True)),
+@pytest.mark.parametrize("T,E,K,kw,dtype", [
+    (16384, 256, 8, DSV3, torch.float32),  # the DeepSeek-V3 routing target
+    (16384, 256, 8, DSV3, torch.bfloat16),
+    (64, 256, 8, DSV3, torch.float32),
+    (12289, 256, 8, dict(DSV3, capacity_factor=1.0, drop_policy="priority"), torch.float32),
+    # K=1 renormalised: every weight 1.0, priority ties across many tiles
+    (12289, 16, 1, dict(renormalize=True, capacity_factor=1.0, drop_policy="priority"),
+     torch.bfloat16),
+    (4099, 60, 6, dict(n_groups=5, topk_groups=2, expert_bias=True), torch.float32),
 ])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_route_rows_group_and_policy_full_size(T, E, K, kw, dtype, device, poisoned):
     check(T, E, K, kw, device, dtype, seed=T + E)
 
@@ -593,3 +595,15 @@ def test_route_rows_dependent_launches(T, E, K, kw, pdl, device, poisoned):
         graph.replay()
         torch.cuda.synchronize()
         assert_route_matches_reference(sel, plan, logits, cfg, None)
+
+
+def test_targets_route_cases_take_the_fast_route():
+    """Every routing case of the targets benchmark (DeepSeek-V3 with its groups included) runs
+    the fast route at the benchmark's full sizes."""
+    from routerlib.bench.targets import make_cases
+
+    for quick in (False, True):
+        for c in make_cases(quick).route:
+            logits = torch.empty(c.T, c.E)
+            with torch.no_grad():
+                assert fast_route.applies(logits, c.cfg, need_stats=False), c.key
