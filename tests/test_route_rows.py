@@ -372,6 +372,9 @@ GROUP_CASES = [  # (T, E, K, config): group-limited selection
     (37, 48, 3, dict(n_groups=6, topk_groups=1, group_score="max", expert_bias=True,
                      score_func="sigmoid", pad_to_multiple=4)),
     (37, 24, 2, dict(n_groups=3, topk_groups=2, softmax_after_topk=True, expert_bias=True)),
+    (37, 64, 4, dict(n_groups=32, topk_groups=5, group_score="top2_sum",
+                     score_func="sigmoid")),  # MAX_GROUPS groups of two
+    (20, 16, 2, dict(n_groups=16, topk_groups=3, group_score="top2_sum", expert_bias=True)),
 ]
 
 

@@ -213,12 +213,11 @@ def _group_bits(base, rmask, bias_ptr, m, s, BT: tl.constexpr, E: tl.constexpr,
             first = tl.min(tl.where(key == best[:, None], c, EGP), axis=1)
             best = best + tl.max(tl.where(c == first[:, None], float("-inf"), key), axis=1)
         gs = tl.where(gi == g, best[:, None], gs)
-    # group g's rank: the groups that beat it (higher score, or equal with a lower index)
-    a = gs[:, :, None]  # [BT, NGP (rival j), 1]
-    b = gs[:, None, :]  # [BT, 1, NGP (group g)]
-    j = tl.arange(0, NGP)[None, :, None]
-    beats = (a > b) | ((a == b) & (j < gi[:, None, :]))
-    rank = tl.sum(beats.to(tl.int32), axis=1)  # [BT, NGP]
+    # group g's rank: the groups j that beat it (higher score, or equal with a lower index)
+    rank = tl.zeros([BT, NGP], tl.int32)
+    for j in tl.static_range(NG):
+        sj = tl.max(tl.where(gi == j, gs, float("-inf")), axis=1)[:, None]  # [BT, 1]
+        rank += ((sj > gs) | ((sj == gs) & (j < gi))).to(tl.int32)
     keep = (rank < TG) & (gi < NG)
     return tl.sum(tl.where(keep, 1 << gi, 0), axis=1)
 
