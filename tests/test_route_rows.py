@@ -282,7 +282,7 @@ def test_route_rows_low_precision_logits(dtype, packed, device, poisoned):
 def test_route_rows_random_configs(cfg, T, split, seed, device):
     kw = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
           if f.name not in ("num_experts", "top_k")}
-    kw.update(drop_policy="position", n_groups=1, topk_groups=1)
+    kw.update(drop_policy="position")  # the drop policies: test_route_rows_drop_policies
     check(T, cfg.num_experts, cfg.top_k, kw, device, seed=seed,
           lc=launch(T, cfg.num_experts, cfg.top_k, split))
 
@@ -355,11 +355,90 @@ def test_route_takes_it_for_inference_only(monkeypatch, device):
     assert calls == [1] and sel.prob_sum is None
     sel, _ = route(logits, cfg, need_stats=True)  # the loss sums: the training path
     assert calls == [1] and sel.prob_sum is not None
-    for bad in (RouterConfig(8, 2, capacity_factor=1.0, drop_policy="random"),
-                RouterConfig(8, 2, n_groups=2, topk_groups=1), RouterConfig(16, 9)):
+    for bad in (RouterConfig(64, 2, n_groups=64, topk_groups=2), RouterConfig(16, 9)):
         assert not fast_route.applies(torch.randn(4, bad.num_experts), bad, need_stats=False)
     assert not fast_route.applies(logits.double(), cfg, need_stats=False)
     assert not fast_route.applies(logits.clone().requires_grad_(), cfg, need_stats=False)
+
+
+DSV3 = dict(score_func="sigmoid", expert_bias=True, renormalize=True, routed_scaling_factor=2.5,
+            n_groups=8, topk_groups=4, group_score="top2_sum")  # DeepSeek-V3 (E=256, K=8)
+GROUP_CASES = [  # (T, E, K, config): group-limited selection
+    (1, 256, 8, DSV3),
+    (37, 256, 8, DSV3),  # 5 tiles of 8 tokens
+    (37, 64, 6, dict(n_groups=4, topk_groups=2, group_score="max", capacity_factor=1.0)),
+    (37, 64, 4, dict(n_groups=4, topk_groups=3, group_score="top2_sum", expert_bias=True)),
+    (37, 60, 5, dict(n_groups=5, topk_groups=2, score_func="sigmoid", renormalize=True)),
+    (37, 48, 3, dict(n_groups=6, topk_groups=1, group_score="max", expert_bias=True,
+                     score_func="sigmoid", pad_to_multiple=4)),
+    (37, 24, 2, dict(n_groups=3, topk_groups=2, softmax_after_topk=True, expert_bias=True)),
+    (37, 64, 4, dict(n_groups=32, topk_groups=5, group_score="top2_sum",
+                     score_func="sigmoid")),  # MAX_GROUPS groups of two
+    (20, 16, 2, dict(n_groups=16, topk_groups=3, group_score="top2_sum", expert_bias=True)),
+]
+
+
+@pytest.mark.parametrize("T,E,K,kw", GROUP_CASES)
+def test_route_rows_group_limited(T, E, K, kw, device, poisoned):
+    """Rows 5 and 6 of check() tie every group score, or repeat them across groups."""
+    check(T, E, K, kw, device, seed=T + E)
+
+
+@pytest.mark.parametrize("split", [(1, 1), (2, 2), (4, 1)])  # packed asked for: exact insertion
+def test_route_rows_group_limited_multi_tile(split, device, poisoned):
+    T, E, K, kw = 70, 64, 6, dict(DSV3, n_groups=4, topk_groups=2, capacity_factor=1.0)
+    check(T, E, K, kw, device, seed=3, lc=launch(T, E, K, split, packed=split[0] == 1))
+
+
+def test_group_score_ties_keep_the_lower_group(device, poisoned):
+    """Groups with equal scores (max and top2_sum): the lower group is kept, as the reference."""
+    E, G = 32, 8
+    x = torch.randn(12, E, generator=torch.Generator().manual_seed(1))
+    x.view(12, G, E // G)[:, 1::2] = x.view(12, G, E // G)[:, 0::2]  # group 2i+1 = group 2i
+    x[4:8] = x[4:8, torch.randperm(E)]  # some rows without exact group ties
+    for score in ("max", "top2_sum"):
+        cfg = RouterConfig(num_experts=E, top_k=3, n_groups=G, topk_groups=3,
+                           group_score=score, score_func="sigmoid")
+        sel, plan = fast_route.route_rows(x.to(device), cfg)
+        assert_route_matches_reference(sel, plan, x.to(device), cfg)
+
+
+@pytest.mark.parametrize("policy", ["priority", "random"])
+@pytest.mark.parametrize("T,E,K,kw", [
+    (300, 16, 1, dict(renormalize=True, capacity_factor=1.0)),  # every weight 1.0: pure ties
+    (70, 64, 6, dict(DSV3, n_groups=4, topk_groups=2, capacity_factor=0.5)),
+    (37, 13, 3, dict(pad_to_multiple=4)),  # dropless: rows still in key order
+])
+def test_route_rows_drop_policies(policy, T, E, K, kw, device, poisoned):
+    """The priority and random drop policies on the fast route, over several tiles (split
+    (2, 1): 16-token tiles), ties to the lower slot."""
+    cfg = RouterConfig(num_experts=E, top_k=K, drop_policy=policy, **kw)
+    g = torch.Generator().manual_seed(T)
+    logits = (torch.randn(T, E, generator=g) * 2).to(device)
+    bias = (torch.randn(E, generator=g) * 0.05).to(device) if cfg.expert_bias else None
+    pri = None
+    if policy == "random":  # keys with ties
+        pri = torch.randint(0, 4, (T, K), generator=g).float().to(device)
+    assert fast_route.applies(logits, cfg, need_stats=False)
+    sel, plan = route(logits, cfg, bias, pri, need_stats=False, launch=launch(T, E, K, (2, 1)))
+    if K == 1 and cfg.renormalize:
+        assert bool((sel.topk_weights == 1.0).all())
+    assert_route_matches_reference(sel, plan, logits, cfg, bias, pri)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,E,K,kw,dtype", [
+    (16384, 256, 8, DSV3, torch.float32),  # the DeepSeek-V3 routing target
+    (16384, 256, 8, DSV3, torch.bfloat16),
+    (64, 256, 8, DSV3, torch.float32),
+    (12289, 256, 8, dict(DSV3, capacity_factor=1.0, drop_policy="priority"), torch.float32),
+    # K=1 renormalised: every weight 1.0, priority ties across many tiles
+    (12289, 16, 1, dict(renormalize=True, capacity_factor=1.0, drop_policy="priority"),
+     torch.bfloat16),
+    (4099, 60, 6, dict(n_groups=5, topk_groups=2, expert_bias=True), torch.float32),
+])
+def test_route_rows_group_and_policy_full_size(T, E, K, kw, dtype, device, poisoned):
+    check(T, E, K, kw, device, dtype, seed=T + E)
 
 
 @pytest.mark.gpu
@@ -519,3 +598,15 @@ def test_route_rows_dependent_launches(T, E, K, kw, pdl, device, poisoned):
         graph.replay()
         torch.cuda.synchronize()
         assert_route_matches_reference(sel, plan, logits, cfg, None)
+
+
+def test_targets_route_cases_take_the_fast_route():
+    """Every routing case of the targets benchmark (DeepSeek-V3 with its groups included) runs
+    the fast route at the benchmark's full sizes."""
+    from routerlib.bench.targets import make_cases
+
+    for quick in (False, True):
+        for c in make_cases(quick).route:
+            logits = torch.empty(c.T, c.E)
+            with torch.no_grad():
+                assert fast_route.applies(logits, c.cfg, need_stats=False), c.key

@@ -52,7 +52,7 @@ def route(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = N
     if need_stats is None:
         need_stats = torch.is_grad_enabled() and logits.requires_grad
     if fast.applies(logits, cfg, need_stats):
-        return fast.route_rows(logits, cfg, bias, launch)
+        return fast.route_rows(logits, cfg, bias, launch, priority)
 
     sel = fused_topk(logits, cfg, bias)
     plan = build_plan(sel.topk_ids, sel.topk_weights, cfg, priority)
@@ -81,7 +81,7 @@ def route_dispatch(logits: torch.Tensor, x: torch.Tensor, cfg: RouterConfig,
             and fast.dispatch_in_one(logits.shape[0], x.shape[1], launch)):
         ref.check_logits(logits, cfg)
         ref.gating.check_bias(bias, logits, cfg)
-        if fast.applies(logits, cfg, need_stats):
+        if fast.applies(logits, cfg, need_stats) and cfg.drop_policy == "position":
             return fast.route_dispatch_rows(logits, x, cfg, bias, launch)
     sel, plan = route(logits, cfg, bias, priority, need_stats, launch)
     return sel, plan, dispatch(x, plan)

@@ -9,11 +9,13 @@
   config.py                     RouteLaunch: the launch configuration, chosen once per shape
   launch.py, sync.py            the host side: cached launch plans, direct launches, barriers
 
-Scope (`applies`): token choice, drop_policy "position", no group limit, K <= 8, E <= 512,
+Scope (`applies`): token choice, up to MAX_GROUPS groups (group-limited selection: a first pass
+over each token's columns keeps its best groups, select.py _group_bits), K <= 8, E <= 512,
 fp32/bf16/fp16 logits, no gradient and no loss sums needed (inference), not while torch.compile
-traces. Everything else takes the training path (kernels/topk.py + kernels/plan.py). The results
-equal the reference's: the same ids, ranks and rows, integer for integer; weights to fp32
-rounding.
+traces. The priority and random drop policies rank every expert's slots by key: their plan is
+kernels/plan.py's over the fast selection. Everything else takes the training path
+(kernels/topk.py + kernels/plan.py). The results equal the reference's: the same ids, ranks and
+rows, integer for integer; weights to fp32 rounding.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from routerlib.kernels.fast_route.launch import dispatch_in_one, route_dispatch_
 
 MAX_K = 8
 MAX_E = 512
+MAX_GROUPS = 32  # group limit: a token's kept groups are an int32 bitmask
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def applies(logits: torch.Tensor, cfg: RouterConfig, need_stats: bool) -> bool:
     """Whether the fast route computes this call (else the training path does)."""
-    return (cfg.routing == "token_choice" and cfg.drop_policy == "position"
-            and cfg.n_groups == 1 and cfg.top_k <= MAX_K and cfg.num_experts <= MAX_E
+    return (cfg.routing == "token_choice" and cfg.n_groups <= MAX_GROUPS
+            and cfg.top_k <= MAX_K and cfg.num_experts <= MAX_E
             and logits.dtype in _DTYPES and logits.shape[0] >= 1 and not need_stats
             and not (torch.is_grad_enabled() and logits.requires_grad)
             and not torch.compiler.is_compiling())

@@ -22,7 +22,7 @@ class RouteLaunch:
     threads_per_token  H: 1, 2 or 4 threads share a token's E columns
     num_warps          warps a tile; a tile holds BT = 32 / H * num_warps <= 128 tokens
     packed             packed int32 keys sorted by a network (one thread a token), else the
-                       exact insertion
+                       exact insertion (group-limited routing always takes the exact insertion)
     stages             software-pipelining stages of the column loop; 0: the packed loop's
                        register prefetch
     lane_ranks         in-tile ranks by bit-transposed masks (H = 1, E <= 128, several tiles),

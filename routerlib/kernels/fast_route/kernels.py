@@ -40,7 +40,8 @@ def _select_ids(
     BT: tl.constexpr, SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.constexpr, RENORM: tl.constexpr,
     HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, NEED_MS: tl.constexpr,
     STAGES: tl.constexpr, PACKED: tl.constexpr, SHIFT: tl.constexpr, EXACT_PACK: tl.constexpr,
-    TIE_CHECK: tl.constexpr,
+    TIE_CHECK: tl.constexpr, NG: tl.constexpr = 1, TG: tl.constexpr = 1,
+    TOP2: tl.constexpr = False,
 ):
     """A tile's selection: (ids [BT, KP] (0 in padding), the selected logits [BT, KP] fp32,
     the softmax max and sum [BT] (if NEED_MS), the ids of each choice i0..i7 [BT]). base [BT]:
@@ -66,7 +67,7 @@ def _select_ids(
     else:
         i0, i1, i2, i3, i4, i5, i6, i7, m, s = _select_rows(
             base, rmask, bias_ptr, BT, E, K, H, EH, SIGMOID, SOFTMAX_AFTER, RENORM, HAS_BIAS,
-            KEY_LOGITS, NEED_MS, STAGES)
+            KEY_LOGITS, NEED_MS, STAGES, 4, NG, TG, TOP2)
         I = tl.where(valid, _stack(i0, i1, i2, i3, i4, i5, i6, i7, KP), 0)  # [BT, KP]
         xs = tl.load(base[:, None] + I, mask=valid, other=0.0).to(tl.float32)
     return I, xs, m, s, i0, i1, i2, i3, i4, i5, i6, i7
@@ -95,6 +96,7 @@ def _select_tile(
     FUSED_PLAN: tl.constexpr,  # one tile holds every token: build the whole plan here
     LANE_RANKS: tl.constexpr,  # bit-transposed ranks (one thread a token, E <= 128)
     CAPACITY: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+    NG: tl.constexpr = 1, TG: tl.constexpr = 1, TOP2: tl.constexpr = False,  # group limit
 ):
     """One program per tile of BT tokens (H threads per token): selection, weights, ids, each
     slot's rank inside the tile (into slot_to_row) and the tile's expert counts; with FUSED_PLAN
@@ -108,7 +110,8 @@ def _select_tile(
     slot = rows.to(tl.int64)[:, None] * K + kc
     I, xs, m, s, i0, i1, i2, i3, i4, i5, i6, i7 = _select_ids(
         base, rmask, valid, bias_ptr, E, K, KP, H, EH, BT, SIGMOID, SOFTMAX_AFTER, RENORM,
-        HAS_BIAS, KEY_LOGITS, NEED_MS, STAGES, PACKED, SHIFT, EXACT_PACK, TIE_CHECK)
+        HAS_BIAS, KEY_LOGITS, NEED_MS, STAGES, PACKED, SHIFT, EXACT_PACK, TIE_CHECK, NG, TG,
+        TOP2)
     tl.store(ids_ptr + slot, I, mask=valid)
     tl.store(weights_ptr + slot, _weights(xs, valid, m, s, scale, SIGMOID, SOFTMAX_AFTER,
                                           RENORM, NEED_MS), mask=valid)
@@ -154,6 +157,7 @@ def _select_rows_kernel(
     LANE_RANKS: tl.constexpr,  # bit-transposed ranks (one thread a token, E <= 128)
     CAPACITY: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
     PDL: tl.constexpr,  # a programmatic dependent launch follows
+    NG: tl.constexpr, TG: tl.constexpr, TOP2: tl.constexpr,  # group limit (NG = 1: none)
 ):
     """One program per tile of BT tokens (see _select_tile)."""
     if PDL:  # the next launch may start now; it waits for this grid's end (_pdl_start)
@@ -162,7 +166,8 @@ def _select_rows_kernel(
                  counts_ptr, kept_ptr, offsets_ptr, slot_to_row_ptr, row_to_slot_ptr, T,
                  stride_t, scale, C, R, E, K, KP, H, EH, BT, BLOCK_E, W, SIGMOID,
                  SOFTMAX_AFTER, RENORM, HAS_BIAS, KEY_LOGITS, NEED_MS, STAGES, PACKED, SHIFT,
-                 EXACT_PACK, TIE_CHECK, FUSED_PLAN, LANE_RANKS, CAPACITY, PAD, BLOCK_R)
+                 EXACT_PACK, TIE_CHECK, FUSED_PLAN, LANE_RANKS, CAPACITY, PAD, BLOCK_R, NG, TG,
+                 TOP2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +269,7 @@ def _route_sync_kernel(
     BC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
     SUM_TILES: tl.constexpr, NTP: tl.constexpr,
     ONE_TILE: tl.constexpr,  # NT == the grid size: program i selects tile i
+    NG: tl.constexpr, TG: tl.constexpr, TOP2: tl.constexpr,  # group limit (NG = 1: none)
 ):
     """The three launches of the route in one cooperative launch (see the section comment)."""
     pid = tl.program_id(0)
@@ -273,14 +279,16 @@ def _route_sync_kernel(
                      kept_ptr, offsets_ptr, slot_to_row_ptr, row_to_slot_ptr, T, stride_t,
                      scale, C, R, E, K, KP, H, EH, BT, BLOCK_E, W, SIGMOID, SOFTMAX_AFTER,
                      RENORM, HAS_BIAS, KEY_LOGITS, NEED_MS, STAGES, PACKED, SHIFT, EXACT_PACK,
-                     TIE_CHECK, False, LANE_RANKS, CAPACITY, PAD, BLOCK_R)
+                     TIE_CHECK, False, LANE_RANKS, CAPACITY, PAD, BLOCK_R, NG, TG,
+                     TOP2)
     else:
         for t in range(pid, NT, g):
             _select_tile(t, logits_ptr, bias_ptr, ids_ptr, weights_ptr, hist_ptr, counts_ptr,
                          kept_ptr, offsets_ptr, slot_to_row_ptr, row_to_slot_ptr, T, stride_t,
                          scale, C, R, E, K, KP, H, EH, BT, BLOCK_E, W, SIGMOID, SOFTMAX_AFTER,
                          RENORM, HAS_BIAS, KEY_LOGITS, NEED_MS, STAGES, PACKED, SHIFT,
-                         EXACT_PACK, TIE_CHECK, False, LANE_RANKS, CAPACITY, PAD, BLOCK_R)
+                         EXACT_PACK, TIE_CHECK, False, LANE_RANKS, CAPACITY, PAD, BLOCK_R, NG,
+                         TG, TOP2)
     _grid_sync(sync_ptr)
     if not SUM_TILES:
         for c in range(pid, NC, g):
@@ -336,6 +344,7 @@ def _route_dispatch_kernel(
     SP: tl.constexpr,  # slots (rows) a program copies (zeroes) at once
     ZG: tl.constexpr,  # groups of SP rows a zeroing program covers
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    NG: tl.constexpr, TG: tl.constexpr, TOP2: tl.constexpr,  # group limit (NG = 1: none)
 ):
     """Route T <= BT tokens and dispatch their rows in one launch (see the module docstring)."""
     pid = tl.program_id(0)
@@ -347,7 +356,8 @@ def _route_dispatch_kernel(
     slot = toks.to(tl.int64)[:, None] * K + kc
     I, xs, m, s, i0, i1, i2, i3, i4, i5, i6, i7 = _select_ids(
         base, rmask, valid, bias_ptr, E, K, KP, H, EH, BT, SIGMOID, SOFTMAX_AFTER, RENORM,
-        HAS_BIAS, KEY_LOGITS, NEED_MS, STAGES, PACKED, SHIFT, EXACT_PACK, TIE_CHECK)
+        HAS_BIAS, KEY_LOGITS, NEED_MS, STAGES, PACKED, SHIFT, EXACT_PACK, TIE_CHECK, NG, TG,
+        TOP2)
     rank, words = _token_ranks(rmask, i0, i1, i2, i3, i4, i5, i6, i7, K, KP, W)
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E

@@ -27,6 +27,7 @@ from routerlib.kernels.fast_route.kernels import (
     _select_rows_kernel,
 )
 from routerlib.kernels.fast_route.sync import resident_programs, sync_counter
+from routerlib.kernels.plan import build_plan
 from routerlib.reference.plan import num_rows
 from routerlib.types import RoutingPlan, Selection
 
@@ -81,8 +82,10 @@ def _select_kw(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor,
     block_e = max(2, next_pow2(E))
     softmax_after, renorm = cfg.softmax_after_topk, cfg.renormalize
     sigmoid = cfg.score_func == "sigmoid"
-    key_logits = softmax_after or bias is None
-    packed = 2 if lc.packed else 0  # 2: the keys sorted by a network
+    grouped = cfg.n_groups > 1
+    key_logits = softmax_after or (bias is None and not grouped)  # reference.selection_key
+    # 2: the keys sorted by a network (group-limited routing takes the exact insertion)
+    packed = 2 if lc.packed and not grouped else 0
     return dict(
         E=E, K=cfg.top_k, KP=next_pow2(cfg.top_k), H=H, EH=EH, BT=BT, BLOCK_E=block_e,
         W=next_pow2(-(-E // 4)), SIGMOID=sigmoid, SOFTMAX_AFTER=softmax_after, RENORM=renorm,
@@ -94,7 +97,8 @@ def _select_kw(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor,
         # bf16/fp16 logits as the keys: their fp32 low 13 bits are zero, packing cuts nothing
         EXACT_PACK=bias is None and logits.dtype != torch.float32,
         CAPACITY=cfg.capacity(T) is not None, PAD=cfg.pad_to_multiple,
-        BLOCK_R=max(16, min(1024, 8192 // block_e)))
+        BLOCK_R=max(16, min(1024, 8192 // block_e)),
+        NG=cfg.n_groups, TG=cfg.topk_groups, TOP2=cfg.group_score == "top2_sum")
 
 
 def _static(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor, bias: torch.Tensor | None,
@@ -110,14 +114,18 @@ def _static(T: int, E: int, cfg: RouterConfig, logits: torch.Tensor, bias: torch
     ntp = next_pow2(NT)
     summed = sum_tiles(lc, ntp, block_e)
     scan = not fused and not summed  # the scan step: its output, the tile counts' prefix
-    sync = allow_sync and use_sync(lc, on_gpu, NT, scan, capturing, T, E)
     n_hist = 0 if fused else NT * block_e
     sizes = (T * K, T * K, T * K, E, E, E + 1, R, n_hist, n_hist if scan else 0,
              block_e if scan else 0)
+    sel_kw = _select_kw(T, E, cfg, logits, bias, lc, fused)
+    if cfg.drop_policy != "position":  # the selection only: route_rows plans by key
+        launches = [(_select_rows_kernel, NT, dict(sel_kw, FUSED_PLAN=fused,
+                                                   num_warps=num_warps, PDL=False))]
+        return _Static(C, R, NT, sizes, *_carve(sizes), fused, summed, False, launches)
+    sync = allow_sync and use_sync(lc, on_gpu, NT, scan, capturing, T, E)
     capacity, pad = C is not None, cfg.pad_to_multiple
     mark = capacity or pad > 1
     n = T * K
-    sel_kw = _select_kw(T, E, cfg, logits, bias, lc, fused)
     if sync:
         bc = max(2, block_e // 64)  # 64 scan programs: short columns, low latency
         # the mark-empty-rows block is [BLOCK_R, BLOCK_E] booleans: <= 64 a thread (with the
@@ -191,10 +199,13 @@ def _launch(st: _Static, i: int, args: tuple, stream: int | None, fast: bool) ->
 
 
 def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None,
-               launch: RouteLaunch | None = None) -> tuple[Selection, RoutingPlan]:
+               launch: RouteLaunch | None = None, priority: torch.Tensor | None = None
+               ) -> tuple[Selection, RoutingPlan]:
     """The fast route; the caller checks `applies` (and validated the inputs). Loss sums are not
     computed (Selection.prob_sum / zsq_sum are None). launch: another launch configuration
-    than launch_config's (benchmarks, tests)."""
+    than launch_config's (benchmarks, tests). drop_policy "priority" / "random" (priority: the
+    random keys [T, K]): every expert's rows in key order, so the plan of the selection is the
+    key-ranking plan of kernels/plan.py."""
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     T, E = logits.shape
@@ -246,13 +257,15 @@ def route_rows(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | Non
                 stream, fast)
     else:
         _launch(st, 0, sel_args, stream, fast)
-        if not st.fused:
+        if not st.fused and len(st.launches) > 1:
             if not st.sum_tiles:
                 _launch(st, 1, (hist, prefix, total, st.NT), stream, fast)
             _launch(st, len(st.launches) - 1, (a_ids, prefix, total, a_cnt, a_kept, a_off, a_s2r,
                                                a_r2s, T * K, st.ints[0], st.NT, C or 0, R),
                     stream, fast)
     sel = Selection.of_kernel(ids, weights)
+    if cfg.drop_policy != "position":
+        return sel, build_plan(ids, weights, cfg, priority)
     plan = RoutingPlan.of_kernel(counts, kept, offsets, slot_to_row, row_to_slot, C, R)
     return sel, plan
 

@@ -187,9 +187,54 @@ def _group_stats(m, s, NEED_MS: tl.constexpr):
 
 
 @triton.jit
+def _group_bits(base, rmask, bias_ptr, m, s, BT: tl.constexpr, E: tl.constexpr,
+                SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr,
+                SOFTMAX_KEYS: tl.constexpr, NG: tl.constexpr, TG: tl.constexpr,
+                TOP2: tl.constexpr):
+    """Group-limited routing's first pass: a bitmask [BT] int32 of the topk_groups (TG) groups
+    of NG contiguous groups each token keeps, as reference.gating.group_limit: a group's score is
+    the max (or, TOP2, the sum of the two best) of its selection keys; ties keep the lower group.
+    m, s [BT]: the softmax max and sum (SOFTMAX_KEYS)."""
+    EG: tl.constexpr = E // NG
+    EGP: tl.constexpr = triton.next_power_of_2(EG)
+    NGP: tl.constexpr = triton.next_power_of_2(NG)
+    c = tl.arange(0, EGP)[None, :]  # [1, EGP] column inside a group
+    gi = tl.arange(0, NGP)[None, :]  # [1, NGP]
+    gs = tl.full([BT, NGP], float("-inf"), tl.float32)  # group scores, -inf past NG
+    for g in tl.static_range(NG):
+        cols = g * EG + c
+        inside = c < EG
+        x = tl.load(base[:, None] + cols, mask=rmask[:, None] & inside, other=0.0)
+        key = _key_of(x.to(tl.float32), cols, bias_ptr, m[:, None], s[:, None], E, SIGMOID,
+                      HAS_BIAS, KEY_LOGITS, SOFTMAX_KEYS, False)
+        key = tl.where(inside, key, float("-inf"))  # [BT, EGP]
+        best = tl.max(key, axis=1)
+        if TOP2 and EG > 1:  # the best once removed (its first column), then the next best
+            first = tl.min(tl.where(key == best[:, None], c, EGP), axis=1)
+            best = best + tl.max(tl.where(c == first[:, None], float("-inf"), key), axis=1)
+        gs = tl.where(gi == g, best[:, None], gs)
+    # group g's rank: the groups j that beat it (higher score, or equal with a lower index)
+    rank = tl.zeros([BT, NGP], tl.int32)
+    for j in tl.static_range(NG):
+        sj = tl.max(tl.where(gi == j, gs, float("-inf")), axis=1)[:, None]  # [BT, 1]
+        rank += ((sj > gs) | ((sj == gs) & (j < gi))).to(tl.int32)
+    keep = (rank < TG) & (gi < NG)
+    return tl.sum(tl.where(keep, 1 << gi, 0), axis=1)
+
+
+@triton.jit
+def _group_mask(key, cols, gbits, E: tl.constexpr, NG: tl.constexpr):
+    """Keys [BT, H, 4] of the experts in groups the token drops (gbits [BT, 1, 1]) to -inf."""
+    if NG > 1:
+        key = tl.where(((gbits >> (cols // (E // NG))) & 1) != 0, key, float("-inf"))
+    return key
+
+
+@triton.jit
 def _chunk(x, col, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7,
            i7, E: tl.constexpr, K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
-           KEY_LOGITS: tl.constexpr, NEED_MS: tl.constexpr, KEYS_FIRST: tl.constexpr):
+           KEY_LOGITS: tl.constexpr, NEED_MS: tl.constexpr, KEYS_FIRST: tl.constexpr,
+           gbits=0, NG: tl.constexpr = 1):
     """One [BT, H, 4] chunk of logits x (columns col + 0..3, col: [1, H]): the online softmax
     statistics (NEED_MS) and, when the keys need no normaliser, their insertion."""
     if NEED_MS:
@@ -199,6 +244,7 @@ def _chunk(x, col, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i
     if KEYS_FIRST:
         cols = col[:, :, None] + tl.arange(0, 4)[None, None, :]
         key = _key_of(x, cols, bias_ptr, m, s, E, SIGMOID, HAS_BIAS, KEY_LOGITS, False, False)
+        key = _group_mask(key, cols, gbits, E, NG)
         key = tl.where(cols < E, sortable(key), INT32_MIN)
         k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _insert4(
             key, col, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7, K)
@@ -212,6 +258,7 @@ def _select_rows(
     SIGMOID: tl.constexpr, SOFTMAX_AFTER: tl.constexpr, RENORM: tl.constexpr,
     HAS_BIAS: tl.constexpr, KEY_LOGITS: tl.constexpr, NEED_MS: tl.constexpr,
     STAGES: tl.constexpr, UNROLL: tl.constexpr = 4,
+    NG: tl.constexpr = 1, TG: tl.constexpr = 1, TOP2: tl.constexpr = False,
 ):
     """Top-K of the tokens whose logits rows start at `base` [BT] (row pointers). Thread group
     h of a token scans columns [h*EH, (h+1)*EH) (EH a multiple of 16). Returns (ids [BT] x 8, m
@@ -225,13 +272,18 @@ def _select_rows(
     m = tl.full([BT, H], -3.0e38, tl.float32)  # finite: exp(m - m_new) stays a number
     s = tl.zeros([BT, H], tl.float32)
     KEYS_FIRST: tl.constexpr = KEY_LOGITS or SIGMOID  # keys need no softmax normaliser
+    gbits = tl.zeros([BT, 1, 1], tl.int32)  # group limit: the groups each token keeps
+    if NG > 1 and KEYS_FIRST:
+        none = tl.zeros([BT], tl.float32)  # no softmax normaliser needed
+        gbits = _group_bits(base, rmask, bias_ptr, none, none, BT, E, SIGMOID, HAS_BIAS,
+                            KEY_LOGITS, False, NG, TG, TOP2)[:, None, None]
     if UNROLL == 1:  # the packed path's rare fallback: small code, 4 columns a step
         for c in range(0, EH, 4):
             col = hcol + c
             x = _load4(base, rmask, col[:, :, None], E)
             m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
                 x, col, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6,
-                i6, k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST)
+                i6, k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, NEED_MS, KEYS_FIRST, gbits, NG)
     else:
         # 16 columns per step (four 16-byte loads in flight) and the next step's loads issued while
         # this one computes (tl.range stages): the loop is bound by load latency otherwise.
@@ -252,24 +304,32 @@ def _select_rows(
                 m = m_new
             m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
                 x0, col, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7,
-                i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, False, KEYS_FIRST)
+                i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, False, KEYS_FIRST, gbits,
+                NG)
             m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
                 x1, col + 4, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6,
-                k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, False, KEYS_FIRST)
+                k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, False, KEYS_FIRST, gbits,
+                NG)
             m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
                 x2, col + 8, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6,
-                k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, False, KEYS_FIRST)
+                k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, False, KEYS_FIRST, gbits,
+                NG)
             m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _chunk(
                 x3, col + 12, bias_ptr, m, s, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6,
-                i6, k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, False, KEYS_FIRST)
+                i6, k7, i7, E, K, SIGMOID, HAS_BIAS, KEY_LOGITS, False, KEYS_FIRST, gbits,
+                NG)
     m, s = _group_stats(m, s, NEED_MS)
     if not KEYS_FIRST:  # softmax scores + bias: a second pass once the normaliser is known
+        if NG > 1:
+            gbits = _group_bits(base, rmask, bias_ptr, m, s, BT, E, SIGMOID, HAS_BIAS,
+                                KEY_LOGITS, True, NG, TG, TOP2)[:, None, None]
         for c in range(0, EH, 4):  # a loop, not unrolled: small code, fast compile
             col = hcol + c
             x = _load4(base, rmask, col[:, :, None], E)
             cols = col[:, :, None] + tl.arange(0, 4)[None, None, :]
             key = _key_of(x, cols, bias_ptr, m[:, None, None], s[:, None, None], E, SIGMOID,
                           HAS_BIAS, KEY_LOGITS, True, False)
+            key = _group_mask(key, cols, gbits, E, NG)
             key = tl.where(cols < E, sortable(key), INT32_MIN)
             k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7 = _insert4(
                 key, col, k0, i0, k1, i1, k2, i2, k3, i3, k4, i4, k5, i5, k6, i6, k7, i7, K)
