@@ -892,7 +892,9 @@ def write_results(result: dict, prefix: str) -> list[str]:
         w.writerows(rows)
     # the same rows in the one schema of routerlib.bench.results, in the folder PREFIX/
     rs = ResultSet("targets")
-    rs.meta = {k: result[k] for k in ("targets", "roofs", "args") if k in result}
+    rs.meta = json.loads(json.dumps({k: result[k] for k in ("targets", "roofs", "args")
+                                     if k in result}, default=str),
+                         parse_constant=lambda _: None)  # NaN/inf -> null
     for r in rows:
         if r.get("status") != "ok":
             continue
