@@ -70,19 +70,21 @@ class ExpertsConfig:
     """The three GEMM families of the fused experts.
 
     up     the gate/up GEMM (two accumulators of BLOCK_N columns each: gate and up);
-    down   the down GEMM and the backward's data GEMMs (dy @ Wd^T, [dg | du] @ Wgu^T);
-    wgrad  the weight gradients (block_k = rows an A^T B step).
+    down   the down GEMM and the backward's [dg | du] @ Wgu^T;
+    wgrad  the weight gradients (block_k = rows an A^T B step);
+    bwd    the backward's dy @ Wd^T with the SwiGLU-backward epilogue (it loads g and u tiles
+           beside its accumulator, so it keeps 128-wide N tiles); None: down's.
 
     Defaults (default_config) by regime, from the mean rows an expert gets (T*S/E):
       decode  (<= 32 rows an expert): the weights dominate the bytes; BLOCK_M=16 (the smallest
-              tl.dot tile, so little padding), 128-wide N tiles 64 deep with 4 stages: the
-              sweep's best on an H200 (Qwen3-30B-A3B, T=64: 294 us against 302 us for 64x128,
-              within run-to-run noise; 256-deep 32-wide tiles lost at 385 us).
+              tl.dot tile, so little padding), 64-wide N tiles 128 deep with 4 stages (H200,
+              Qwen3-30B-A3B T=64: within run-to-run noise of 128x64 tiles, 289-302 us; 256-deep
+              32-wide tiles lost at 385 us).
       middle  (<= 256): 64-row tiles, 4 warps.
-      prefill (> 256): compute bound; 128x128 tiles (the gate/up pair: 128 x (2x128)), 8 warps,
-              3 stages: the sweep's best on an H200 (Qwen3-30B-A3B, T=32768: 5.63 ms against
-              5.68 for 128x64 up / 128x256 down, 5.99 for GROUP_M=16 with 4 stages, 7.05 for
-              64-row tiles).
+      prefill (> 256): compute bound; up 128x128 tiles (the gate/up pair: 128 x (2x128)), 8
+              warps, 4 stages; down 128x256 tiles, 3 stages (the wider N tile halves the re-reads
+              of h): the sweep's best on an H200 (Qwen3-30B-A3B, T=32768: 5.19 ms against 5.78
+              for 128x128 with 3 stages on both, and 5.69 for 128x64 up).
     fp32 inputs take half the stages (twice the bytes a tile in shared memory). Under the
     interpreter every GEMM takes 16x32x32 tiles (speed on the CPU). The GPU benchmark sweeps
     candidates() per regime; its winners belong here.
@@ -91,18 +93,20 @@ class ExpertsConfig:
     up: TileConfig
     down: TileConfig
     wgrad: TileConfig
+    bwd: TileConfig | None = None
 
 
 _REGIMES: dict[str, ExpertsConfig] = {
-    "decode": ExpertsConfig(up=TileConfig(16, 128, 64, 8, 4, 4),
-                            down=TileConfig(16, 128, 64, 8, 4, 4),
+    "decode": ExpertsConfig(up=TileConfig(16, 64, 128, 8, 4, 4),
+                            down=TileConfig(16, 64, 128, 8, 4, 4),
                             wgrad=TileConfig(64, 64, 32, 1, 4, 3)),
     "middle": ExpertsConfig(up=TileConfig(64, 64, 64, 8, 4, 4),
                             down=TileConfig(64, 128, 64, 8, 4, 4),
                             wgrad=TileConfig(64, 128, 32, 1, 4, 3)),
-    "prefill": ExpertsConfig(up=TileConfig(128, 128, 64, 8, 8, 3),
-                             down=TileConfig(128, 128, 64, 8, 8, 3),
-                             wgrad=TileConfig(128, 128, 64, 1, 8, 3)),
+    "prefill": ExpertsConfig(up=TileConfig(128, 128, 64, 8, 8, 4),
+                             down=TileConfig(128, 256, 64, 8, 8, 3),
+                             wgrad=TileConfig(128, 128, 64, 1, 8, 3),
+                             bwd=TileConfig(128, 128, 64, 8, 8, 3)),
 }
 _INTERPRET_TILE = TileConfig(16, 32, 32, 4, 4, 1)
 
@@ -123,7 +127,8 @@ def default_config(rows: int, num_experts: int, dtype: torch.dtype,
     if dtype == torch.float32:
         half = lambda t: TileConfig(t.block_m, t.block_n, t.block_k, t.group_m, t.num_warps,
                                     max(2, t.num_stages // 2))
-        cfg = ExpertsConfig(half(cfg.up), half(cfg.down), half(cfg.wgrad))
+        cfg = ExpertsConfig(half(cfg.up), half(cfg.down), half(cfg.wgrad),
+                            half(cfg.bwd) if cfg.bwd else None)
     return cfg
 
 
@@ -133,14 +138,15 @@ def candidates(regime_name: str) -> list[ExpertsConfig]:
     base = _REGIMES[regime_name]
     t = TileConfig
     if regime_name == "decode":
-        alts = [(t(16, 64, 128, 8, 4, 4), t(16, 64, 128, 8, 4, 4))]
+        alts = [(t(16, 128, 64, 8, 4, 4), t(16, 128, 64, 8, 4, 4))]
     elif regime_name == "middle":
         alts = [(t(64, 128, 64, 8, 8, 3), t(64, 256, 64, 8, 8, 3))]
     else:
-        # the runner-up, and 4 stages for the long K loops of very wide experts (Mixtral)
-        alts = [(t(128, 64, 64, 8, 4, 4), t(128, 256, 64, 8, 8, 3)),
-                (t(128, 128, 64, 8, 8, 4), t(128, 256, 64, 8, 8, 3))]
-    return [base] + [ExpertsConfig(up=u, down=d, wgrad=base.wgrad) for u, d in alts]
+        # the runners-up: 3 stages on both 128x128 GEMMs, and 64-wide up tiles
+        alts = [(t(128, 128, 64, 8, 8, 3), t(128, 128, 64, 8, 8, 3)),
+                (t(128, 64, 64, 8, 4, 4), t(128, 256, 64, 8, 8, 3))]
+    return [base] + [ExpertsConfig(up=u, down=d, wgrad=base.wgrad, bwd=base.bwd)
+                    for u, d in alts]
 
 
 def tile_bound(num_tokens: int, slots: int, num_experts: int, num_rows: int,
@@ -306,7 +312,8 @@ def experts_backward(dy: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor,
         dwd = _wgrad(p, pre, dy, F, D, a_gather=False, a_swiglu=True, b_gather=True,
                      b_scale=True, weights=weights, out_dtype=w_down.dtype, tile=cfg.wgrad)
     if need_x or need_wgu or need_w:
-        dgu, partial = _swiglu_backward(dy, w_down, weights, pre, p, cfg.down, None, False)
+        dgu, partial = _swiglu_backward(dy, w_down, weights, pre, p, cfg.bwd or cfg.down, None,
+                                        False)
         if need_w:
             dw = _dweights(partial, p)
         if need_wgu:
@@ -367,7 +374,7 @@ def _backward_library(dy: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor
     dx = dwgu = dwd = dw = None
     offs = p.expert_offsets[1:].clone()  # [E] int32 end of each expert's segment
     h = (_rowmap.empty if p.dense else _zeros)((p.R, F), x.dtype, x.device) if need_wd else None
-    dgu, partial = _swiglu_backward(dy, w_down, weights, pre, p, cfg.down, h, True)
+    dgu, partial = _swiglu_backward(dy, w_down, weights, pre, p, cfg.bwd or cfg.down, h, True)
     if need_w:
         dw = _dweights(partial, p)
     if need_wd:
