@@ -3,7 +3,6 @@ code cell, `# %% [markdown]` a markdown cell whose lines drop their leading '# '
 
 The .py sources are what we edit and review; the .ipynb files are committed without outputs and
 kept in sync (tests/test_notebooks.py checks it). Run: python scripts/build_notebooks.py
-Sources named NN_*_section.py are sections waiting to be appended to notebook NN: not built.
 """
 
 from __future__ import annotations
@@ -53,7 +52,7 @@ def build(src: Path) -> nbformat.NotebookNode:
 
 def main(check: bool = False) -> int:
     stale = []
-    for src in sorted(p for p in SRC.glob("[0-9][0-9]_*.py") if not p.stem.endswith("_section")):
+    for src in sorted(SRC.glob("[0-9][0-9]_*.py")):
         dst = DST / (src.stem + ".ipynb")
         text = nbformat.writes(build(src)) + "\n"
         if check:
