@@ -19,7 +19,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT="${OUT:-$ROOT/build/gpu}"
 mkdir -p "$OUT"
-STEPS="${GPU_STEPS:-env tests sanitize baseline compile kernels tune targets}"
+# Default: every step, more than one 10-minute call of a lent machine takes: those run subsets
+# (GPU_STEPS="route experts" ...).
+STEPS="${GPU_STEPS:-env tests sanitize baseline compile kernels tune targets route experts choice quant balance integ ep}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # NVLink multicast stays off on shared hosts.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -128,7 +130,7 @@ if has ncu; then
             --section MemoryWorkloadAnalysis)
   for te in "16384 128 9 3" "64 64 6 2"; do
     read -r t e skip count <<<"$te"
-    ROUTERLIB_ROWS_SYNC=0 timeout "${NCU_TIMEOUT:-120}" ncu --clock-control none \
+    timeout "${NCU_TIMEOUT:-120}" ncu --clock-control none \
       --kernel-name regex:'_rows_|_tiles_|_slots_' --launch-skip "$skip" --launch-count "$count" \
       "${sections[@]}" "$PY" scripts/time_route.py --profile --T "$t" --E "$e" \
       >"$OUT/ncu_route_T${t}_E${e}.txt" 2>&1
