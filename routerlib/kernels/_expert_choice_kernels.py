@@ -29,6 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from routerlib.kernels._topk_kernels import _load_bias
+
 RADIX_BITS = 8
 NUM_BINS = 256  # 2**RADIX_BITS
 LEVELS = 4  # 32-bit keys
@@ -64,9 +66,7 @@ def _ec_score_kernel(
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
-    bias = tl.zeros([BLOCK_E], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    bias = _load_bias(bias_ptr, cols, cmask, BLOCK_E, HAS_BIAS)
     prob_acc = tl.zeros([BLOCK_E], tl.float32)
     zsq_acc = tl.zeros([BLOCK_T], tl.float32)
     for tile in range(pid, tl.cdiv(T, BLOCK_T), nprog):  # persistent: sums in a fixed order
