@@ -217,3 +217,16 @@ else:
     display(Markdown("**Not measured yet**: the full-size study has not run on the GPU, so there "
                      "is no conclusion to draw; the toy run above only shows that every "
                      "strategy trains."))
+
+# %% [markdown]
+# ## Explore the trained router
+#
+# The checkpoint of the study's best run, re-routed live: pick a layer and a validation passage,
+# then a strategy, capacity factor and K, and watch which tokens each expert keeps and which slots
+# the capacity drops (red crosses).
+
+# %%
+from routerlib.widgets import text_routing_explorer  # noqa: E402
+
+explorer = text_routing_explorer(results=str(RESULTS), capacity_factor=1.25)
+explorer

@@ -329,3 +329,16 @@ if not head.empty:
              + f" [{r.source}]" for r in head.itertuples()]
     print("\n".join(lines))
 print(f"result files read from {RESULTS.name}/{CARD}/")
+
+# %% [markdown]
+# ## Explore the routing
+#
+# The trained small model's router on its validation text, re-routed with the settings you pick
+# (layer, passage, strategy, capacity factor, K, precision, backend): the trade-off between
+# capacity and drops, token by token.
+
+# %%
+from routerlib.widgets import text_routing_explorer  # noqa: E402
+
+explorer = text_routing_explorer(results=str(RESULTS), capacity_factor=1.25)
+explorer
